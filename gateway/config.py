@@ -1,0 +1,429 @@
+"""Configuration: one YAML file, loaded once into frozen, typed objects.
+
+Rules this module owns:
+- Unknown keys are errors, and every error names its key path and what was expected
+  (``routes[0].upstream: not a URL: 'htp:/x'``).
+- Secrets are never inline in examples: any string may be ``${ENV_VAR}`` or
+  ``${file:path}``, resolved at load (relative paths are relative to the config file).
+- Secret values are ``SecretStr``: they print as ``**********`` (``check-config``).
+- Paths to certificates, metadata and keys are resolved against the config file's folder.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from gateway.errors import ConfigError
+
+GRANT_TYPE_SAML2_BEARER = "urn:ietf:params:oauth:grant-type:saml2-bearer"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=True)
+
+
+def _http_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not a URL: {value!r}")
+    return value
+
+
+def _existing_file(value: str) -> str:
+    if not Path(value).is_file():
+        raise ValueError(f"file not found: {value!r}")
+    return value
+
+
+HttpUrl = Annotated[str, AfterValidator(_http_url)]
+FilePath = Annotated[str, AfterValidator(_existing_file)]
+Seconds = Annotated[float, Field(gt=0)]
+
+
+class Listener(_Frozen):
+    host: str = "0.0.0.0"  # noqa: S104 - the proxy listener is meant to be reachable
+    port: int = Field(8080, ge=0, le=65535)
+
+
+class AdminListener(_Frozen):
+    host: str = "127.0.0.1"
+    port: int = Field(9901, ge=0, le=65535)
+    enabled: bool = True
+
+
+class HeaderSource(_Frozen):
+    """A header that may carry the assertion; ``scheme`` for ``Authorization: SAML <b64>``."""
+
+    name: str
+    scheme: str | None = None
+
+
+def _default_headers() -> tuple[HeaderSource, ...]:
+    return (HeaderSource(name="X-SAML-Assertion"), HeaderSource(name="Authorization", scheme="SAML"))
+
+
+class AssertionSettings(_Frozen):
+    headers: tuple[HeaderSource, ...] = Field(default_factory=_default_headers, min_length=1)
+    max_size: int = Field(64 * 1024, gt=0, description="encoded bytes, checked before decoding")
+    clock_skew: float = Field(120, ge=0)
+
+
+class IdentityProvider(_Frozen):
+    """An IdP we trust: its issuer(s) and its signing certificates (several for rollover)."""
+
+    issuers: tuple[str, ...] = Field(min_length=1)
+    certificates: tuple[FilePath, ...] = ()
+    metadata: tuple[FilePath, ...] = ()
+    allow_sha1: bool = False
+    min_rsa_key_bits: int = Field(2048, ge=512)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _issuer_alias(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "issuer" in data:
+            data = dict(data)
+            issuer = data.pop("issuer")
+            data.setdefault("issuers", [issuer] if isinstance(issuer, str) else issuer)
+        for key in ("certificates", "metadata"):
+            if isinstance(data, dict) and isinstance(data.get(key), str):
+                data = {**data, key: [data[key]]}
+        return data
+
+    @model_validator(mode="after")
+    def _needs_keys(self) -> IdentityProvider:
+        if not self.certificates and not self.metadata:
+            raise ValueError("needs 'certificates' (PEM files) and/or 'metadata' (IdP metadata XML)")
+        return self
+
+
+ClientAuth = Literal["client_secret_basic", "client_secret_post", "private_key_jwt", "none"]
+
+
+class PrivateKeyJwt(_Frozen):
+    key_file: FilePath
+    algorithm: Literal["RS256", "ES256"] = "RS256"
+    key_id: str | None = None
+    lifetime: Seconds = 60
+
+
+class AsTimeouts(_Frozen):
+    connect: Seconds = 3
+    total: Seconds = 10
+
+
+class Retries(_Frozen):
+    attempts: int = Field(3, ge=1, le=10)
+    backoff: Seconds = 0.2
+    max_backoff: Seconds = 2
+    deadline: Seconds = 15
+
+
+class AuthorizationServer(_Frozen):
+    """An OAuth token endpoint that accepts the RFC 7522 SAML 2.0 bearer grant."""
+
+    token_url: HttpUrl
+    client_id: str | None = None
+    client_auth: ClientAuth = "client_secret_basic"
+    client_secret: SecretStr | None = None
+    private_key_jwt: PrivateKeyJwt | None = None
+    scope: tuple[str, ...] = ()
+    extra_params: Mapping[str, str] = Field(default_factory=dict)
+    # What the assertion must say to be meant for this server:
+    audience: str
+    recipient: HttpUrl | None = Field(None, description="defaults to token_url")
+    recipient_aliases: tuple[str, ...] = ()
+    assertion_encoding: Literal["base64url", "base64"] = "base64url"
+    timeouts: AsTimeouts = AsTimeouts()
+    retries: Retries = Retries()
+    default_expires_in: Seconds = 3600
+    max_response_bytes: int = Field(64 * 1024, gt=0)
+
+    @field_validator("scope", mode="before")
+    @classmethod
+    def _split_scope(cls, value: Any) -> Any:
+        return value.split() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _auth_is_complete(self) -> AuthorizationServer:
+        if self.client_auth != "none" and not self.client_id:
+            raise ValueError(f"client_auth {self.client_auth!r} needs 'client_id'")
+        if self.client_auth in ("client_secret_basic", "client_secret_post"):
+            if self.client_secret is None:
+                raise ValueError(f"client_auth {self.client_auth!r} needs 'client_secret'")
+        if self.client_auth == "private_key_jwt" and self.private_key_jwt is None:
+            raise ValueError("client_auth 'private_key_jwt' needs 'private_key_jwt.key_file'")
+        return self
+
+    @property
+    def recipients(self) -> tuple[str, ...]:
+        """Every Recipient the assertion's bearer confirmation may name."""
+        return (self.recipient or self.token_url, *self.recipient_aliases)
+
+
+class RouteTimeouts(_Frozen):
+    connect: Seconds = 5
+    read: Seconds = 60
+    total: Seconds = 300
+
+
+class UpstreamTls(_Frozen):
+    verify: bool = True
+    ca_file: FilePath | None = None
+    cert_file: FilePath | None = None
+    key_file: FilePath | None = None
+
+    @model_validator(mode="after")
+    def _pair(self) -> UpstreamTls:
+        if self.key_file and not self.cert_file:
+            raise ValueError("'key_file' needs 'cert_file'")
+        return self
+
+
+class Route(_Frozen):
+    path_prefix: str = "/"
+    host: str | None = None
+    upstream: HttpUrl
+    identity_provider: str
+    authorization_server: str
+    strip_prefix: bool = False
+    preserve_host: bool = False
+    timeouts: RouteTimeouts = RouteTimeouts()
+    max_body_size: int = Field(10 * 1024 * 1024, ge=0)
+    tls: UpstreamTls = UpstreamTls()
+    realm: str | None = None
+
+    @field_validator("path_prefix")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError(f"must start with '/': {value!r}")
+        return value
+
+
+class RedisSettings(_Frozen):
+    url: str
+    password: SecretStr | None = None
+    ca_file: FilePath | None = None
+    encryption_keys: Mapping[str, SecretStr] = Field(min_length=1)
+    active_key: str
+    timeout: Seconds = 0.25
+    lock_ttl: Seconds = 10
+    lock_wait: Seconds = 5
+    required_for_readiness: bool = False
+    key_prefix: str = "samlgw:"
+
+    @field_validator("url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        if urlsplit(value).scheme not in ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster"):
+            raise ValueError(f"not a Redis URL: {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _active_key_known(self) -> RedisSettings:
+        if self.active_key not in self.encryption_keys:
+            raise ValueError(f"active_key {self.active_key!r} is not in 'encryption_keys'")
+        return self
+
+
+class CacheSettings(_Frozen):
+    backend: Literal["memory", "redis"] = "memory"
+    max_entries: int = Field(100_000, gt=0)
+    refresh_margin: float = Field(30, ge=0)
+    jitter: float = Field(5, ge=0)
+    negative_ttl: float = Field(30, ge=0)
+    cap_to_assertion: bool = False
+    redis: RedisSettings | None = None
+
+    @model_validator(mode="after")
+    def _redis_needs_settings(self) -> CacheSettings:
+        if self.backend == "redis" and self.redis is None:
+            raise ValueError("backend 'redis' needs a 'redis' section")
+        return self
+
+
+def _network(value: str) -> str:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ValueError(f"not an IP address or CIDR network: {value!r}") from None
+    return value
+
+
+class ProxySettings(_Frozen):
+    trusted_proxies: tuple[Annotated[str, AfterValidator(_network)], ...] = ()
+    max_header_size: int = Field(64 * 1024, ge=8190)
+    max_headers: int = Field(100, gt=0)
+
+
+class ForwardAuth(_Frozen):
+    enabled: bool = False
+    path: str = "/auth"
+    listen: Listener | None = None
+    token_header: str = "Authorization"
+
+
+class Lifecycle(_Frozen):
+    shutdown_grace: float = Field(5, ge=0)
+    drain_timeout: float = Field(30, ge=0)
+
+
+class LogSettings(_Frozen):
+    format: Literal["json", "text"] = "json"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Config(_Frozen):
+    listen: Listener = Listener()
+    admin: AdminListener = AdminListener()
+    workers: int = Field(1, ge=1, le=64)
+    log: LogSettings = LogSettings()
+    lifecycle: Lifecycle = Lifecycle()
+    assertion: AssertionSettings = AssertionSettings()
+    identity_providers: Mapping[str, IdentityProvider] = Field(min_length=1)
+    authorization_servers: Mapping[str, AuthorizationServer] = Field(min_length=1)
+    routes: tuple[Route, ...]
+    cache: CacheSettings = CacheSettings()
+    proxy: ProxySettings = ProxySettings()
+    forward_auth: ForwardAuth = ForwardAuth()
+
+    @model_validator(mode="after")
+    def _references_exist(self) -> Config:
+        problems = [] if self.routes else ["routes: at least one route is needed"]
+        for i, route in enumerate(self.routes):
+            if route.identity_provider not in self.identity_providers:
+                known = ", ".join(sorted(self.identity_providers))
+                problems.append(
+                    f"routes[{i}].identity_provider: unknown identity provider "
+                    f"{route.identity_provider!r} (known: {known})"
+                )
+            if route.authorization_server not in self.authorization_servers:
+                known = ", ".join(sorted(self.authorization_servers))
+                problems.append(
+                    f"routes[{i}].authorization_server: unknown authorization server "
+                    f"{route.authorization_server!r} (known: {known})"
+                )
+        if problems:
+            raise ConfigError(problems)
+        return self
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective configuration as plain data, with every secret masked."""
+        return self.model_dump(mode="json")
+
+
+# --- loading ---------------------------------------------------------------------------
+
+_REFERENCE = re.compile(r"\$\{(?:(file):)?([^}]+)\}")
+_PATH_KEYS = frozenset({"certificates", "metadata", "key_file", "cert_file", "ca_file"})
+
+
+def _path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _resolve(node: Any, loc: tuple[int | str, ...], base: Path, problems: list[str]) -> Any:
+    """Resolve ``${ENV}`` / ``${file:path}`` references and make file paths absolute."""
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            if not isinstance(key, str):
+                problems.append(f"{_path(loc)}: keys must be strings, got {key!r}")
+                continue
+            value = _resolve(value, (*loc, key), base, problems)
+            if key in _PATH_KEYS:
+                value = _absolute_paths(value, base)
+            out[key] = value
+        return out
+    if isinstance(node, list):
+        return [_resolve(v, (*loc, i), base, problems) for i, v in enumerate(node)]
+    if isinstance(node, str) and "${" in node:
+
+        def substitute(match: re.Match[str]) -> str:
+            is_file, name = match.group(1), match.group(2).strip()
+            if is_file:
+                path = Path(name) if Path(name).is_absolute() else base / name
+                try:
+                    return path.read_text().strip()
+                except OSError as exc:
+                    problems.append(f"{_path(loc)}: cannot read secret file {name!r}: {exc.strerror}")
+                    return ""
+            if name not in os.environ:
+                problems.append(f"{_path(loc)}: environment variable {name!r} is not set")
+                return ""
+            return os.environ[name]
+
+        return _REFERENCE.sub(substitute, node)
+    return node
+
+
+def _absolute_paths(value: Any, base: Path) -> Any:
+    if isinstance(value, str):
+        return str(base / value) if not Path(value).is_absolute() else value
+    if isinstance(value, list):
+        return [_absolute_paths(v, base) for v in value]
+    return value
+
+
+def _message(error: Mapping[str, Any]) -> str:
+    msg = str(error["msg"])
+    for prefix in ("Value error, ", "Assertion failed, "):
+        msg = msg.removeprefix(prefix)
+    if error["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif error["type"] == "missing":
+        msg = "required key is missing"
+    return msg
+
+
+def parse_config(data: Any, base: Path, source: str = "") -> Config:
+    """Validate already-parsed YAML data; raise ``ConfigError`` naming every bad key."""
+    if not isinstance(data, dict):
+        raise ConfigError(["(top level): expected a mapping of settings"], source)
+    problems: list[str] = []
+    resolved = _resolve(data, (), base, problems)
+    if problems:
+        raise ConfigError(problems, source)
+    try:
+        return Config.model_validate(resolved)
+    except ValidationError as exc:
+        raise ConfigError(
+            [f"{_path(tuple(e['loc']))}: {_message(e)}" for e in exc.errors()], source
+        ) from None
+    except ConfigError as exc:
+        raise ConfigError(exc.problems, source) from None
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate one YAML file; every problem is reported at once."""
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"cannot read config file: {exc.strerror}"], str(file)) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"not valid YAML: {exc}"], str(file)) from None
+    return parse_config(data, file.resolve().parent, str(file))

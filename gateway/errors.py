@@ -1,0 +1,100 @@
+"""The gateway's own errors: one shallow tree, each class knowing its HTTP status.
+
+    GatewayError                      (never raised itself)
+    ├── BadRequest            400     the request is not even well-formed (e.g. not base64)
+    ├── InvalidAssertion      401     any reason to refuse the assertion; one public message
+    ├── NoRoute               404     no route matches the request
+    ├── RequestTooLarge       413     request body over the route's limit
+    ├── UpstreamError         502     authorization server or upstream misbehaved
+    ├── Unavailable           503     authorization server asked us to back off
+    └── UpstreamTimeout       504     authorization server or upstream did not answer in time
+
+    ConfigError                       startup/reload error naming the key path (not HTTP)
+
+Every error carries a machine-readable ``reason`` for logs and metrics. Only
+``public_message`` ever reaches a client: the precise reason and ``detail`` stay
+in logs, so a probing client learns nothing about which check failed.
+
+Third-party exceptions are translated into these at the edge that meets them; only
+the HTTP layer turns them into responses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+
+_NO_HEADERS: Mapping[str, str] = MappingProxyType({})
+
+
+class GatewayError(Exception):
+    status: int = 500
+    error: str = "server_error"
+    public_message: str = "the gateway could not handle this request"
+
+    def __init__(
+        self,
+        reason: str,
+        detail: str = "",
+        *,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+        self.headers: Mapping[str, str] = headers if headers is not None else _NO_HEADERS
+
+
+class BadRequest(GatewayError):
+    status = 400
+    error = "invalid_request"
+    public_message = "the request carries a malformed SAML assertion"
+
+
+class InvalidAssertion(GatewayError):
+    """Reasons: malformed, signature, wrapping, algorithm, expired, not_yet_valid, audience,
+    issuer, recipient, subject_confirmation, dtd, size, missing, replay, invalid_grant."""
+
+    status = 401
+    error = "invalid_token"
+    public_message = "the SAML assertion was not accepted"
+
+
+class NoRoute(GatewayError):
+    status = 404
+    error = "not_found"
+    public_message = "no route matches this request"
+
+
+class RequestTooLarge(GatewayError):
+    status = 413
+    error = "request_too_large"
+    public_message = "the request body is larger than this route allows"
+
+
+class UpstreamError(GatewayError):
+    status = 502
+    error = "bad_gateway"
+    public_message = "an upstream service failed"
+
+
+class Unavailable(GatewayError):
+    status = 503
+    error = "temporarily_unavailable"
+    public_message = "the authorization server is temporarily unavailable"
+
+
+class UpstreamTimeout(GatewayError):
+    status = 504
+    error = "gateway_timeout"
+    public_message = "an upstream service did not answer in time"
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; ``problems`` are ``key.path: what is wrong``."""
+
+    def __init__(self, problems: list[str], source: str = "") -> None:
+        self.problems = problems
+        self.source = source
+        where = f"{source}: " if source else ""
+        super().__init__(where + "; ".join(problems))
