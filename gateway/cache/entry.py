@@ -1,0 +1,53 @@
+"""What the cache keeps per (authorization-server profile, assertion ID), and the shared-store seam.
+
+A token is only ever released for the byte-identical assertion it was exchanged for:
+each entry is bound to the SHA-256 digest of the decoded assertion.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Protocol
+
+from gateway.oauth.token import Token
+
+
+@dataclass(frozen=True, slots=True)
+class CachedToken:
+    profile: str  # authorization-server profile name from the config
+    assertion_id: str
+    digest: bytes  # SHA-256 of the decoded assertion the token was issued for
+    token: Token
+    expires_at: float  # wall-clock seconds (time.time()) after which it is never served
+
+
+class SharedStore(Protocol):
+    """A second tier behind the in-memory cache, shared by replicas (Redis).
+
+    Every method is bounded in time by the implementation and never raises for a store
+    fault: a dead store behaves like an empty one, so correctness never depends on it.
+    """
+
+    async def get(self, profile: str, assertion_id: str) -> CachedToken | None:
+        """The entry, or None when absent, expired, undecryptable or the store is down."""
+        ...
+
+    async def put(self, entry: CachedToken) -> None:
+        """Store until ``entry.expires_at``; silently skipped when the store is down."""
+        ...
+
+    async def delete(self, profile: str, assertion_id: str) -> None: ...
+
+    def exchange_lock(
+        self, profile: str, assertion_id: str
+    ) -> AbstractAsyncContextManager[bool]:
+        """Cross-replica single-flight: yields True when this replica owns the exchange.
+
+        Yields False when another replica holds the lock (or the store is down and the
+        lock cannot be had); the caller then waits for that replica's result with
+        ``get`` for a bounded time, and exchanges itself if none appears.
+        """
+        ...
+
+    async def close(self) -> None: ...
