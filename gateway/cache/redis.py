@@ -1,0 +1,518 @@
+"""The Redis tier of the token cache: shared by replicas, encrypted at rest, never in the way.
+
+Rules this module owns:
+
+- **A dead store behaves like an empty one.** Every call is bounded by ``settings.timeout``
+  (``asyncio.timeout`` around each command, plus socket timeouts and no client-side retries)
+  and never raises for a store fault. The store keeps one state, up or down, logs one line
+  per change (logger ``gateway.cache.redis``) and tells ``on_state``. While down it retries
+  at most once per ``retry_interval`` (one caller probes, the others return at once), so a
+  dead Redis costs requests nothing and recovery is automatic.
+- **Tokens are encrypted at rest** with AES-256-GCM. Each configured secret
+  (``encryption_keys``: key ID → secret string) is stretched into a 256-bit key with
+  HKDF-SHA256, so any high-entropy string works (``openssl rand -base64 32`` is a good
+  one; secrets under 16 characters are refused). The key ID is stored in clear beside the
+  ciphertext: ``active_key`` encrypts new entries, every configured key still decrypts, so
+  keys rotate by adding the new one, making it active, and removing the old one after the
+  longest token lifetime.
+- **Ciphertext is bound to its Redis key**: the key name and key ID are AES-GCM associated
+  data, so an entry copied to another key, a changed key ID or a flipped byte all fail
+  authentication and read as a miss.
+- **Key names reveal nothing**: ``prefix + "t:" + SHA-256(profile, assertion ID)``. A plain
+  (domain-separated, length-prefixed) hash rather than an HMAC under an encryption key,
+  so names stay stable across key rotation; assertion IDs are random by the SAML spec,
+  and the name is useless without the assertion it was derived from.
+- Entries carry the same digest binding and expiry as in memory; the Redis key expires
+  with the token (``PX`` from ``expires_at``). A wrong digest is returned as-is: the cache
+  compares it and refuses.
+- Cross-replica single-flight is a plain lock (``SET NX PX``, renewed while the exchange
+  runs, compare-and-delete release). Correctness never depends on it.
+
+URL kinds (``cache.redis.url``), all through redis-py's asyncio client:
+
+- ``redis://[user:pass@]host:port/db``, ``rediss://…`` (TLS; ``ca_file`` is the CA bundle,
+  system CAs otherwise), ``unix:///path/redis.sock?db=0`` → ``redis.asyncio.Redis.from_url``.
+- ``redis+sentinel://[user:pass@]host:port[,host:port…]/service_name[/db]`` →
+  ``redis.asyncio.sentinel.Sentinel([(host, port), …]).master_for(service_name, db=db)``.
+  The URL's credentials (if any) authenticate to the sentinels; ``password`` authenticates
+  to the master. TLS to the master when ``ca_file`` is set.
+- ``redis+cluster://[user:pass@]host:port[,host:port…]`` →
+  ``redis.asyncio.cluster.RedisCluster(startup_nodes=[ClusterNode(host, port), …])``; the
+  other nodes are discovered. TLS when ``ca_file`` is set. No database number in cluster mode.
+
+``password``, when set, wins over a password in the URL (it comes from a secret reference).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import logging
+import math
+import os
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from pydantic import SecretStr
+from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from gateway.cache.entry import CachedToken
+from gateway.config import RedisSettings
+from gateway.errors import ConfigError
+from gateway.oauth.token import Token
+
+logger = logging.getLogger("gateway.cache.redis")
+
+RedisClient = Redis | RedisCluster
+_T = TypeVar("_T")
+
+_MIN_SECRET_CHARS = 16
+_HKDF_INFO = b"saml-oauth-gateway/redis-token-store/v1"
+_ENVELOPE_VERSION = 1
+_NONCE_BYTES = 12
+_AAD_TAG = b"samlgw-token-v1\x00"
+_NAME_TAG = b"samlgw-key-v1\x00"
+
+# Both scripts touch only KEYS[1], so they run unchanged on a cluster.
+_RENEW_LUA = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('pexpire', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_RELEASE_LUA = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('del', KEYS[1])
+end
+return 0
+"""
+
+
+# --- key names and sealed entries (pure: no I/O) -----------------------------------------
+
+
+def entry_name(prefix: str, profile: str, assertion_id: str) -> bytes:
+    """The Redis key of one cache entry; reveals neither the profile nor the assertion ID."""
+    return prefix.encode() + b"t:" + _hash_name(profile, assertion_id)
+
+
+def lock_name(prefix: str, profile: str, assertion_id: str) -> bytes:
+    """The Redis key of the cross-replica exchange lock for one assertion."""
+    return prefix.encode() + b"l:" + _hash_name(profile, assertion_id)
+
+
+def _hash_name(profile: str, assertion_id: str) -> bytes:
+    digest = hashlib.sha256(_NAME_TAG)
+    for part in (profile.encode(), assertion_id.encode()):
+        # length prefixes: ("ab", "c") and ("a", "bc") must not collide
+        digest.update(len(part).to_bytes(4, "big") + part)
+    return digest.hexdigest().encode()
+
+
+def derive_key(secret: str) -> bytes:
+    """The AES-256 key for one configured secret (HKDF-SHA256, no salt, fixed info)."""
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_HKDF_INFO).derive(
+        secret.encode()
+    )
+
+
+class EntrySealer:
+    """Encrypts ``CachedToken`` values for one Redis key name, and opens them again.
+
+    Layout: ``version(1) | len(key_id)(1) | key_id | nonce(12) | AES-GCM(json) + tag(16)``;
+    associated data = tag, Redis key name and key ID, so the blob only opens where written.
+    """
+
+    def __init__(self, keys: Mapping[str, SecretStr], active_key: str) -> None:
+        problems = []
+        for key_id, secret in keys.items():
+            where = f"cache.redis.encryption_keys.{key_id}"
+            if not 0 < len(key_id.encode()) <= 255:
+                problems.append(f"{where}: key IDs are 1 to 255 bytes")
+            if len(secret.get_secret_value()) < _MIN_SECRET_CHARS:
+                problems.append(
+                    f"{where}: secret is too short ({_MIN_SECRET_CHARS}+ characters; "
+                    "e.g. `openssl rand -base64 32`)"
+                )
+        if active_key not in keys:
+            problems.append(f"cache.redis.active_key: {active_key!r} is not in 'encryption_keys'")
+        if problems:
+            raise ConfigError(problems)
+        self._ciphers = {
+            key_id: AESGCM(derive_key(secret.get_secret_value())) for key_id, secret in keys.items()
+        }
+        self._active = active_key
+        self._warned_ids: set[str] = set()
+
+    def __repr__(self) -> str:  # keys must never show up in a log or a traceback
+        return f"EntrySealer(active_key={self._active!r}, keys={sorted(self._ciphers)!r})"
+
+    def seal(self, name: bytes, entry: CachedToken) -> bytes:
+        key_id = self._active.encode()
+        header = bytes((_ENVELOPE_VERSION, len(key_id))) + key_id
+        nonce = os.urandom(_NONCE_BYTES)
+        plain = json.dumps(_to_json(entry), separators=(",", ":")).encode()
+        sealed = self._ciphers[self._active].encrypt(nonce, plain, _aad(name, key_id))
+        return header + nonce + sealed
+
+    def open(self, name: bytes, blob: bytes) -> CachedToken | None:
+        """The entry, or None (with a log line saying why) when it cannot be trusted."""
+        if len(blob) < 2 or blob[0] != _ENVELOPE_VERSION:
+            _rejected("unknown envelope version")
+            return None
+        end = 2 + blob[1]
+        key_id = blob[2:end]
+        nonce, sealed = blob[end : end + _NONCE_BYTES], blob[end + _NONCE_BYTES :]
+        if len(nonce) != _NONCE_BYTES or len(sealed) < 16:
+            _rejected("truncated envelope")
+            return None
+        cipher = self._ciphers.get(key_id.decode("utf-8", "replace"))
+        if cipher is None:
+            shown = key_id.decode("utf-8", "replace")
+            # once per key ID: during a rolling key change this is expected, not an attack
+            if shown not in self._warned_ids and len(self._warned_ids) < 64:
+                self._warned_ids.add(shown)
+                logger.warning("redis entry under unknown encryption key id %r ignored", shown)
+            return None
+        try:
+            plain = cipher.decrypt(nonce, sealed, _aad(name, key_id))
+        except InvalidTag:
+            _rejected("authentication failed (tampered, moved to another key, or wrong key)")
+            return None
+        try:
+            return _from_json(json.loads(plain))
+        except (ValueError, TypeError, KeyError):
+            _rejected("malformed payload")
+            return None
+
+
+def _aad(name: bytes, key_id: bytes) -> bytes:
+    return _AAD_TAG + len(name).to_bytes(4, "big") + name + key_id
+
+
+def _rejected(reason: str) -> None:
+    logger.warning("redis entry rejected: %s", reason)
+
+
+def _to_json(entry: CachedToken) -> dict[str, Any]:
+    token = entry.token
+    return {
+        "p": entry.profile,
+        "i": entry.assertion_id,
+        "d": base64.b64encode(entry.digest).decode(),
+        "x": entry.expires_at,
+        "a": token.access_token,
+        "n": token.expires_in,
+        "s": token.scope,
+        "y": token.token_type,
+    }
+
+
+def _from_json(data: Any) -> CachedToken:
+    if not isinstance(data, dict):
+        raise TypeError("payload is not an object")
+    strings = (data["p"], data["i"], data["d"], data["a"], data["y"])
+    numbers = (data["x"], data["n"])
+    if not all(isinstance(v, str) for v in strings):
+        raise TypeError("expected strings")
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in numbers):
+        raise TypeError("expected numbers")
+    if data["s"] is not None and not isinstance(data["s"], str):
+        raise TypeError("scope must be a string")
+    token = Token(
+        access_token=data["a"], expires_in=float(data["n"]), scope=data["s"], token_type=data["y"]
+    )
+    return CachedToken(
+        profile=data["p"],
+        assertion_id=data["i"],
+        digest=base64.b64decode(data["d"], validate=True),
+        token=token,
+        expires_at=float(data["x"]),
+    )
+
+
+# --- connecting ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MultiHostUrl:
+    """A ``redis+sentinel://`` or ``redis+cluster://`` URL taken apart."""
+
+    hosts: tuple[tuple[str, int], ...]
+    path: tuple[str, ...]  # non-empty path segments: (service_name, db) for sentinel
+    username: str | None
+    password: str | None = None
+
+    def __repr__(self) -> str:  # the URL password is a secret
+        return f"MultiHostUrl(hosts={self.hosts!r}, path={self.path!r})"
+
+
+def parse_multi_host_url(url: str, default_port: int) -> MultiHostUrl:
+    """Split ``scheme://[user:pass@]host[:port][,host[:port]…]/path`` (urlsplit can't)."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    username = password = None
+    if "@" in netloc:
+        userinfo, netloc = netloc.rsplit("@", 1)
+        user, _, pwd = userinfo.partition(":")
+        username, password = unquote(user) or None, unquote(pwd) or None
+    hosts = []
+    for item in netloc.split(","):
+        if not item:
+            raise ConfigError([f"cache.redis.url: empty host in {_public_url(url)!r}"])
+        if item.startswith("["):  # [IPv6]:port
+            host, _, rest = item[1:].partition("]")
+            port_text = rest.removeprefix(":")
+        else:
+            host, _, port_text = item.rpartition(":") if ":" in item else (item, "", "")
+        try:
+            port = int(port_text) if port_text else default_port
+        except ValueError:
+            raise ConfigError([f"cache.redis.url: bad port in {_public_url(url)!r}"]) from None
+        if not host or not 0 < port < 65536:
+            raise ConfigError([f"cache.redis.url: bad host:port in {_public_url(url)!r}"])
+        hosts.append((host, port))
+    path = tuple(unquote(p) for p in parts.path.split("/") if p)
+    return MultiHostUrl(tuple(hosts), path, username, password)
+
+
+def _public_url(url: str) -> str:
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]).geturl()
+
+
+class _SentinelMaster(Redis):
+    """The master client of a Sentinel setup; closing it also closes the sentinel clients."""
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        manager = getattr(self.connection_pool, "sentinel_manager", None)
+        await super().aclose(close_connection_pool)
+        for sentinel in getattr(manager, "sentinels", ()):
+            await sentinel.aclose()
+
+
+def connect_redis(settings: RedisSettings) -> RedisClient:
+    """A redis-py asyncio client for any URL kind this gateway accepts (see module doc).
+
+    Connections are lazy: nothing is contacted here. Socket timeouts are the store's
+    ``timeout`` and redis-py's own retries are off, since the store bounds every call.
+    """
+    scheme = urlsplit(settings.url).scheme
+    password = settings.password.get_secret_value() if settings.password else None
+    common: dict[str, Any] = {
+        "socket_timeout": settings.timeout,
+        "socket_connect_timeout": settings.timeout,
+        "decode_responses": False,
+    }
+    tls: dict[str, Any] = {"ssl": True, "ssl_ca_certs": settings.ca_file}
+    if scheme in ("redis", "rediss", "unix"):
+        extra = dict(common, retry=Retry(NoBackoff(), 0))
+        if password is not None:
+            extra["password"] = password
+        if scheme == "rediss" and settings.ca_file:
+            extra["ssl_ca_certs"] = settings.ca_file
+        return Redis.from_url(settings.url, **extra)
+    if scheme == "redis+sentinel":
+        target = parse_multi_host_url(settings.url, default_port=26379)
+        if not 1 <= len(target.path) <= 2:
+            raise ConfigError(
+                [
+                    "cache.redis.url: expected redis+sentinel://host:port[,host:port]"
+                    f"/service_name[/db], got {_public_url(settings.url)!r}"
+                ]
+            )
+        try:
+            db = int(target.path[1]) if len(target.path) == 2 else 0
+        except ValueError:
+            raise ConfigError(["cache.redis.url: the database must be a number"]) from None
+        sentinel_kwargs = dict(common, username=target.username, password=target.password)
+        # redis-py leaves Sentinel's constructor unannotated
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            list(target.hosts), sentinel_kwargs=sentinel_kwargs, retry=Retry(NoBackoff(), 0)
+        )
+        master_kwargs = dict(common, db=db, password=password)
+        if settings.ca_file:
+            master_kwargs.update(tls)
+        client: Redis = sentinel.master_for(
+            target.path[0], redis_class=_SentinelMaster, **master_kwargs
+        )
+        return client
+    if scheme == "redis+cluster":
+        target = parse_multi_host_url(settings.url, default_port=6379)
+        if target.path:
+            raise ConfigError(["cache.redis.url: a cluster URL has no path (no database)"])
+        kwargs = dict(common, username=target.username, password=password or target.password)
+        if settings.ca_file:
+            kwargs.update(tls)
+        return RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in target.hosts],
+            retry=Retry(NoBackoff(), 0),
+            **kwargs,
+        )
+    raise ConfigError([f"cache.redis.url: unsupported scheme {scheme!r}"])
+
+
+# --- the store ----------------------------------------------------------------------------
+
+
+class RedisTokenStore:
+    """``SharedStore`` on Redis (see the module doc for the rules it keeps)."""
+
+    def __init__(
+        self,
+        settings: RedisSettings,
+        *,
+        on_state: Callable[[bool], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        retry_interval: float = 1.0,
+        client: RedisClient | None = None,
+    ) -> None:
+        self._settings = settings
+        self._sealer = EntrySealer(settings.encryption_keys, settings.active_key)
+        self._client = client if client is not None else connect_redis(settings)
+        self._renew = self._client.register_script(_RENEW_LUA)
+        self._release = self._client.register_script(_RELEASE_LUA)
+        self._on_state = on_state
+        self._clock = clock
+        self._wall = wall_clock
+        self._retry_interval = retry_interval
+        self._prefix = settings.key_prefix
+        self._timeout = settings.timeout
+        self._lock_ttl_ms = max(1, int(settings.lock_ttl * 1000))
+        self._up: bool | None = None  # unknown until the first call answers
+        self._retry_at = 0.0
+
+    def __repr__(self) -> str:
+        return f"RedisTokenStore(url={_public_url(self._settings.url)!r}, healthy={self.healthy})"
+
+    @property
+    def healthy(self) -> bool:
+        """True once Redis has answered and until a call fails (for /readyz)."""
+        return self._up is True
+
+    async def ping(self) -> bool:
+        return bool(await self._call("ping", self._client.ping, False))
+
+    async def get(self, profile: str, assertion_id: str) -> CachedToken | None:
+        name = entry_name(self._prefix, profile, assertion_id)
+        blob = await self._call("get", lambda: self._client.get(name), None)
+        if not isinstance(blob, bytes):
+            return None
+        entry = self._sealer.open(name, blob)
+        if entry is None:
+            return None
+        if (entry.profile, entry.assertion_id) != (profile, assertion_id):
+            _rejected("entry belongs to another assertion")
+            return None
+        if entry.expires_at <= self._wall():
+            return None
+        return entry
+
+    async def put(self, entry: CachedToken) -> None:
+        ttl_ms = math.ceil((entry.expires_at - self._wall()) * 1000)
+        if ttl_ms <= 0:
+            return
+        name = entry_name(self._prefix, entry.profile, entry.assertion_id)
+        blob = self._sealer.seal(name, entry)
+        await self._call("put", lambda: self._client.set(name, blob, px=ttl_ms), None)
+
+    async def delete(self, profile: str, assertion_id: str) -> None:
+        name = entry_name(self._prefix, profile, assertion_id)
+        await self._call("delete", lambda: self._client.delete(name), None)
+
+    @asynccontextmanager
+    async def exchange_lock(self, profile: str, assertion_id: str) -> AsyncIterator[bool]:
+        """Yields True when this replica owns the exchange; False if another does or Redis is
+        down. The lock is renewed every ``lock_ttl / 3`` while held, released only by us."""
+        name = lock_name(self._prefix, profile, assertion_id)
+        owner = secrets.token_hex(16).encode()
+        ttl = self._lock_ttl_ms
+        acquired = await self._call(
+            "lock", lambda: self._client.set(name, owner, nx=True, px=ttl), None
+        )
+        if not acquired:
+            yield False
+            return
+        renewal = asyncio.create_task(self._keep_lock(name, owner), name="redis-lock-renewal")
+        try:
+            yield True
+        finally:
+            renewal.cancel()
+            # asyncio.wait neither raises the task's CancelledError nor swallows ours
+            await asyncio.wait([renewal])
+            await self._call("unlock", lambda: self._release(keys=[name], args=[owner]), None)
+
+    async def _keep_lock(self, name: bytes, owner: bytes) -> None:
+        interval = self._lock_ttl_ms / 3000
+        ttl = self._lock_ttl_ms
+        while True:
+            await asyncio.sleep(interval)
+            renewed = await self._call(
+                "lock renewal", lambda: self._renew(keys=[name], args=[owner, ttl]), None
+            )
+            if renewed == 0:
+                # expired and possibly taken by another replica: at worst two exchanges
+                logger.info("exchange lock lost before the exchange finished")
+                return
+
+    async def close(self) -> None:
+        with suppress(RedisError, OSError, TimeoutError):
+            async with asyncio.timeout(self._timeout):
+                await self._client.aclose()
+
+    # --- fault handling -------------------------------------------------------------------
+
+    async def _call(self, op: str, command: Callable[[], Awaitable[_T]], default: _T) -> _T:
+        if self._up is False:
+            now = self._clock()
+            if now < self._retry_at:
+                return default
+            # this caller probes; the others keep returning at once until it answers
+            self._retry_at = now + self._retry_interval
+        try:
+            async with asyncio.timeout(self._timeout):
+                result = await command()
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._failed(op, exc)
+            return default
+        if self._up is not True:
+            self._set_state(True, "redis store is up")
+        return result
+
+    def _failed(self, op: str, exc: BaseException) -> None:
+        self._retry_at = self._clock() + self._retry_interval
+        if self._up is not False:
+            kind = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
+            self._set_state(
+                False,
+                f"redis store is down ({op}: {kind}); serving without it, "
+                f"retrying every {self._retry_interval:g} s",
+            )
+
+    def _set_state(self, up: bool, message: str) -> None:
+        self._up = up
+        (logger.info if up else logger.warning)(message)
+        if self._on_state is not None:
+            try:
+                self._on_state(up)
+            except Exception:  # an observer (a metric) must not break the store
+                logger.exception("redis store state observer failed")
