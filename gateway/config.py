@@ -198,6 +198,7 @@ class UpstreamTls(_Frozen):
 
 
 class Route(_Frozen):
+    name: str | None = Field(None, description="label in logs and metrics; defaults to path_prefix")
     path_prefix: str = "/"
     host: str | None = None
     upstream: HttpUrl
@@ -209,6 +210,10 @@ class Route(_Frozen):
     max_body_size: int = Field(10 * 1024 * 1024, ge=0)
     tls: UpstreamTls = UpstreamTls()
     realm: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name or self.path_prefix
 
     @field_validator("path_prefix")
     @classmethod
