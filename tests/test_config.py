@@ -101,7 +101,7 @@ def test_env_and_file_references(base: Path, monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("MY_SECRET", "from-env")
     (base / "secret.txt").write_text("from-file\n")
     servers = {
-        "a": {"token_url": "https://as/token", "client_id": "c", "client_secret": "${MY_SECRET}",
+        "as": {"token_url": "https://as/token", "client_id": "c", "client_secret": "${MY_SECRET}",
               "audience": "x"},
         "b": {"token_url": "https://as/token", "client_id": "c",
               "client_secret": "${file:secret.txt}", "audience": "x"},
@@ -109,7 +109,7 @@ def test_env_and_file_references(base: Path, monkeypatch: pytest.MonkeyPatch) ->
     config = parse_config(minimal(authorization_servers=servers), base)
     secrets = {k: v.client_secret for k, v in config.authorization_servers.items()}
     assert {k: v.get_secret_value() for k, v in secrets.items() if v} == {
-        "a": "from-env", "b": "from-file"}
+        "as": "from-env", "b": "from-file"}
 
 
 def test_missing_env_reference_names_key(base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
