@@ -1,0 +1,299 @@
+"""Wiring and lifecycle: the proxy listener, the admin listener, reload and drain.
+
+Lifecycle rules:
+- SIGTERM: ``/readyz`` answers 503 at once; the listener keeps serving for
+  ``lifecycle.shutdown_grace`` (so load balancers notice), then stops accepting and lets
+  in-flight requests finish for up to ``lifecycle.drain_timeout``.
+- SIGHUP: the config file is read again; a file that fails to load is reported and the
+  running configuration stays. Listener addresses, workers and cache settings need a restart.
+- The token cache outlives reloads, so a reload never costs a re-exchange.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from gateway.cache import TokenCache
+from gateway.cache.entry import SharedStore
+from gateway.config import Config, load_config
+from gateway.errors import ConfigError, GatewayError, InvalidAssertion
+from gateway.logs import ACCESS
+from gateway.metrics import Metrics
+from gateway.pipeline import Runtime, Trace, note_failure
+
+log = logging.getLogger("gateway")
+
+TRACE = "gateway.trace"
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def request_id(inbound: str | None) -> str:
+    """Keep the client's X-Request-ID when it is short and plain; otherwise make one."""
+    if inbound and _SANE_REQUEST_ID.fullmatch(inbound):
+        return inbound
+    return uuid.uuid4().hex
+
+
+def error_response(error: GatewayError, trace: Trace, realm: str) -> web.Response:
+    headers = dict(error.headers)
+    if isinstance(error, InvalidAssertion):
+        headers["WWW-Authenticate"] = f'SAML realm="{realm}"'
+    body = {
+        "error": error.error,
+        "error_description": error.public_message,
+        "request_id": trace.request_id,
+    }
+    return web.json_response(body, status=error.status, headers=headers)
+
+
+class GatewayServer:
+    """One gateway process: build with a config, ``start()``, later ``shutdown()``."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        config_path: str | Path | None = None,
+        reuse_port: bool = False,
+    ) -> None:
+        self.config = config
+        self.config_path = Path(config_path) if config_path else None
+        self.reuse_port = reuse_port
+        self.metrics = Metrics()
+        self.shared = self._shared_store(config)
+        self.cache = TokenCache(
+            config.cache,
+            shared=self.shared,
+            shared_wait=config.cache.redis.lock_wait if config.cache.redis else 0.0,
+        )
+        self.metrics.watch_cache(lambda: self.cache)
+        self.runtime = Runtime(config, self.cache, self.metrics)
+        self.draining = False
+        self._retired: set[asyncio.Task[None]] = set()
+        self._runner: web.AppRunner | None = None
+        self._admin_runner: web.AppRunner | None = None
+        self.port = 0
+        self.admin_port = 0
+
+    def _shared_store(self, config: Config) -> SharedStore | None:
+        if config.cache.backend != "redis" or config.cache.redis is None:
+            return None
+        from gateway.cache.redis import RedisTokenStore  # only deployments with Redis load it
+
+        return RedisTokenStore(config.cache.redis, on_state=self.metrics.observe_redis)
+
+    # --- HTTP ------------------------------------------------------------------------------
+
+    @web.middleware
+    async def _observe(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
+        trace = Trace(request_id(request.headers.get("X-Request-ID")))
+        request[TRACE] = trace
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except GatewayError as error:
+            note_failure(trace, error, self.metrics)
+            status = error.status
+            return error_response(error, trace, self._realm(request))
+        except asyncio.CancelledError:
+            status = 499  # the client went away; nothing left to answer
+            raise
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        except Exception:
+            log.exception("unexpected error", extra={"fields": {"request_id": trace.request_id}})
+            trace.reason = "internal"
+            return web.json_response(
+                {"error": "server_error", "error_description": "internal error",
+                 "request_id": trace.request_id},
+                status=500,
+            )
+        finally:
+            self._account(request, trace, status)
+
+    def _realm(self, request: web.Request) -> str:
+        route = self.runtime.router.match(request.host, request.path)
+        return (route.realm if route and route.realm else None) or "saml-gateway"
+
+    def _account(self, request: web.Request, trace: Trace, status: int) -> None:
+        seconds = time.perf_counter() - trace.started
+        self.metrics.requests.labels(trace.route, str(status)).inc()
+        self.metrics.request_seconds.labels(trace.route).observe(seconds)
+        ACCESS.info(
+            "%s %s %d",
+            request.method,
+            request.path,
+            status,
+            extra={
+                "fields": {
+                    "request_id": trace.request_id,
+                    "method": request.method,
+                    "path": request.path,
+                    "route": trace.route,
+                    "status": status,
+                    "duration_ms": round(seconds * 1000, 3),
+                    "upstream_ms": None
+                    if trace.upstream_seconds is None
+                    else round(trace.upstream_seconds * 1000, 3),
+                    "cache": trace.cache,
+                    "assertion_id": trace.assertion_id,
+                    "issuer": trace.issuer,
+                    "reason": trace.reason,
+                    "peer": request.remote,
+                }
+            },
+        )
+
+    async def _proxy(self, request: web.Request) -> web.StreamResponse:
+        trace: Trace = request[TRACE]
+        return await self.runtime.proxy(request, trace)
+
+    @staticmethod
+    async def _stamp_request_id(request: web.Request, response: web.StreamResponse) -> None:
+        trace = request.get(TRACE)
+        if isinstance(trace, Trace):
+            response.headers["X-Request-ID"] = trace.request_id
+
+    def build_app(self) -> web.Application:
+        app = web.Application(middlewares=[self._observe])
+        app.on_response_prepare.append(self._stamp_request_id)
+        app.router.add_route("*", "/{tail:.*}", self._proxy)
+        return app
+
+    # --- admin -----------------------------------------------------------------------------
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "alive"})
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        body: dict[str, Any] = {"status": "ready"}
+        ready = not self.draining
+        if self.draining:
+            body["status"] = "draining"
+        if self.shared is not None:
+            healthy = bool(getattr(self.shared, "healthy", True))
+            body["redis"] = "up" if healthy else "down"
+            redis = self.config.cache.redis
+            if not healthy and redis is not None and redis.required_for_readiness:
+                ready, body["status"] = False, "redis_down"
+        return web.json_response(body, status=200 if ready else 503)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=self.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"}
+        )
+
+    def build_admin_app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics)
+        return app
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        config = self.config
+        await self.runtime.start()
+        self._runner = web.AppRunner(
+            self.build_app(),
+            access_log=None,
+            shutdown_timeout=config.lifecycle.drain_timeout,
+            handler_args={
+                # Signed assertions are often far larger than aiohttp's 8 KB default.
+                "max_line_size": config.proxy.max_header_size,
+                "max_field_size": config.proxy.max_header_size,
+                "max_headers": config.proxy.max_headers,
+            },
+        )
+        await self._runner.setup()
+        site = web.TCPSite(
+            self._runner, config.listen.host, config.listen.port, reuse_port=self.reuse_port
+        )
+        await site.start()
+        self.port = _bound_port(self._runner)
+        if config.admin.enabled:
+            self._admin_runner = web.AppRunner(self.build_admin_app(), access_log=None)
+            await self._admin_runner.setup()
+            admin = web.TCPSite(
+                self._admin_runner, config.admin.host, config.admin.port, reuse_port=self.reuse_port
+            )
+            await admin.start()
+            self.admin_port = _bound_port(self._admin_runner)
+        log.info(
+            "gateway listening",
+            extra={"fields": {"port": self.port, "admin_port": self.admin_port,
+                              "routes": len(config.routes)}},
+        )
+
+    async def reload(self) -> bool:
+        """Load the config file again; keep the running one if the new one is broken."""
+        if self.config_path is None:
+            return False
+        try:
+            config = load_config(self.config_path)
+            runtime = Runtime(config, self.cache, self.metrics)
+        except ConfigError as exc:
+            self.metrics.reloads.labels("failed").inc()
+            log.error(
+                "config reload failed; keeping the running configuration",
+                extra={"fields": {"problems": exc.problems, "file": str(self.config_path)}},
+            )
+            return False
+        for key in ("listen", "admin", "workers", "cache"):
+            if getattr(config, key) != getattr(self.config, key):
+                log.warning("config key %r changed: it takes effect at the next restart", key)
+        await runtime.start()
+        retired, self.runtime, self.config = self.runtime, runtime, config
+        # Requests already inside the old runtime finish with it; close it after they drain.
+        task = asyncio.create_task(self._retire(retired, config.lifecycle.drain_timeout))
+        self._retired.add(task)
+        task.add_done_callback(self._retired.discard)
+        self.metrics.reloads.labels("ok").inc()
+        log.info("config reloaded", extra={"fields": {"routes": len(config.routes)}})
+        return True
+
+    @staticmethod
+    async def _retire(runtime: Runtime, after: float) -> None:
+        await asyncio.sleep(after)
+        await runtime.close()
+
+    async def shutdown(self) -> None:
+        """Graceful stop: not ready at once, serve through the grace period, then drain."""
+        self.draining = True
+        log.info("draining", extra={"fields": {"grace_s": self.config.lifecycle.shutdown_grace}})
+        await asyncio.sleep(self.config.lifecycle.shutdown_grace)
+        await self.close()
+
+    async def close(self) -> None:
+        self.draining = True
+        if self._runner is not None:
+            await self._runner.cleanup()  # stops accepting, waits for in-flight up to drain_timeout
+            self._runner = None
+        for task in list(self._retired):
+            task.cancel()
+        await self.runtime.close()
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
+            self._admin_runner = None
+        if self.shared is not None:
+            await self.shared.close()
+        log.info("stopped")
+
+
+def _bound_port(runner: web.AppRunner) -> int:
+    address = runner.addresses[0]
+    return int(address[1])

@@ -1,0 +1,174 @@
+"""Command line: ``saml-gateway run | check-config | demo``.
+
+Exit codes: 0 success, 1 runtime failure (e.g. a port in use), 2 configuration errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gateway.config import Config, load_config
+from gateway.errors import ConfigError
+from gateway.logs import setup_logging
+
+log = logging.getLogger("gateway")
+
+
+def run_loop(main: Coroutine[Any, Any, int]) -> int:
+    """Run on uvloop when it is installed (it is faster), else on asyncio's own loop."""
+    try:
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    except ImportError:
+        factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)
+
+
+async def serve(config: Config, config_path: Path, *, reuse_port: bool = False) -> int:
+    from gateway.app import GatewayServer
+
+    server = GatewayServer(config, config_path=config_path, reuse_port=reuse_port)
+    try:
+        await server.start()
+    except OSError as exc:
+        log.error("cannot listen: %s", exc.strerror or exc)
+        await server.close()
+        return 1
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    reloads: set[asyncio.Task[bool]] = set()
+
+    def reload() -> None:
+        task = loop.create_task(server.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    await stop.wait()
+    await server.shutdown()
+    return 0
+
+
+def supervise(config_path: Path, args: argparse.Namespace, workers: int) -> int:
+    """``workers: N``: N processes share the listener port (SO_REUSEPORT); signals are relayed."""
+    command = [sys.executable, "-m", "gateway", "run", "-c", str(config_path), "--worker"]
+    if args.log_format:
+        command += ["--log-format", args.log_format]
+    children = [subprocess.Popen(command) for _ in range(workers)]  # noqa: S603 - our own argv
+    stopping = False
+
+    def relay(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = stopping or signum in (signal.SIGTERM, signal.SIGINT)
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, relay)
+    while True:
+        for i, child in enumerate(children):
+            code = child.poll()
+            if code is not None and not stopping:
+                log.error("worker %d exited with %d; starting a new one", child.pid, code)
+                children[i] = subprocess.Popen(command)  # noqa: S603
+        if stopping and all(child.poll() is not None for child in children):
+            return max((child.returncode or 0) for child in children)
+        time.sleep(0.2)
+
+
+def _load(path: str) -> Config | None:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"configuration error in {exc.source or path}:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return 2
+    setup_logging(args.log_format or config.log.format, args.log_level or config.log.level)
+    path = Path(args.config)
+    if config.workers > 1 and not args.worker:
+        return supervise(path, args, config.workers)
+    return run_loop(serve(config, path, reuse_port=args.worker))
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return 2
+    # Certificates and metadata are read here too, so a bad PEM fails the check, not the start.
+    from gateway.saml import build_trust_policy
+
+    try:
+        for name, idp in config.identity_providers.items():
+            for server in config.authorization_servers.values():
+                build_trust_policy(idp, server, config.assertion, idp_name=name)
+    except ConfigError as exc:
+        print(f"configuration error in {args.config}:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 2
+    print(f"# {args.config}: OK (secrets redacted)")
+    print(yaml.safe_dump(config.redacted(), sort_keys=False), end="")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gateway.demo import run_demo
+
+    setup_logging(args.log_format or "text", "warning")
+    with contextlib.suppress(KeyboardInterrupt):
+        return run_loop(run_demo(port=args.port, admin_port=args.admin_port, once=args.once))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="saml-gateway", description="Swap SAML 2.0 assertions for OAuth access tokens."
+    )
+    sub = top.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the gateway")
+    run.add_argument("-c", "--config", required=True, help="YAML configuration file")
+    run.add_argument("--log-format", choices=("json", "text"), help="overrides log.format")
+    run.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    run.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    run.set_defaults(func=cmd_run)
+    check = sub.add_parser("check-config", help="validate a configuration file and print it")
+    check.add_argument("-c", "--config", required=True)
+    check.set_defaults(func=cmd_check_config)
+    demo = sub.add_parser("demo", help="run an IdP, an authorization server, an API and the gateway")
+    demo.add_argument("--port", type=int, default=int(os.environ.get("DEMO_PORT", "8080")))
+    demo.add_argument("--admin-port", type=int, default=int(os.environ.get("DEMO_ADMIN_PORT", "9901")))
+    demo.add_argument("--once", action="store_true", help="walk through the demo, then exit")
+    demo.add_argument("--log-format", choices=("json", "text"))
+    demo.set_defaults(func=cmd_demo)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    code: int = args.func(args)
+    return code

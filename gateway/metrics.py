@@ -1,0 +1,81 @@
+"""Prometheus metrics, one registry per process (never the global one, so tests can run
+several gateways in one process). Cache counters are read at scrape time, so the hot path
+pays nothing for them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from gateway.cache import TokenCache
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class _CacheCollector(Collector):
+    def __init__(self, cache: Callable[[], TokenCache]) -> None:
+        self._cache = cache
+
+    def collect(self) -> Iterable[Metric]:
+        cache = self._cache()
+        for name, doc, value in (
+            ("gateway_cache_hits", "Token cache fast-path hits", cache.hits),
+            ("gateway_cache_misses", "Token cache misses", cache.misses),
+            ("gateway_cache_evictions", "Tokens evicted by the LRU bound", cache.evictions),
+            ("gateway_cache_replays", "Assertion IDs reused by a different assertion", cache.replays),
+            ("gateway_cache_negative_hits", "Requests refused by the negative cache", cache.negative_hits),
+        ):
+            yield CounterMetricFamily(name, doc, value=value)
+        yield GaugeMetricFamily("gateway_cache_size", "Tokens in the in-memory cache", value=len(cache))
+        yield GaugeMetricFamily(
+            "gateway_singleflight_waiters",
+            "Requests waiting on an exchange another request started",
+            value=cache.waiters,
+        )
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "gateway_requests", "Requests by route and status", ["route", "status"], registry=r
+        )
+        self.request_seconds = Histogram(
+            "gateway_request_duration_seconds", "Time to answer a request (to first byte of the "
+            "upstream response for proxied ones, whole body for errors)", ["route"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.upstream_seconds = Histogram(
+            "gateway_upstream_duration_seconds", "Time the upstream took, body included", ["route"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.exchanges = Counter(
+            "gateway_exchanges", "Token exchanges by authorization server and outcome",
+            ["server", "outcome"], registry=r,
+        )
+        self.exchange_seconds = Histogram(
+            "gateway_exchange_duration_seconds", "Token exchange duration, retries included",
+            ["server"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.validation_failures = Counter(
+            "gateway_validation_failures", "Assertions refused, by reason", ["reason"], registry=r
+        )
+        self.redis_up = Gauge("gateway_redis_up", "1 while the shared Redis store answers", registry=r)
+        self.reloads = Counter("gateway_config_reloads", "Config reloads by result", ["result"], registry=r)
+
+    def watch_cache(self, cache: Callable[[], TokenCache]) -> None:
+        self.registry.register(_CacheCollector(cache))
+
+    def observe_exchange(self, server: str, outcome: str, seconds: float) -> None:
+        self.exchanges.labels(server, outcome).inc()
+        self.exchange_seconds.labels(server).observe(seconds)
+
+    def observe_redis(self, up: bool) -> None:
+        self.redis_up.set(1 if up else 0)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,126 @@
+"""The request path, in the order of DESIGN.md:
+
+    route match → extract assertion → token cache (fast path)
+        → on a miss: validate → single-flight exchange → store
+        → forward upstream with the Bearer token, stream the answer back
+
+``Runtime`` holds what one loaded configuration needs; a reload builds a new one while the
+token cache lives on. Errors are raised as gateway errors; only ``gateway.app`` turns them
+into HTTP responses.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from aiohttp import web
+
+from gateway.cache import CachedToken, TokenCache
+from gateway.config import Config, Route
+from gateway.errors import GatewayError, InvalidAssertion, NoRoute
+from gateway.metrics import Metrics
+from gateway.oauth.client import TokenClient
+from gateway.proxy.forward import Forwarder
+from gateway.routing import Router
+from gateway.saml import (
+    TrustPolicy,
+    assertion_digest,
+    build_trust_policy,
+    extract_assertion,
+    validate_assertion,
+)
+
+
+@dataclass(slots=True)
+class Trace:
+    """What the access log says about one request (never the assertion or the token)."""
+
+    request_id: str
+    started: float = field(default_factory=time.perf_counter)
+    route: str = "-"
+    cache: str = "-"
+    assertion_id: str | None = None
+    issuer: str | None = None
+    upstream_seconds: float | None = None
+    reason: str | None = None
+
+
+class Runtime:
+    """Everything one configuration generation needs to serve requests."""
+
+    def __init__(self, config: Config, cache: TokenCache, metrics: Metrics) -> None:
+        self.config = config
+        self.cache = cache
+        self.metrics = metrics
+        self.router = Router(config.routes)
+        self.sources = config.assertion.headers
+        self.max_size = config.assertion.max_size
+        # Never forwarded: every header that may carry the assertion, and any Authorization.
+        self.strip = frozenset({h.name.lower() for h in self.sources} | {"authorization"})
+        self.policies: dict[tuple[str, str], TrustPolicy] = {}
+        for route in config.routes:
+            key = (route.identity_provider, route.authorization_server)
+            if key not in self.policies:
+                self.policies[key] = build_trust_policy(
+                    config.identity_providers[key[0]],
+                    config.authorization_servers[key[1]],
+                    config.assertion,
+                    idp_name=key[0],
+                )
+        self.token_client = TokenClient(
+            config.authorization_servers, observer=metrics.observe_exchange
+        )
+        self.forwarder = Forwarder(config.proxy, config.routes)
+
+    async def start(self) -> None:
+        await self.forwarder.start()
+
+    async def close(self) -> None:
+        await self.forwarder.close()
+        await self.token_client.close()
+
+    def route_for(self, host: str | None, path: str) -> Route:
+        route = self.router.match(host, path)
+        if route is None:
+            raise NoRoute("no_route", f"no route for {path!r}")
+        return route
+
+    async def authorize(self, route: Route, headers: Mapping[str, str], trace: Trace) -> CachedToken:
+        """A token for the assertion in ``headers``: from the cache, or validated and exchanged."""
+        raw = extract_assertion(headers, self.sources, self.max_size)
+        if raw is None:
+            raise InvalidAssertion("missing", "no assertion header in the request")
+        digest = assertion_digest(raw)
+        profile = route.authorization_server
+        entry = self.cache.lookup(profile, digest)
+        if entry is not None:
+            trace.cache, trace.assertion_id = "hit", entry.assertion_id
+            return entry
+        trace.cache = "miss"
+        policy = self.policies[(route.identity_provider, profile)]
+        assertion = validate_assertion(raw, policy, datetime.now(UTC), digest=digest)
+        trace.assertion_id, trace.issuer = assertion.id, assertion.issuer
+        return await self.cache.obtain(profile, assertion, partial(self.token_client.exchange, profile))
+
+    async def proxy(self, request: web.Request, trace: Trace) -> web.StreamResponse:
+        """The whole flow for one proxied request."""
+        route = self.route_for(request.host, request.path)
+        trace.route = route.label
+        entry = await self.authorize(route, request.headers, trace)
+        result = await self.forwarder.forward(request, route, entry.token.access_token, self.strip)
+        trace.upstream_seconds = result.upstream_seconds
+        self.metrics.upstream_seconds.labels(route.label).observe(result.upstream_seconds)
+        if result.token_rejected:
+            # The upstream no longer accepts this token: the next request exchanges afresh.
+            await self.cache.purge(route.authorization_server, entry.digest)
+        return result.response
+
+
+def note_failure(trace: Trace, error: GatewayError, metrics: Metrics) -> None:
+    trace.reason = error.reason
+    if isinstance(error, InvalidAssertion):
+        metrics.validation_failures.labels(error.reason).inc()
