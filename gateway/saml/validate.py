@@ -1,0 +1,399 @@
+"""Decide whether one decoded SAML document carries an assertion we accept.
+
+Rules this module owns (each check below names the attack it stops):
+- Exactly one ``saml:Assertion`` in the whole document, either the root or the only
+  assertion child of a ``samlp:Response``; the assertion itself carries the signature.
+- The signature is pinned: a direct child of that assertion, one Reference to ``#<its ID>``,
+  only enveloped + exclusive-c14n transforms, no ``ds:Object``, allowed algorithms only;
+  verified by signxml against the pinned keys only.
+- Every claim is read from the subtree signxml returns as signed, after checking it is the
+  presented assertion.
+- Pure: no I/O, no clock; ``now`` is an argument. Every failure is ``InvalidAssertion``
+  whose detail never quotes the document or a key.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections.abc import Iterable
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+from lxml import etree
+from signxml.algorithms import CanonicalizationMethod, DigestAlgorithm, SignatureMethod
+from signxml.exceptions import InvalidCertificate, InvalidDigest, SignXMLException
+from signxml.verifier import SignatureConfiguration, VerifyResult, XMLVerifier
+
+from gateway.errors import InvalidAssertion
+from gateway.saml.assertion import Assertion
+from gateway.saml.extract import assertion_digest
+from gateway.saml.keys import PinnedKey, TrustPolicy
+from gateway.saml.xml import hardened_parser, parse_xml
+
+_SAML = "urn:oasis:names:tc:SAML:2.0:assertion"
+_SAMLP = "urn:oasis:names:tc:SAML:2.0:protocol"
+_DS = "http://www.w3.org/2000/09/xmldsig#"
+
+_ASSERTION = f"{{{_SAML}}}Assertion"
+_RESPONSE = f"{{{_SAMLP}}}Response"
+_SIGNATURE = f"{{{_DS}}}Signature"
+_OBJECT = f"{{{_DS}}}Object"
+_ISSUER = f"{{{_SAML}}}Issuer"
+_SUBJECT = f"{{{_SAML}}}Subject"
+_NAME_ID = f"{{{_SAML}}}NameID"
+_CONFIRMATION = f"{{{_SAML}}}SubjectConfirmation"
+_CONFIRMATION_DATA = f"{{{_SAML}}}SubjectConfirmationData"
+_CONDITIONS = f"{{{_SAML}}}Conditions"
+_AUDIENCE_RESTRICTION = f"{{{_SAML}}}AudienceRestriction"
+_AUDIENCE = f"{{{_SAML}}}Audience"
+_STATUS_CODE = f"{{{_SAMLP}}}Status/{{{_SAMLP}}}StatusCode"
+
+_BEARER = "urn:oasis:names:tc:SAML:2.0:cm:bearer"
+_SUCCESS = "urn:oasis:names:tc:SAML:2.0:status:Success"
+_EXC_C14N = CanonicalizationMethod.EXCLUSIVE_XML_CANONICALIZATION_1_0.value
+_ENVELOPED = "http://www.w3.org/2000/09/xmldsig#enveloped-signature"
+_ALLOWED_TRANSFORMS = frozenset({_ENVELOPED, _EXC_C14N})
+# Attribute names signxml treats as IDs when it resolves a Reference: all must be unique.
+_ID_NAMES = frozenset({"ID", "Id", "id", "{http://www.w3.org/XML/1998/namespace}id"})
+
+_STRONG_METHODS = frozenset(
+    {
+        SignatureMethod.RSA_SHA256,
+        SignatureMethod.RSA_SHA384,
+        SignatureMethod.RSA_SHA512,
+        SignatureMethod.ECDSA_SHA256,
+        SignatureMethod.ECDSA_SHA384,
+        SignatureMethod.ECDSA_SHA512,
+    }
+)
+_SHA1_METHODS = frozenset({SignatureMethod.RSA_SHA1, SignatureMethod.ECDSA_SHA1})
+_STRONG_DIGESTS = frozenset(
+    {DigestAlgorithm.SHA256, DigestAlgorithm.SHA384, DigestAlgorithm.SHA512}
+)
+_BASE_CONFIG = SignatureConfiguration(
+    location="./",  # the Signature must be a direct child of the assertion we pass
+    expect_references=1,
+    signature_methods=_STRONG_METHODS,
+    digest_algorithms=_STRONG_DIGESTS,
+    # KeyInfo is never trusted; the pinned certificate alone decides, so a KeyValue that
+    # disagrees with it is irrelevant rather than an error.
+    ignore_ambiguous_key_info=True,
+)
+_SHA1_CONFIG = replace(
+    _BASE_CONFIG,
+    signature_methods=_STRONG_METHODS | _SHA1_METHODS,
+    digest_algorithms=_STRONG_DIGESTS | {DigestAlgorithm.SHA1},
+)
+_METHOD_BY_URI = {m.value: m for m in SignatureMethod}
+_DIGEST_BY_URI = {d.value: d for d in DigestAlgorithm}
+
+_DATETIME = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(Z|[+-]\d{2}:\d{2})?"
+)
+
+
+def _reject(reason: str, detail: str) -> InvalidAssertion:
+    return InvalidAssertion(reason, detail)
+
+
+# --- structure: which assertion, and is its signature where it must be ------------------
+
+
+def _locate_assertion(root: etree._Element) -> etree._Element:
+    if root.tag == _ASSERTION:
+        assertion = root
+    elif root.tag == _RESPONSE:
+        code = root.find(_STATUS_CODE)
+        if code is not None and code.get("Value") != _SUCCESS:
+            raise _reject("malformed", "Response status is not Success")
+        children = root.findall(_ASSERTION)
+        if not children:
+            raise _reject("malformed", "Response holds no (unencrypted) saml:Assertion")
+        if len(children) > 1:
+            raise _reject("wrapping", f"Response holds {len(children)} assertions")
+        assertion = children[0]
+    else:
+        raise _reject("malformed", "document is neither saml:Assertion nor samlp:Response")
+    # Any other assertion in the document (inside Advice, ds:Object, a foreign wrapper) is
+    # how signature-wrapping attacks smuggle a second identity: refuse them all.
+    if sum(1 for _ in root.iter(_ASSERTION)) != 1:
+        raise _reject("wrapping", "more than one saml:Assertion in the document")
+    return assertion
+
+
+def _check_structure(root: etree._Element, assertion: etree._Element) -> None:
+    seen: set[str | bytes] = set()
+    for element in root.iter(etree.Element):
+        for name, value in element.attrib.items():
+            if name in _ID_NAMES:
+                # Duplicate IDs let a Reference resolve to a different element than we read.
+                if value in seen:
+                    raise _reject("wrapping", "duplicate ID attribute values")
+                seen.add(value)
+        tag = element.tag
+        if tag == _OBJECT:
+            raise _reject("wrapping", "ds:Object is not allowed")  # where signed content hides
+        if tag == _SIGNATURE:
+            parent = element.getparent()
+            # Only the assertion's own signature and a Response's signature may exist.
+            if parent is not assertion and not (parent is root and root.tag == _RESPONSE):
+                raise _reject("wrapping", "ds:Signature in an unexpected place")
+
+
+def _one(element: etree._Element, path: str, what: str) -> etree._Element:
+    found = element.findall(path)
+    if len(found) != 1:
+        raise _reject("signature", f"expected one {what}, found {len(found)}")
+    return found[0]
+
+
+def _check_signature(
+    assertion: etree._Element, assertion_id: str, allow_sha1: bool
+) -> etree._Element:
+    """The assertion's pinned signature; returns its element."""
+    signatures = assertion.findall(_SIGNATURE)
+    if not signatures:
+        raise _reject("signature", "the assertion is not signed")
+    if len(signatures) > 1:
+        raise _reject("wrapping", "the assertion carries several signatures")
+    signature = signatures[0]
+    signed_info = _one(signature, f"{{{_DS}}}SignedInfo", "ds:SignedInfo")
+    c14n = _one(signed_info, f"{{{_DS}}}CanonicalizationMethod", "CanonicalizationMethod")
+    if c14n.get("Algorithm") != _EXC_C14N:
+        raise _reject("algorithm", "SignedInfo canonicalization is not exclusive c14n")
+    method_el = _one(signed_info, f"{{{_DS}}}SignatureMethod", "SignatureMethod")
+    method = _METHOD_BY_URI.get(method_el.get("Algorithm") or "")
+    if method not in _STRONG_METHODS and not (allow_sha1 and method in _SHA1_METHODS):
+        raise _reject("algorithm", f"signature method not allowed: {_name(method)}")
+    references = signed_info.findall(f"{{{_DS}}}Reference")
+    if len(references) != 1:
+        raise _reject("wrapping", f"expected one Reference, found {len(references)}")
+    reference = references[0]
+    # The one Reference must point at this very assertion, or a valid signature over some
+    # other element would vouch for claims it never covered.
+    if reference.get("URI") != "#" + assertion_id:
+        raise _reject("wrapping", "the Reference does not point at the assertion")
+    for transform in reference.iterfind(f"{{{_DS}}}Transforms/{{{_DS}}}Transform"):
+        if transform.get("Algorithm") not in _ALLOWED_TRANSFORMS:
+            raise _reject("algorithm", "transform other than enveloped and exclusive c14n")
+    digest_el = _one(reference, f"{{{_DS}}}DigestMethod", "DigestMethod")
+    digest = _DIGEST_BY_URI.get(digest_el.get("Algorithm") or "")
+    if digest not in _STRONG_DIGESTS and not (allow_sha1 and digest is DigestAlgorithm.SHA1):
+        raise _reject("algorithm", f"digest method not allowed: {_name(digest)}")
+    return signature
+
+
+def _name(algorithm: SignatureMethod | DigestAlgorithm | None) -> str:
+    return algorithm.name if algorithm is not None else "unknown"
+
+
+# --- signature verification ----------------------------------------------------------
+
+
+def _candidate_keys(signature: etree._Element, policy: TrustPolicy) -> list[PinnedKey]:
+    """Pinned keys strong enough to use, the one KeyInfo names first (a hint, never trust)."""
+    usable = [k for k in policy.keys if not (k.kind == "rsa" and k.bits < policy.min_rsa_key_bits)]
+    if not usable:
+        raise _reject("algorithm", "no pinned key meets min_rsa_key_bits")
+    if len(usable) > 1:
+        hinted = set()
+        for cert in signature.iterfind(
+            f"{{{_DS}}}KeyInfo/{{{_DS}}}X509Data/{{{_DS}}}X509Certificate"
+        ):
+            hinted.add("".join((cert.text or "").split()))
+        if hinted:
+            usable.sort(key=lambda k: base64.b64encode(k.der).decode() not in hinted)
+    return usable
+
+
+def _verify(
+    assertion: etree._Element,
+    signature: etree._Element,
+    policy: TrustPolicy,
+    now: datetime,
+) -> etree._Element:
+    """signxml's verdict with each pinned key in turn; returns the signed subtree."""
+    config = replace(_SHA1_CONFIG if policy.allow_sha1 else _BASE_CONFIG, verification_time=now)
+    # Only the assertion is handed over, so signxml cannot find a signature or resolve a
+    # Reference anywhere else in the document.
+    data = etree.tostring(assertion, with_tail=False)
+    last = "no key tried"
+    for key in _candidate_keys(signature, policy):
+        try:
+            result = XMLVerifier().verify(
+                data,
+                x509_cert=key.certificate,
+                parser=hardened_parser(),
+                expect_config=config,
+            )
+        except InvalidDigest:
+            # The signature is good but the content changed after signing: no other key helps.
+            raise _reject("signature", "digest mismatch: content changed after signing") from None
+        except InvalidCertificate:
+            last = f"pinned certificate {key.source} not valid at this time"
+            continue
+        except SignXMLException as exc:
+            last = f"{type(exc).__name__} with {key.source}"
+            continue
+        except Exception as exc:  # signxml on hostile input raises anything
+            last = f"unverifiable signature ({type(exc).__name__})"
+            continue
+        # expect_references=1 makes signxml return a single result, never a list
+        signed = result.signed_xml if isinstance(result, VerifyResult) else None
+        if signed is None:
+            raise _reject("signature", "signed content is not XML")
+        return signed
+    raise _reject("signature", last)
+
+
+# --- claims, read from the signed subtree only ----------------------------------------
+
+
+def _parse_instant(value: str | None, what: str) -> datetime | None:
+    if value is None:
+        return None
+    match = _DATETIME.fullmatch(value.strip())
+    if match is None:
+        raise _reject("malformed", f"{what} is not an xs:dateTime")
+    year, month, day, hour, minute, second, fraction, zone = match.groups()
+    try:
+        instant = datetime(
+            int(year),
+            int(month),
+            int(day),
+            int(hour),
+            int(minute),
+            int(second),
+            int((fraction or "0")[:6].ljust(6, "0")),
+            tzinfo=UTC,
+        )
+    except ValueError:
+        raise _reject("malformed", f"{what} is not a valid date") from None
+    if zone and zone != "Z":
+        sign = 1 if zone[0] == "+" else -1
+        instant -= sign * timedelta(hours=int(zone[1:3]), minutes=int(zone[4:6]))
+    return instant
+
+
+def _texts(elements: Iterable[etree._Element]) -> list[str]:
+    return [(e.text or "").strip() for e in elements]
+
+
+def _claims(
+    signed: etree._Element, policy: TrustPolicy, now: datetime
+) -> tuple[str, str, tuple[str, ...], str, datetime]:
+    skew = policy.clock_skew
+    issuers = _texts(signed.findall(_ISSUER))
+    if len(issuers) != 1 or issuers[0] not in policy.issuers:
+        raise _reject("issuer", "issuer missing or not in the allow-list")
+    issuer = issuers[0]
+
+    conditions = signed.findall(_CONDITIONS)
+    if len(conditions) > 1:
+        raise _reject("malformed", "several Conditions elements")
+    limit: datetime | None = None
+    audiences: list[str] = []
+    if conditions:
+        cond = conditions[0]
+        not_before = _parse_instant(cond.get("NotBefore"), "Conditions NotBefore")
+        limit = _parse_instant(cond.get("NotOnOrAfter"), "Conditions NotOnOrAfter")
+        if not_before is not None and now + skew < not_before:
+            raise _reject("not_yet_valid", "Conditions NotBefore is in the future")
+        if limit is not None and now - skew >= limit:
+            raise _reject("expired", "Conditions NotOnOrAfter has passed")
+        restrictions = cond.findall(_AUDIENCE_RESTRICTION)
+        # Each AudienceRestriction must name us (SAML core 2.5.1.4), and there must be one.
+        for restriction in restrictions:
+            values = _texts(restriction.findall(_AUDIENCE))
+            if policy.audience not in values:
+                raise _reject("audience", "an AudienceRestriction does not name our audience")
+            audiences.extend(values)
+        if not restrictions:
+            raise _reject("audience", "no AudienceRestriction")
+    else:
+        raise _reject("audience", "no Conditions, so no AudienceRestriction")
+
+    subjects = signed.findall(_SUBJECT)
+    if len(subjects) != 1:
+        raise _reject("subject_confirmation", "expected one Subject")
+    name_ids = subjects[0].findall(_NAME_ID)
+    if len(name_ids) != 1 or len(name_ids[0]) or not (name_ids[0].text or "").strip():
+        raise _reject("malformed", "expected one plain-text NameID")
+    # Comments were dropped before verification and signxml re-parses canonical text, so this
+    # is the whole NameID value, exactly as signed.
+    subject = (name_ids[0].text or "").strip()
+
+    recipient, confirmation_limit = _bearer_confirmation(subjects[0], policy, now)
+    limit = confirmation_limit if limit is None else min(limit, confirmation_limit)
+    return issuer, subject, tuple(audiences), recipient, limit
+
+
+def _bearer_confirmation(
+    subject: etree._Element, policy: TrustPolicy, now: datetime
+) -> tuple[str, datetime]:
+    skew = policy.clock_skew
+    problem = ("subject_confirmation", "no bearer SubjectConfirmation")
+    for confirmation in subject.iterfind(_CONFIRMATION):
+        if confirmation.get("Method") != _BEARER:
+            continue
+        data = confirmation.find(_CONFIRMATION_DATA)
+        if data is None:
+            problem = ("subject_confirmation", "bearer confirmation without data")
+            continue
+        recipient = (data.get("Recipient") or "").strip()
+        if recipient not in policy.recipients:
+            problem = ("recipient", "bearer Recipient is not our token endpoint")
+            continue
+        limit = _parse_instant(data.get("NotOnOrAfter"), "SubjectConfirmationData NotOnOrAfter")
+        if limit is None:
+            problem = ("subject_confirmation", "bearer confirmation without NotOnOrAfter")
+            continue
+        if now - skew >= limit:
+            problem = ("expired", "bearer SubjectConfirmationData NotOnOrAfter has passed")
+            continue
+        not_before = _parse_instant(data.get("NotBefore"), "SubjectConfirmationData NotBefore")
+        if not_before is not None and now + skew < not_before:
+            problem = ("not_yet_valid", "bearer SubjectConfirmationData NotBefore is ahead")
+            continue
+        return recipient, limit
+    raise _reject(*problem)
+
+
+# --- the entry point -----------------------------------------------------------------
+
+
+def validate_assertion(
+    raw: bytes, policy: TrustPolicy, now: datetime, *, digest: bytes | None = None
+) -> Assertion:
+    """Parse, pin, verify and check ``raw``; the verified ``Assertion`` or ``InvalidAssertion``.
+
+    ``now`` must be timezone-aware (naive values are taken as UTC). ``digest`` is the
+    SHA-256 of ``raw`` when the caller already computed it for the cache key.
+    """
+    if now.tzinfo is None:
+        now = now.replace(tzinfo=UTC)
+    root = parse_xml(raw)
+    assertion = _locate_assertion(root)
+    assertion_id = assertion.get("ID")
+    if not assertion_id:
+        raise _reject("malformed", "the assertion has no ID")
+    if assertion.get("Version") != "2.0":
+        raise _reject("malformed", "the assertion is not SAML 2.0")
+    _check_structure(root, assertion)
+    signature = _check_signature(assertion, assertion_id, policy.allow_sha1)
+    signed = _verify(assertion, signature, policy, now)
+    # What signxml vouches for must be the assertion we located, not some other element.
+    if signed.tag != _ASSERTION or signed.get("ID") != assertion_id:
+        raise _reject("wrapping", "the signed element is not the presented assertion")
+    issuer, subject, audiences, recipient, limit = _claims(signed, policy, now)
+    return Assertion(
+        id=assertion_id,
+        issuer=issuer,
+        subject=subject,
+        audiences=audiences,
+        recipient=recipient,
+        not_on_or_after=limit,
+        digest=digest if digest is not None else assertion_digest(raw),
+        raw=raw,
+    )
