@@ -1,0 +1,254 @@
+"""The HTTP edge towards authorization servers: sends RFC 7522 requests, with retries.
+
+Rules this module owns:
+- One dedicated aiohttp ``ClientSession`` for authorization servers, created lazily inside
+  the running loop: no cookie jar (a token endpoint must not make us stateful), no proxy
+  settings from the environment, no redirects followed, its own connection limits.
+- Every attempt has the profile's connect and total timeouts; all attempts together fit in
+  ``retries.deadline``. Only 5xx answers and failures to connect are retried, with
+  exponential backoff and jitter. A read timeout is not retried: the server may already
+  have consumed a one-time assertion, and the time budget is spent anyway.
+- aiohttp's exceptions stop here and become gateway errors.
+- A client or configuration error (``invalid_client``…) is logged at ERROR naming the
+  profile, because only an operator can fix it. Tokens, assertions and secrets are never
+  logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import aiohttp
+
+from gateway.config import AuthorizationServer
+from gateway.errors import (
+    ConfigError,
+    GatewayError,
+    InvalidAssertion,
+    Unavailable,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from gateway.oauth.client_auth import SigningKey, load_signing_key
+from gateway.oauth.grant import (
+    CLIENT_ERRORS,
+    SERVER_ERROR,
+    TOO_LARGE,
+    build_token_request,
+    parse_token_response,
+    server_problems,
+)
+from gateway.oauth.token import Token
+from gateway.saml.assertion import Assertion
+
+logger = logging.getLogger("gateway.oauth")
+
+UNREACHABLE = "as_unreachable"
+RETRYABLE = frozenset({SERVER_ERROR, UNREACHABLE})
+
+Observer = Callable[[str, str, float], None]
+
+
+class TokenClient:
+    """Exchanges verified assertions for access tokens at the configured servers."""
+
+    def __init__(
+        self,
+        servers: Mapping[str, AuthorizationServer],
+        *,
+        observer: Observer | None = None,
+        max_connections: int = 100,
+        max_connections_per_host: int = 32,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        problems: list[str] = []
+        keys: dict[str, SigningKey] = {}
+        for name, server in servers.items():
+            problems += server_problems(name, server)
+            settings = server.private_key_jwt
+            if server.client_auth == "private_key_jwt" and settings is not None:
+                where = f"authorization_servers.{name}.private_key_jwt.key_file"
+                try:
+                    pem = Path(settings.key_file).read_bytes()
+                    keys[name] = load_signing_key(
+                        pem, settings.algorithm, key_id=settings.key_id, where=where
+                    )
+                except OSError as exc:
+                    problems.append(f"{where}: cannot read: {exc.strerror}")
+                except ConfigError as exc:
+                    problems += exc.problems
+        if problems:
+            raise ConfigError(problems)
+        self._servers = dict(servers)
+        self._keys = keys
+        self._observer = observer
+        self._limits = (max_connections, max_connections_per_host)
+        self._rng = rng
+        self._session: aiohttp.ClientSession | None = None
+
+    async def exchange(self, profile: str, assertion: Assertion) -> Token:
+        """A token for ``assertion`` from server ``profile``; raises gateway errors only."""
+        server = self._servers.get(profile)
+        if server is None:
+            raise UpstreamError("as_unknown_profile", f"no authorization server {profile!r}")
+        started = time.monotonic()
+        outcome: str | None = None
+        try:
+            token = await self._attempts(profile, server, assertion)
+            outcome = "ok"
+            return token
+        except GatewayError as exc:
+            outcome = _outcome(exc)
+            _log(profile, outcome, exc)
+            raise
+        finally:
+            # A cancelled exchange has no outcome to report.
+            if outcome is not None and self._observer is not None:
+                try:
+                    self._observer(profile, outcome, time.monotonic() - started)
+                except Exception:
+                    logger.exception("token exchange observer failed")
+
+    async def close(self) -> None:
+        if self._session is not None:
+            session, self._session = self._session, None
+            await session.close()
+
+    # --- internals -----------------------------------------------------------------------
+
+    def _client_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            limit, per_host = self._limits
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=limit, limit_per_host=per_host),
+                cookie_jar=aiohttp.DummyCookieJar(),
+                trust_env=False,
+            )
+        return self._session
+
+    async def _attempts(
+        self, profile: str, server: AuthorizationServer, assertion: Assertion
+    ) -> Token:
+        retries = server.retries
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + retries.deadline
+        try:
+            async with asyncio.timeout_at(deadline):
+                attempt = 0
+                while True:
+                    try:
+                        return await self._attempt(profile, server, assertion, deadline)
+                    except UpstreamError as exc:
+                        attempt += 1
+                        if exc.reason not in RETRYABLE or attempt >= retries.attempts:
+                            raise
+                        delay = self._backoff(server, attempt)
+                        if loop.time() + delay >= deadline:
+                            raise
+                        logger.warning(
+                            "authorization server %r: attempt %d failed (%s), retrying in %.2fs",
+                            profile,
+                            attempt,
+                            exc.reason,
+                            delay,
+                        )
+                    await asyncio.sleep(delay)
+        except TimeoutError:
+            raise UpstreamTimeout(
+                "as_deadline", f"no answer within {retries.deadline:g}s"
+            ) from None
+
+    def _backoff(self, server: AuthorizationServer, attempt: int) -> float:
+        """Exponential backoff with "equal jitter": half fixed, half random."""
+        ceiling = min(server.retries.max_backoff, server.retries.backoff * 2.0 ** (attempt - 1))
+        return ceiling / 2 + self._rng() * ceiling / 2
+
+    async def _attempt(
+        self, profile: str, server: AuthorizationServer, assertion: Assertion, deadline: float
+    ) -> Token:
+        request = build_token_request(
+            server,
+            assertion.raw,
+            now=time.time(),
+            jti=secrets.token_urlsafe(18),
+            signing_key=self._keys.get(profile),
+        )
+        remaining = deadline - asyncio.get_running_loop().time()
+        timeout = aiohttp.ClientTimeout(
+            total=max(0.001, min(server.timeouts.total, remaining)),
+            connect=server.timeouts.connect,
+        )
+        try:
+            async with self._client_session().post(
+                request.url,
+                data=request.body,
+                headers=dict(request.headers),
+                timeout=timeout,
+                allow_redirects=False,
+            ) as response:
+                body = await _read_capped(response, server.max_response_bytes)
+                return parse_token_response(
+                    server,
+                    response.status,
+                    body,
+                    content_type=response.headers.get("Content-Type", ""),
+                    retry_after=response.headers.get("Retry-After"),
+                )
+        except aiohttp.ConnectionTimeoutError:
+            # Nothing was sent yet, so another attempt is safe.
+            raise UpstreamError(UNREACHABLE, "connect timeout") from None
+        except TimeoutError:
+            raise UpstreamTimeout("as_timeout", f"no answer within {timeout.total:g}s") from None
+        except aiohttp.ClientSSLError as exc:
+            raise UpstreamError("as_tls", type(exc).__name__) from None
+        except aiohttp.ClientConnectionError as exc:
+            raise UpstreamError(UNREACHABLE, type(exc).__name__) from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamError("as_protocol", type(exc).__name__) from None
+
+
+async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body, refusing to buffer more than ``limit`` bytes of it."""
+    if response.content_length is not None and response.content_length > limit:
+        raise UpstreamError(TOO_LARGE, f"response over {limit} bytes")
+    body = bytearray()
+    while True:
+        chunk = await response.content.read(limit + 1 - len(body))
+        if not chunk:
+            return bytes(body)
+        body += chunk
+        if len(body) > limit:
+            raise UpstreamError(TOO_LARGE, f"response over {limit} bytes")
+
+
+def _outcome(exc: GatewayError) -> str:
+    if isinstance(exc, InvalidAssertion):
+        return "invalid_grant"
+    if isinstance(exc, Unavailable):
+        return "unavailable"
+    if isinstance(exc, UpstreamTimeout):
+        return "timeout"
+    if exc.reason in CLIENT_ERRORS:
+        return "client_error"
+    return "error"
+
+
+def _log(profile: str, outcome: str, exc: GatewayError) -> None:
+    if outcome == "client_error":
+        logger.error(
+            "authorization server %r refused the gateway's request (%s: %s); check client_id, "
+            "client credentials, scope and allowed grant types of this profile",
+            profile,
+            exc.reason,
+            exc.detail or "no description",
+        )
+    elif outcome == "invalid_grant":
+        logger.info("authorization server %r rejected an assertion: %s", profile, exc.detail)
+    else:
+        logger.warning("authorization server %r: %s (%s)", profile, exc.reason, exc.detail)
