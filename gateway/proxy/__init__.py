@@ -1,0 +1,1 @@
+"""Forwarding to upstreams: pure header/URL rules (``headers``), streaming I/O (``forward``)."""

@@ -1,0 +1,228 @@
+"""Header and URL rules of the reverse proxy: what crosses the gateway, and in which form.
+
+Rules this module owns (pure: no I/O, no aiohttp, testable without an event loop):
+- Hop-by-hop headers (RFC 9110 §7.6.1), and every header named in ``Connection``, describe
+  one connection and are removed in both directions.
+- Identity headers are the gateway's to set. ``Authorization`` and the headers that carried
+  the assertion never reach the upstream; ``X-Forwarded-*``/``Forwarded`` from a peer that is
+  not a trusted proxy are dropped and replaced. A name is compared case-folded and with ``_``
+  read as ``-``, because many upstream stacks (CGI, WSGI, PHP, nginx with
+  ``underscores_in_headers``) merge ``X_Forwarded_For`` into ``X-Forwarded-For``.
+- The request target is passed through byte-exact: no decoding, no re-encoding, no
+  normalisation, so ``%2F`` stays an encoded slash.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping, Sequence
+from typing import Final
+
+from multidict import CIMultiDict
+from yarl import URL
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+HOP_BY_HOP: Final[frozenset[str]] = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",  # non-standard, still sent by some clients
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+
+# The gateway answers ``Expect: 100-continue`` itself before the body is read; passing it on
+# would make the upstream wait for a continue that the client already got.
+_REQUEST_ONLY_DROPPED: Final[frozenset[str]] = frozenset({"expect"})
+
+_FORWARDED_FOR: Final = "X-Forwarded-For"
+_FORWARDED_PROTO: Final = "X-Forwarded-Proto"
+_FORWARDED_HOST: Final = "X-Forwarded-Host"
+
+
+def _canonical(name: str) -> str:
+    """The form an upstream stack may reduce a header name to: lower-case, '_' as '-'."""
+    return name.lower().replace("_", "-")
+
+
+def _connection_tokens(headers: Mapping[str, str]) -> frozenset[str]:
+    """Header names listed in ``Connection`` (all occurrences), canonical form."""
+    names: set[str] = set()
+    for value in _getall(headers, "Connection"):
+        names.update(_canonical(token.strip()) for token in value.split(",") if token.strip())
+    return frozenset(names)
+
+
+def _getall(headers: Mapping[str, str], name: str) -> list[str]:
+    getall = getattr(headers, "getall", None)
+    if getall is not None:
+        values: list[str] = getall(name, [])
+        return values
+    return [value for key, value in headers.items() if key.lower() == name.lower()]
+
+
+def _items(headers: Mapping[str, str]) -> list[tuple[str, str]]:
+    # A multidict's items() yields every occurrence, a plain dict's its single value.
+    return list(headers.items())
+
+
+def peer_is_trusted(peer: str, trusted_proxies: Sequence[IPNetwork]) -> bool:
+    """Whether ``peer`` (an IP address as text) lies in one of the trusted networks."""
+    if not trusted_proxies or not peer:
+        return False
+    try:
+        address = ipaddress.ip_address(peer)
+    except ValueError:
+        return False  # not an IP (a unix socket peer): never trusted
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # a dual-stack listener reports IPv4 peers this way
+    return any(address in network for network in trusted_proxies)
+
+
+def upstream_request_headers(
+    inbound: Mapping[str, str],
+    *,
+    token: str,
+    strip: frozenset[str],
+    peer: str,
+    scheme: str,
+    host: str,
+    trusted_proxies: Sequence[IPNetwork],
+    preserve_host: bool,
+    upstream_host: str,
+) -> CIMultiDict[str]:
+    """The headers to send upstream for a client request with headers ``inbound``.
+
+    ``strip`` names the headers that carried the assertion (lower case); ``peer`` is the
+    client's IP address, ``scheme`` and ``host`` what the client used to reach us;
+    ``upstream_host`` is the ``host[:port]`` of the upstream, used for ``Host`` unless
+    ``preserve_host``.
+    """
+    trusted = peer_is_trusted(peer, trusted_proxies)
+    connection_named = _connection_tokens(inbound)
+    identity = frozenset(_canonical(name) for name in strip) | {"authorization"}
+
+    out: CIMultiDict[str] = CIMultiDict()
+    kept_forwarded: CIMultiDict[str] = CIMultiDict()
+    for name, value in _items(inbound):
+        lower = name.lower()
+        canonical = _canonical(name)
+        if lower in HOP_BY_HOP or lower in _REQUEST_ONLY_DROPPED or lower == "host":
+            continue
+        if canonical in connection_named:
+            continue
+        # The assertion and any client credential stop here, in every spelling.
+        if canonical in identity:
+            continue
+        if canonical == "forwarded" or canonical.startswith("x-forwarded-"):
+            # Only a trusted proxy may speak for the client, and only in the exact
+            # spelling: an underscore variant is never a proxy's doing.
+            if trusted and "_" not in name:
+                kept_forwarded.add(name, value)
+            continue
+        out.add(name, value)
+
+    out["Host"] = (host or upstream_host) if preserve_host else upstream_host
+    out["Authorization"] = f"Bearer {token}"
+
+    prior_for = ", ".join(v.strip() for v in kept_forwarded.popall(_FORWARDED_FOR, []))
+    out.extend(kept_forwarded)
+    chain = [part for part in (prior_for, peer) if part]
+    if chain:
+        out[_FORWARDED_FOR] = ", ".join(chain)
+    # A trusted proxy in front of us knows the client's original scheme and host better.
+    if _FORWARDED_PROTO not in kept_forwarded:
+        out[_FORWARDED_PROTO] = scheme
+    if _FORWARDED_HOST not in kept_forwarded and host:
+        out[_FORWARDED_HOST] = host
+    return out
+
+
+def downstream_response_headers(upstream: Mapping[str, str]) -> CIMultiDict[str]:
+    """The upstream response's headers minus those that describe the upstream connection."""
+    connection_named = _connection_tokens(upstream)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in _items(upstream):
+        if name.lower() in HOP_BY_HOP or _canonical(name) in connection_named:
+            continue
+        out.add(name, value)
+    return out
+
+
+def upstream_url(upstream_base: str, raw_path: str, prefix: str, strip_prefix: bool) -> URL:
+    """The upstream URL for a request target ``raw_path`` (path and query, still encoded).
+
+    The upstream base's own path is prepended; with ``strip_prefix`` the route's ``prefix``
+    is removed first (``/api`` + ``/api/users`` → ``/users``; ``/api`` → ``/``). The result
+    is built with ``encoded=True`` so nothing is decoded or re-encoded on the way.
+    """
+    path, mark, query = raw_path.partition("?")
+    path = path.split("#", 1)[0]  # a fragment is never part of a request target
+    if not path.startswith("/"):
+        path = "/" + path
+    if strip_prefix and prefix not in ("", "/") and _has_prefix(path, prefix):
+        path = path[len(prefix.rstrip("/")) :] or "/"
+        if not path.startswith("/"):
+            path = "/" + path
+    base = URL(upstream_base)
+    base_path = base.raw_path.rstrip("/")
+    target = base_path + path
+    if mark:
+        target += "?" + query
+    return URL(str(base.origin()) + target, encoded=True)
+
+
+def _has_prefix(path: str, prefix: str) -> bool:
+    """Path-segment-aware prefix match: ``/api`` matches ``/api`` and ``/api/x``, not ``/apix``."""
+    bare = prefix.rstrip("/")
+    return path == bare or path.startswith(bare + "/")
+
+
+_TCHARS: Final = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"  # RFC 9110 token
+# One piece of a challenge list: a scheme (a bare token) or an auth-param (token=value).
+_CHALLENGE_PART: Final = re.compile(
+    rf"\s*(?P<name>{_TCHARS})\s*"
+    r"(?:(?P<eq>=)\s*(?:\"(?P<quoted>(?:[^\"\\]|\\.)*)\"|(?P<bare>[^,\s]*)))?"
+    r"\s*,?"
+)
+
+
+def _challenges(www_authenticate: str) -> list[tuple[str, dict[str, str]]]:
+    """Parse ``WWW-Authenticate`` (RFC 9110 §11.6.1) into (scheme, params) pairs, leniently."""
+    challenges: list[tuple[str, dict[str, str]]] = []
+    pos = 0
+    while pos < len(www_authenticate):
+        match = _CHALLENGE_PART.match(www_authenticate, pos)
+        if match is None or match.end() == pos:
+            pos += 1  # skip a byte we cannot read rather than give up on the rest
+            continue
+        pos = match.end()
+        name = match.group("name")
+        if match.group("eq") is None:
+            challenges.append((name.lower(), {}))
+        elif challenges:
+            quoted = match.group("quoted")
+            value = re.sub(r"\\(.)", r"\1", quoted) if quoted is not None else match["bare"]
+            challenges[-1][1][name.lower()] = value
+    return challenges
+
+
+def token_rejected(status: int, www_authenticate: str | None) -> bool:
+    """Whether the upstream refused our Bearer token as such (RFC 6750 §3.1 invalid_token).
+
+    Only then is the cached token worth purging; any other 401 or 403 is the upstream's
+    decision about the caller and is passed through unchanged.
+    """
+    if status != 401 or not www_authenticate:
+        return False
+    return any(
+        scheme == "bearer" and params.get("error") == "invalid_token"
+        for scheme, params in _challenges(www_authenticate)
+    )
