@@ -208,14 +208,16 @@ class GatewayServer:
     async def start(self) -> None:
         config = self.config
         await self.runtime.start()
+        # Signed assertions are often far larger than aiohttp's 8 KB default; leave room for
+        # an over-cap assertion to arrive, so it is refused with a clear 401 (reason "size").
+        header_limit = max(config.proxy.max_header_size, config.assertion.max_size + 1024)
         self._runner = web.AppRunner(
             self.build_app(),
             access_log=None,
             shutdown_timeout=config.lifecycle.drain_timeout,
             handler_args={
-                # Signed assertions are often far larger than aiohttp's 8 KB default.
-                "max_line_size": config.proxy.max_header_size,
-                "max_field_size": config.proxy.max_header_size,
+                "max_line_size": header_limit,
+                "max_field_size": header_limit,
                 "max_headers": config.proxy.max_headers,
             },
         )

@@ -1,0 +1,246 @@
+"""End to end over real sockets: client → gateway → fake authorization server / upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from pathlib import Path
+
+import pytest
+
+from gateway.devkit.authorization_server import FakeAuthorizationServer
+from gateway.devkit.idp import DemoIdP
+from gateway.devkit.upstream import UpstreamApp
+
+from .conftest import Stack, start_stack
+
+pytestmark = pytest.mark.asyncio
+
+
+async def test_first_request_exchanges_and_forwards_bearer(stack: Stack) -> None:
+    headers = stack.assertion()
+    async with stack.session.get(f"{stack.url}/echo/orders?id=7", headers=headers) as r:
+        assert r.status == 200
+        body = await r.json()
+        assert r.headers["X-Request-ID"]
+    seen = {k.lower(): v for k, v in body["headers"].items()}
+    assert seen["authorization"] == f"Bearer {stack.auth.issued[0]}"
+    assert "x-saml-assertion" not in seen
+    assert stack.auth.calls == 1
+
+
+async def test_second_request_is_a_cache_hit(stack: Stack) -> None:
+    headers = stack.assertion()
+    for _ in range(3):
+        async with stack.session.get(f"{stack.url}/hello", headers=headers) as r:
+            assert r.status == 200
+    assert stack.auth.calls == 1
+    assert await stack.metric("gateway_cache_hits_total") == 2
+
+
+async def test_authorization_saml_scheme_is_accepted(stack: Stack) -> None:
+    value = stack.assertion()["X-SAML-Assertion"]
+    async with stack.session.get(
+        f"{stack.url}/echo/x", headers={"Authorization": f"SAML {value}"}
+    ) as r:
+        assert r.status == 200
+        body = await r.json()
+    seen = {k.lower(): v for k, v in body["headers"].items()}
+    assert seen["authorization"].startswith("Bearer ")
+
+
+async def test_missing_assertion_is_401_with_challenge(stack: Stack) -> None:
+    async with stack.session.get(f"{stack.url}/hello", headers={"X-Request-ID": "abc-123"}) as r:
+        assert r.status == 401
+        assert r.headers["WWW-Authenticate"] == 'SAML realm="test-api"'
+        assert r.headers["X-Request-ID"] == "abc-123"
+        body = await r.json()
+    assert body == {
+        "error": "invalid_token",
+        "error_description": "the SAML assertion was not accepted",
+        "request_id": "abc-123",
+    }
+    assert stack.auth.calls == 0
+
+
+async def test_insane_request_id_is_replaced(stack: Stack) -> None:
+    async with stack.session.get(f"{stack.url}/hello", headers={"X-Request-ID": "a b<c>"}) as r:
+        assert r.status == 401
+        assert r.headers["X-Request-ID"] != "a b<c>"
+        assert len(r.headers["X-Request-ID"]) == 32
+
+
+async def test_tampered_assertion_is_rejected_with_reason_in_metrics(stack: Stack) -> None:
+    raw = stack.raw_assertion("alice@example.test")
+    tampered = raw.replace(b"alice@example.test", b"mallory@example.test")
+    headers = {"X-SAML-Assertion": base64.b64encode(tampered).decode()}
+    async with stack.session.get(f"{stack.url}/hello", headers=headers) as r:
+        assert r.status == 401
+        body = await r.json()
+    assert "signature" not in body["error_description"]  # the reason stays in logs and metrics
+    assert await stack.metric("gateway_validation_failures_total", reason="signature") == 1
+    assert stack.auth.calls == 0
+    assert stack.upstream.requests == 0
+
+
+async def test_not_base64_is_400(stack: Stack) -> None:
+    async with stack.session.get(f"{stack.url}/hello", headers={"X-SAML-Assertion": "%%%"}) as r:
+        assert r.status == 400
+        assert (await r.json())["error"] == "invalid_request"
+
+
+async def test_large_assertion_header_is_accepted(stack: Stack) -> None:
+    attributes = {f"attr{i}": "x" * 200 for i in range(110)}
+    headers = stack.assertion(attributes=attributes)
+    assert len(headers["X-SAML-Assertion"]) > 32 * 1024
+    async with stack.session.get(f"{stack.url}/hello", headers=headers) as r:
+        assert r.status == 200
+
+
+async def test_oversized_assertion_is_refused(stack: Stack) -> None:
+    attributes = {f"attr{i}": "x" * 200 for i in range(240)}
+    headers = stack.assertion(attributes=attributes)
+    assert 64 * 1024 < len(headers["X-SAML-Assertion"]) < 65 * 1024
+    async with stack.session.get(f"{stack.url}/hello", headers=headers) as r:
+        assert r.status == 401
+    assert await stack.metric("gateway_validation_failures_total", reason="size") == 1
+    assert stack.auth.calls == 0
+
+
+async def test_reused_id_with_other_content_is_replay(stack: Stack) -> None:
+    first = stack.assertion("alice@example.test", assertion_id="_same-id-1")
+    second = stack.assertion("bob@example.test", assertion_id="_same-id-1")
+    async with stack.session.get(f"{stack.url}/hello", headers=first) as r:
+        assert r.status == 200
+    async with stack.session.get(f"{stack.url}/hello", headers=second) as r:
+        assert r.status == 401
+    assert stack.auth.calls == 1
+    assert await stack.metric("gateway_validation_failures_total", reason="replay") == 1
+
+
+async def test_concurrent_requests_share_one_exchange(stack: Stack) -> None:
+    stack.auth.mode = "slow"
+    stack.auth.delay = 0.3
+    headers = stack.assertion()
+
+    async def one() -> int:
+        async with stack.session.get(f"{stack.url}/hello", headers=headers) as r:
+            await r.read()
+            return r.status
+
+    statuses = await asyncio.gather(*(one() for _ in range(200)))
+    assert statuses == [200] * 200
+    assert stack.auth.calls == 1
+
+
+async def test_upstream_invalid_token_purges_cached_token(stack: Stack) -> None:
+    headers = stack.assertion()
+    async with stack.session.get(f"{stack.url}/hello", headers=headers) as r:
+        assert r.status == 200
+    async with stack.session.get(f"{stack.url}/unauthorized", headers=headers) as r:
+        assert r.status == 401  # passed through
+        assert "invalid_token" in r.headers["WWW-Authenticate"]
+    async with stack.session.get(f"{stack.url}/hello", headers=headers) as r:
+        assert r.status == 200
+    assert stack.auth.calls == 2
+
+
+@pytest.mark.parametrize(
+    ("mode", "status", "error"),
+    [
+        ("invalid_grant", 401, "invalid_token"),
+        ("invalid_client", 502, "bad_gateway"),
+        ("rate_limited", 503, "temporarily_unavailable"),
+        ("temporarily_unavailable", 503, "temporarily_unavailable"),
+        ("server_error", 502, "bad_gateway"),
+        ("garbage", 502, "bad_gateway"),
+        ("html", 502, "bad_gateway"),
+        ("hang", 504, "gateway_timeout"),
+    ],
+)
+async def test_authorization_server_failures_map_to_statuses(
+    stack: Stack, mode: str, status: int, error: str
+) -> None:
+    stack.auth.mode = mode
+    async with stack.session.get(f"{stack.url}/hello", headers=stack.assertion()) as r:
+        assert r.status == status
+        body = await r.json()
+        assert body["error"] == error
+        assert body["request_id"] == r.headers["X-Request-ID"]
+        if mode == "rate_limited":
+            assert r.headers["Retry-After"]
+    assert stack.upstream.requests == 0
+
+
+async def test_invalid_grant_is_remembered(stack: Stack) -> None:
+    stack.auth.mode = "invalid_grant"
+    headers = stack.assertion()
+    for _ in range(3):
+        async with stack.session.get(f"{stack.url}/hello", headers=headers) as r:
+            assert r.status == 401
+    assert stack.auth.calls == 1
+
+
+async def test_authorization_server_down_is_502(stack: Stack) -> None:
+    await stack.auth.stop()
+    async with stack.session.get(f"{stack.url}/hello", headers=stack.assertion()) as r:
+        assert r.status == 502
+
+
+async def test_upstream_down_is_502_and_slow_is_504(stack: Stack) -> None:
+    headers = stack.assertion()
+    async with stack.session.get(f"{stack.url}/slow/5", headers=headers) as r:
+        assert r.status == 504
+    await stack.upstream.stop()
+    async with stack.session.get(f"{stack.url}/hello", headers=headers) as r:
+        assert r.status == 502
+
+
+async def test_no_route_is_404(
+    tmp_path: Path, idp: DemoIdP, parts: tuple[FakeAuthorizationServer, UpstreamApp]
+) -> None:
+    auth, upstream = parts
+    s = await start_stack(tmp_path, idp, auth, upstream, route={"path_prefix": "/api"})
+    try:
+        async with s.session.get(f"{s.url}/apix", headers=s.assertion()) as r:
+            assert r.status == 404
+            assert (await r.json())["error"] == "not_found"
+        async with s.session.get(f"{s.url}/api/hello", headers=s.assertion()) as r:
+            assert r.status == 404  # routed; the upstream itself has no /api/hello
+            assert s.upstream.requests == 1
+    finally:
+        await s.session.close()
+        await s.server.close()
+
+
+async def test_admin_endpoints_and_metrics(stack: Stack) -> None:
+    async with stack.session.get(f"{stack.admin}/healthz") as r:
+        assert r.status == 200
+    async with stack.session.get(f"{stack.admin}/readyz") as r:
+        assert r.status == 200
+    async with stack.session.get(f"{stack.url}/hello", headers=stack.assertion()) as r:
+        assert r.status == 200
+    assert await stack.metric("gateway_requests_total", route="api", status="200") == 1
+    assert await stack.metric("gateway_exchanges_total", server="as", outcome="ok") == 1
+    assert await stack.metric("gateway_cache_size") == 1
+    assert await stack.metric("gateway_request_duration_seconds_count", route="api") == 1
+    stack.server.draining = True
+    async with stack.session.get(f"{stack.admin}/readyz") as r:
+        assert r.status == 503
+
+
+async def test_access_log_never_holds_secrets(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG")
+    headers = stack.assertion()
+    async with stack.session.get(f"{stack.url}/hello", headers=headers) as r:
+        assert r.status == 200
+    access = [rec for rec in caplog.records if rec.name == "gateway.access"]
+    assert access and access[-1].fields["cache"] == "miss"  # type: ignore[attr-defined]
+    assert access[-1].fields["assertion_id"]  # type: ignore[attr-defined]
+    text = "\n".join(rec.getMessage() + str(getattr(rec, "fields", "")) for rec in caplog.records)
+    token = stack.auth.issued[0]
+    assert token not in text
+    assert headers["X-SAML-Assertion"][:40] not in text
+    assert "integration-secret-value" not in text
