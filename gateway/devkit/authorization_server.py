@@ -1,0 +1,351 @@
+"""A fake RFC 7522 authorization server on loopback, for tests and ``saml-gateway demo``.
+
+It checks what a real token endpoint checks: the grant type, the assertion's encoding,
+client authentication (each of the four methods, and never two at once), optionally that an
+assertion ID is used once. Its ``mode`` makes it misbehave on purpose: answer an OAuth
+error, fail with 500, hang, answer slowly, answer garbage or an HTML page, rate-limit.
+
+It reads the assertion's root ``ID`` with a regular expression on the decoded bytes on
+purpose: it is a fake, and only ``gateway.saml.xml`` parses XML in this code base.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import re
+import secrets
+import time
+from typing import Any
+from urllib.parse import unquote_plus
+
+from aiohttp import web
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+from gateway.config import GRANT_TYPE_SAML2_BEARER
+
+CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+TOKEN_PATH = "/oauth2/token"  # noqa: S105 - a URL path, not a password
+
+MODES = frozenset(
+    {
+        "ok",
+        "invalid_grant",
+        "invalid_client",
+        "unauthorized_client",
+        "unsupported_grant_type",
+        "invalid_scope",
+        "invalid_request",
+        "server_error",
+        "hang",
+        "garbage",
+        "html",
+        "no_token",
+        "oversized",
+        "rate_limited",
+        "temporarily_unavailable",
+        "slow",
+    }
+)
+_OAUTH_ERRORS = frozenset(
+    {
+        "invalid_grant",
+        "invalid_client",
+        "unauthorized_client",
+        "unsupported_grant_type",
+        "invalid_scope",
+        "invalid_request",
+    }
+)
+_HANG_LIMIT = 60.0  # a hanging answer still ends, so no test can wait forever
+_FIRST_TAG = re.compile(rb"<(?![?!])[^>]*>")
+_ID_ATTRIBUTE = re.compile(rb"""\sID\s*=\s*["']([^"']*)["']""")
+_B64URL = re.compile(r"[A-Za-z0-9_-]+")
+_B64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, error: str, description: str) -> None:
+        super().__init__(description)
+        self.status, self.error, self.description = status, error, description
+
+
+class FakeAuthorizationServer:
+    def __init__(
+        self,
+        *,
+        client_id: str | None = "gateway",
+        client_secret: str | None = "s3cret",  # noqa: S107 - the fake's well-known test secret
+        client_auth: str = "client_secret_basic",
+        public_key_pem: bytes | None = None,
+        expires_in: object = 3600,
+        one_time_use: bool = False,
+        assertion_encoding: str = "base64url",
+        token_type: str = "Bearer",  # noqa: S107 - a token type, not a password
+        retry_after: str | None = "7",
+    ) -> None:
+        self.client_id = client_id
+        self.client_secret = client_secret
+        self.client_auth = client_auth
+        self.public_key = (
+            serialization.load_pem_public_key(public_key_pem) if public_key_pem else None
+        )
+        self.expires_in = expires_in  # None: the field is left out of the answer
+        self.one_time_use = one_time_use
+        self.assertion_encoding = assertion_encoding
+        self.token_type = token_type
+        self.retry_after = retry_after
+        self.mode = "ok"
+        self.delay = 0.0  # seconds, for mode "slow"
+        self.fail_next = 0  # answer this many calls with 500, then recover
+        self.calls = 0
+        self.issued: list[str] = []
+        self.assertion_ids: list[str] = []
+        self.refusals: list[str] = []  # why requests were refused, newest last
+        self.last_form: dict[str, str] = {}
+        self.last_headers: dict[str, str] = {}
+        self._used_ids: set[str] = set()
+        self._used_jtis: set[str] = set()
+        self._runner: web.AppRunner | None = None
+        self._stopping: asyncio.Event | None = None
+        self.token_url = ""
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Listen on ``host:port`` (0: a free port); returns the token URL."""
+        app = web.Application()
+        app.router.add_post(TOKEN_PATH, self._token)
+        self._stopping = asyncio.Event()
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        bound = self._runner.addresses[0][1]
+        self.token_url = f"http://{host}:{bound}{TOKEN_PATH}"
+        return self.token_url
+
+    async def stop(self) -> None:
+        if self._stopping is not None:
+            self._stopping.set()
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+
+    # --- the token endpoint --------------------------------------------------------------
+
+    async def _token(self, request: web.Request) -> web.StreamResponse:
+        self.calls += 1
+        self.last_headers = dict(request.headers)
+        if self.fail_next > 0:
+            self.fail_next -= 1
+            return _error(500, "server_error", "failing on request")
+        fault = await self._fault()
+        if fault is not None:
+            return fault
+        try:
+            form = await self._form(request)
+            self._check_client(request, form)
+            assertion_id = self._check_grant(form)
+        except _Refused as refused:
+            self.refusals.append(f"{refused.error}: {refused.description}")
+            return _error(refused.status, refused.error, refused.description)
+        access_token = secrets.token_urlsafe(32)
+        self.issued.append(access_token)
+        self._used_ids.add(assertion_id)
+        answer: dict[str, Any] = {"access_token": access_token, "token_type": self.token_type}
+        if self.expires_in is not None:
+            answer["expires_in"] = self.expires_in
+        if "scope" in form:
+            answer["scope"] = form["scope"]
+        return web.json_response(answer, headers={"Cache-Control": "no-store"})
+
+    async def _fault(self) -> web.StreamResponse | None:
+        mode = self.mode
+        if mode == "slow":
+            await asyncio.sleep(self.delay)
+        elif mode == "hang":
+            if self._stopping is not None:
+                try:
+                    await asyncio.wait_for(self._stopping.wait(), _HANG_LIMIT)
+                except TimeoutError:
+                    pass
+            return _error(500, "server_error", "hung")
+        elif mode == "server_error":
+            return _error(500, "server_error", "internal error")
+        elif mode in _OAUTH_ERRORS:
+            return _error(401 if mode == "invalid_client" else 400, mode, f"mode {mode}")
+        elif mode == "rate_limited":
+            return web.json_response(
+                {"error": "slow_down"}, status=429, headers=self._retry_after_header()
+            )
+        elif mode == "temporarily_unavailable":
+            return web.json_response(
+                {"error": "temporarily_unavailable"}, status=503, headers=self._retry_after_header()
+            )
+        elif mode == "garbage":
+            return web.Response(body=b"\x00{not json at all", content_type="application/json")
+        elif mode == "html":
+            return web.Response(text="<html><body>Sign in</body></html>", content_type="text/html")
+        elif mode == "no_token":
+            return web.json_response({"token_type": "Bearer", "expires_in": 3600})
+        elif mode == "oversized":
+            return web.json_response({"access_token": "x" * (2 << 20), "token_type": "Bearer"})
+        return None
+
+    def _retry_after_header(self) -> dict[str, str]:
+        return {"Retry-After": self.retry_after} if self.retry_after is not None else {}
+
+    async def _form(self, request: web.Request) -> dict[str, str]:
+        if request.content_type != "application/x-www-form-urlencoded":
+            raise _Refused(400, "invalid_request", f"content type {request.content_type}")
+        posted = await request.post()
+        form: dict[str, str] = {}
+        for key in posted:
+            values = posted.getall(key)
+            if len(values) != 1 or not isinstance(values[0], str):
+                raise _Refused(400, "invalid_request", f"field {key!r} repeated or not text")
+            form[key] = values[0]
+        self.last_form = form
+        return form
+
+    def _check_grant(self, form: dict[str, str]) -> str:
+        if form.get("grant_type") != GRANT_TYPE_SAML2_BEARER:
+            raise _Refused(400, "unsupported_grant_type", str(form.get("grant_type")))
+        encoded = form.get("assertion", "")
+        pattern = _B64URL if self.assertion_encoding == "base64url" else _B64
+        if not pattern.fullmatch(encoded):
+            raise _Refused(400, "invalid_grant", f"assertion is not {self.assertion_encoding}")
+        try:
+            if self.assertion_encoding == "base64url":
+                raw = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
+            else:
+                raw = base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError):
+            raise _Refused(400, "invalid_grant", "assertion does not decode") from None
+        tag = _FIRST_TAG.search(raw)
+        found = _ID_ATTRIBUTE.search(tag.group(0)) if tag else None
+        if found is None:
+            raise _Refused(400, "invalid_grant", "assertion has no root ID")
+        assertion_id = found.group(1).decode("utf-8", "replace")
+        self.assertion_ids.append(assertion_id)
+        if self.one_time_use and assertion_id in self._used_ids:
+            raise _Refused(400, "invalid_grant", "assertion ID already used")
+        return assertion_id
+
+    # --- client authentication -----------------------------------------------------------
+
+    def _check_client(self, request: web.Request, form: dict[str, str]) -> None:
+        header = request.headers.get("Authorization")
+        ways = [
+            name
+            for name, present in (
+                ("Authorization header", header is not None),
+                ("client_secret", "client_secret" in form),
+                ("client_assertion", "client_assertion" in form),
+            )
+            if present
+        ]
+        if len(ways) > 1:
+            raise _Refused(400, "invalid_request", "client authenticated more than one way")
+        if self.client_auth == "client_secret_basic":
+            self._check_basic(header, form)
+        elif self.client_auth == "client_secret_post":
+            if ways != ["client_secret"]:
+                raise _Refused(401, "invalid_client", "expected client_secret_post")
+            self._check_secret(form.get("client_id"), form["client_secret"])
+        elif self.client_auth == "private_key_jwt":
+            if ways != ["client_assertion"]:
+                raise _Refused(401, "invalid_client", "expected private_key_jwt")
+            self._check_jwt(form)
+        else:
+            if ways:
+                raise _Refused(401, "invalid_client", "public client sent credentials")
+            if self.client_id and form.get("client_id") != self.client_id:
+                raise _Refused(401, "invalid_client", "unknown client_id")
+
+    def _check_basic(self, header: str | None, form: dict[str, str]) -> None:
+        if header is None or not header.startswith("Basic "):
+            raise _Refused(401, "invalid_client", "expected client_secret_basic")
+        try:
+            decoded = base64.b64decode(header[6:], validate=True).decode("utf-8")
+        except (binascii.Error, ValueError):
+            raise _Refused(401, "invalid_client", "Basic credentials do not decode") from None
+        user, sep, password = decoded.partition(":")
+        if not sep:
+            raise _Refused(401, "invalid_client", "Basic credentials without ':'")
+        client_id = unquote_plus(user)
+        if "client_id" in form and form["client_id"] != client_id:
+            raise _Refused(400, "invalid_request", "client_id differs between header and body")
+        self._check_secret(client_id, unquote_plus(password))
+
+    def _check_secret(self, client_id: str | None, secret: str) -> None:
+        if client_id != self.client_id or not secrets.compare_digest(
+            secret.encode(), (self.client_secret or "").encode()
+        ):
+            raise _Refused(401, "invalid_client", "wrong client id or secret")
+
+    def _check_jwt(self, form: dict[str, str]) -> None:
+        if form.get("client_assertion_type") != CLIENT_ASSERTION_TYPE:
+            raise _Refused(401, "invalid_client", "wrong client_assertion_type")
+        parts = form["client_assertion"].split(".")
+        if len(parts) != 3 or self.public_key is None:
+            raise _Refused(401, "invalid_client", "malformed JWT or no public key")
+        try:
+            header = json.loads(_unb64url(parts[0]))
+            claims = json.loads(_unb64url(parts[1]))
+            signature = _unb64url(parts[2])
+        except (ValueError, binascii.Error):
+            raise _Refused(401, "invalid_client", "JWT does not decode") from None
+        signed = f"{parts[0]}.{parts[1]}".encode("ascii")
+        try:
+            self._verify(header.get("alg"), signed, signature)
+        except (InvalidSignature, ValueError):
+            raise _Refused(401, "invalid_client", "JWT signature does not verify") from None
+        now = time.time()
+        client_id = self.client_id
+        if claims.get("iss") != client_id or claims.get("sub") != client_id:
+            raise _Refused(401, "invalid_client", "JWT iss/sub is not the client id")
+        if "client_id" in form and form["client_id"] != client_id:
+            raise _Refused(401, "invalid_client", "client_id differs from the JWT")
+        if claims.get("aud") != self.token_url:
+            raise _Refused(401, "invalid_client", "JWT aud is not the token URL")
+        expires = claims.get("exp")
+        if not isinstance(expires, int | float) or not now < expires <= now + 300:
+            raise _Refused(401, "invalid_client", "JWT exp missing, past or too far")
+        jti = claims.get("jti")
+        if not isinstance(jti, str) or not jti or jti in self._used_jtis:
+            raise _Refused(401, "invalid_client", "JWT jti missing or reused")
+        self._used_jtis.add(jti)
+
+    def _verify(self, algorithm: object, signed: bytes, signature: bytes) -> None:
+        key = self.public_key
+        if algorithm == "RS256" and isinstance(key, rsa.RSAPublicKey):
+            key.verify(signature, signed, padding.PKCS1v15(), hashes.SHA256())
+        elif algorithm == "ES256" and isinstance(key, ec.EllipticCurvePublicKey):
+            if len(signature) != 64:
+                raise ValueError("ES256 signature must be 64 bytes")
+            der = encode_dss_signature(
+                int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
+            )
+            key.verify(der, signed, ec.ECDSA(hashes.SHA256()))
+        else:
+            raise ValueError(f"algorithm {algorithm!r} does not fit the registered key")
+
+
+def _unb64url(segment: str) -> bytes:
+    if not _B64URL.fullmatch(segment):
+        raise ValueError("not base64url")
+    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+
+
+def _error(status: int, error: str, description: str) -> web.Response:
+    headers = {"Cache-Control": "no-store"}
+    if status == 401:
+        headers["WWW-Authenticate"] = 'Basic realm="fake-as"'
+    return web.json_response(
+        {"error": error, "error_description": description}, status=status, headers=headers
+    )
