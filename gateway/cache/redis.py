@@ -82,6 +82,13 @@ logger = logging.getLogger("gateway.cache.redis")
 RedisClient = Redis | RedisCluster
 _T = TypeVar("_T")
 
+
+# One immediate retry, so a pooled connection that went stale (a Redis restart, a failover)
+# is replaced inside the same call; the store's timeout still bounds the whole call.
+def _one_retry() -> Retry:
+    return Retry(NoBackoff(), 1)  # a fresh one per client: redis-py mutates Retry objects
+
+
 _MIN_SECRET_CHARS = 16
 _HKDF_INFO = b"saml-oauth-gateway/redis-token-store/v1"
 _ENVELOPE_VERSION = 1
@@ -324,7 +331,7 @@ def connect_redis(settings: RedisSettings) -> RedisClient:
     }
     tls: dict[str, Any] = {"ssl": True, "ssl_ca_certs": settings.ca_file}
     if scheme in ("redis", "rediss", "unix"):
-        extra = dict(common, retry=Retry(NoBackoff(), 0))
+        extra = dict(common, retry=_one_retry())
         if password is not None:
             extra["password"] = password
         if scheme == "rediss" and settings.ca_file:
@@ -346,7 +353,7 @@ def connect_redis(settings: RedisSettings) -> RedisClient:
         sentinel_kwargs = dict(common, username=target.username, password=target.password)
         # redis-py leaves Sentinel's constructor unannotated
         sentinel = Sentinel(  # type: ignore[no-untyped-call]
-            list(target.hosts), sentinel_kwargs=sentinel_kwargs, retry=Retry(NoBackoff(), 0)
+            list(target.hosts), sentinel_kwargs=sentinel_kwargs, retry=_one_retry()
         )
         master_kwargs = dict(common, db=db, password=password)
         if settings.ca_file:
@@ -364,7 +371,7 @@ def connect_redis(settings: RedisSettings) -> RedisClient:
             kwargs.update(tls)
         return RedisCluster(
             startup_nodes=[ClusterNode(host, port) for host, port in target.hosts],
-            retry=Retry(NoBackoff(), 0),
+            retry=_one_retry(),
             **kwargs,
         )
     raise ConfigError([f"cache.redis.url: unsupported scheme {scheme!r}"])

@@ -8,6 +8,7 @@ multi-replica gateway tests can drive a real server. Every wait is bounded.
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -42,6 +43,7 @@ class RedisServer:
         port: int | None = None,
         password: str | None = None,
         extra_args: tuple[str, ...] = (),
+        config_file: Path | None = None,
         binary: str | None = None,
     ) -> None:
         found = binary or redis_server_binary()
@@ -52,6 +54,7 @@ class RedisServer:
         self.port = port or free_port()
         self.password = password
         self.extra_args = extra_args
+        self.config_file = config_file  # first argument; e.g. a sentinel.conf (it is rewritten)
         self._process: subprocess.Popen[bytes] | None = None
 
     def __repr__(self) -> str:
@@ -72,6 +75,7 @@ class RedisServer:
         self.directory.mkdir(parents=True, exist_ok=True)
         args = [
             self.binary,
+            *((str(self.config_file),) if self.config_file else ()),
             "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--save", "",
@@ -83,7 +87,8 @@ class RedisServer:
         ]  # fmt: skip
         log = (self.directory / "redis.log").open("ab")
         try:
-            self._process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+            # the binary and arguments come from the caller (tests, benches), never from a request
+            self._process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)  # noqa: S603
         finally:
             log.close()  # the child holds its own descriptor
         deadline = time.monotonic() + timeout
@@ -100,6 +105,7 @@ class RedisServer:
         if self._process is None:
             return
         if self._process.poll() is None:
+            self.resume()  # a paused server would not see SIGTERM until continued
             self._process.terminate()
             try:
                 self._process.wait(timeout)
@@ -116,6 +122,15 @@ class RedisServer:
             self._process.kill()
             self._process.wait(timeout)
         self._process = None
+
+    def pause(self) -> None:
+        """Freeze the process (SIGSTOP): connections stay open and nothing answers."""
+        if self._process is not None:
+            self._process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self._process is not None:
+            self._process.send_signal(signal.SIGCONT)
 
     def restart(self, timeout: float = 10.0) -> None:
         self.stop(timeout)
