@@ -32,7 +32,7 @@ from gateway.pipeline import Runtime, Trace, note_failure
 
 log = logging.getLogger("gateway")
 
-TRACE = "gateway.trace"
+TRACE = web.RequestKey("trace", Trace)
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -117,8 +117,11 @@ class GatewayServer:
             log.exception("unexpected error", extra={"fields": {"request_id": trace.request_id}})
             trace.reason = "internal"
             return web.json_response(
-                {"error": "server_error", "error_description": "internal error",
-                 "request_id": trace.request_id},
+                {
+                    "error": "server_error",
+                    "error_description": "internal error",
+                    "request_id": trace.request_id,
+                },
                 status=500,
             )
         finally:
@@ -215,11 +218,9 @@ class GatewayServer:
             self.build_app(),
             access_log=None,
             shutdown_timeout=config.lifecycle.drain_timeout,
-            handler_args={
-                "max_line_size": header_limit,
-                "max_field_size": header_limit,
-                "max_headers": config.proxy.max_headers,
-            },
+            max_line_size=header_limit,
+            max_field_size=header_limit,
+            max_headers=config.proxy.max_headers,
         )
         await self._runner.setup()
         site = web.TCPSite(
@@ -237,8 +238,13 @@ class GatewayServer:
             self.admin_port = _bound_port(self._admin_runner)
         log.info(
             "gateway listening",
-            extra={"fields": {"port": self.port, "admin_port": self.admin_port,
-                              "routes": len(config.routes)}},
+            extra={
+                "fields": {
+                    "port": self.port,
+                    "admin_port": self.admin_port,
+                    "routes": len(config.routes),
+                }
+            },
         )
 
     async def reload(self) -> bool:

@@ -159,9 +159,13 @@ def parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a configuration file and print it")
     check.add_argument("-c", "--config", required=True)
     check.set_defaults(func=cmd_check_config)
-    demo = sub.add_parser("demo", help="run an IdP, an authorization server, an API and the gateway")
+    demo = sub.add_parser(
+        "demo", help="run an IdP, an authorization server, an API and the gateway"
+    )
     demo.add_argument("--port", type=int, default=int(os.environ.get("DEMO_PORT", "8080")))
-    demo.add_argument("--admin-port", type=int, default=int(os.environ.get("DEMO_ADMIN_PORT", "9901")))
+    demo.add_argument(
+        "--admin-port", type=int, default=int(os.environ.get("DEMO_ADMIN_PORT", "9901"))
+    )
     demo.add_argument("--once", action="store_true", help="walk through the demo, then exit")
     demo.add_argument("--log-format", choices=("json", "text"))
     demo.set_defaults(func=cmd_demo)

@@ -77,7 +77,10 @@ class HeaderSource(_Frozen):
 
 
 def _default_headers() -> tuple[HeaderSource, ...]:
-    return (HeaderSource(name="X-SAML-Assertion"), HeaderSource(name="Authorization", scheme="SAML"))
+    return (
+        HeaderSource(name="X-SAML-Assertion"),
+        HeaderSource(name="Authorization", scheme="SAML"),
+    )
 
 
 class AssertionSettings(_Frozen):
@@ -110,7 +113,9 @@ class IdentityProvider(_Frozen):
     @model_validator(mode="after")
     def _needs_keys(self) -> IdentityProvider:
         if not self.certificates and not self.metadata:
-            raise ValueError("needs 'certificates' (PEM files) and/or 'metadata' (IdP metadata XML)")
+            raise ValueError(
+                "needs 'certificates' (PEM files) and/or 'metadata' (IdP metadata XML)"
+            )
         return self
 
 
@@ -238,7 +243,13 @@ class RedisSettings(_Frozen):
     @field_validator("url")
     @classmethod
     def _redis_url(cls, value: str) -> str:
-        if urlsplit(value).scheme not in ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster"):
+        if urlsplit(value).scheme not in (
+            "redis",
+            "rediss",
+            "unix",
+            "redis+sentinel",
+            "redis+cluster",
+        ):
             raise ValueError(f"not a Redis URL: {value!r}")
         return value
 
@@ -283,7 +294,7 @@ class ForwardAuth(_Frozen):
     enabled: bool = False
     path: str = "/auth"
     listen: Listener | None = None
-    token_header: str = "Authorization"
+    token_header: str = "Authorization"  # noqa: S105 - a header name, not a secret
 
 
 class Lifecycle(_Frozen):
@@ -372,7 +383,9 @@ def _resolve(node: Any, loc: tuple[int | str, ...], base: Path, problems: list[s
                 try:
                     return path.read_text().strip()
                 except OSError as exc:
-                    problems.append(f"{_path(loc)}: cannot read secret file {name!r}: {exc.strerror}")
+                    problems.append(
+                        f"{_path(loc)}: cannot read secret file {name!r}: {exc.strerror}"
+                    )
                     return ""
             if name not in os.environ:
                 problems.append(f"{_path(loc)}: environment variable {name!r} is not set")

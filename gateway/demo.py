@@ -134,21 +134,23 @@ async def _walk(
     _say()
     results: list[bool] = []
     async with aiohttp.ClientSession() as session:
-        _say(f"1. GET /orders with a fresh signed assertion for {SUBJECT} ({len(raw)} bytes)")
-        async with session.get(f"{gateway}/orders", headers={"X-SAML-Assertion": header}) as r:
+        _say(f"1. GET /echo/orders with a fresh signed assertion for {SUBJECT} ({len(raw)} bytes)")
+        async with session.get(f"{gateway}/echo/orders", headers={"X-SAML-Assertion": header}) as r:
             body = await r.json()
-            seen = body.get("headers", {}).get("Authorization", "")
+            seen = dict(body.get("headers", [])).get("Authorization", "")
             _say(f"   → {r.status}; the API saw 'Authorization: Bearer {_mask(seen[7:])}'")
             _say(f"   → the gateway exchanged the assertion: {auth.calls} call(s) to the token URL")
             results.append(r.status == 200 and auth.calls == 1)
         _say("2. The same request again")
-        async with session.get(f"{gateway}/orders", headers={"X-SAML-Assertion": header}) as r:
+        async with session.get(f"{gateway}/echo/orders", headers={"X-SAML-Assertion": header}) as r:
             await r.read()
             _say(f"   → {r.status}; served from the token cache, still {auth.calls} exchange(s)")
             results.append(r.status == 200 and auth.calls == 1)
         _say("3. The assertion with its subject changed to mallory@demo.test after signing")
         tampered = base64.b64encode(_tamper(raw)).decode()
-        async with session.get(f"{gateway}/orders", headers={"X-SAML-Assertion": tampered}) as r:
+        async with session.get(
+            f"{gateway}/echo/orders", headers={"X-SAML-Assertion": tampered}
+        ) as r:
             answer = await r.json()
             failures = await _metric(session, admin, "gateway_validation_failures_total")
             reasons = ", ".join(k.split('"')[1] for k, v in failures.items() if v and '"' in k)
@@ -157,8 +159,10 @@ async def _walk(
             results.append(r.status == 401)
     _say()
     passed = all(results)
-    _say(f"Summary: {sum(results)}/{len(results)} steps behaved as expected; "
-         f"{auth.calls} exchange(s) for 2 good requests.")
+    _say(
+        f"Summary: {sum(results)}/{len(results)} steps behaved as expected; "
+        f"{auth.calls} exchange(s) for 2 good requests."
+    )
     return passed
 
 

@@ -25,11 +25,21 @@ class _CacheCollector(Collector):
             ("gateway_cache_hits", "Token cache fast-path hits", cache.hits),
             ("gateway_cache_misses", "Token cache misses", cache.misses),
             ("gateway_cache_evictions", "Tokens evicted by the LRU bound", cache.evictions),
-            ("gateway_cache_replays", "Assertion IDs reused by a different assertion", cache.replays),
-            ("gateway_cache_negative_hits", "Requests refused by the negative cache", cache.negative_hits),
+            (
+                "gateway_cache_replays",
+                "Assertion IDs reused by a different assertion",
+                cache.replays,
+            ),
+            (
+                "gateway_cache_negative_hits",
+                "Requests refused by the negative cache",
+                cache.negative_hits,
+            ),
         ):
             yield CounterMetricFamily(name, doc, value=value)
-        yield GaugeMetricFamily("gateway_cache_size", "Tokens in the in-memory cache", value=len(cache))
+        yield GaugeMetricFamily(
+            "gateway_cache_size", "Tokens in the in-memory cache", value=len(cache)
+        )
         yield GaugeMetricFamily(
             "gateway_singleflight_waiters",
             "Requests waiting on an exchange another request started",
@@ -45,27 +55,42 @@ class Metrics:
             "gateway_requests", "Requests by route and status", ["route", "status"], registry=r
         )
         self.request_seconds = Histogram(
-            "gateway_request_duration_seconds", "Time to answer a request (to first byte of the "
-            "upstream response for proxied ones, whole body for errors)", ["route"],
-            buckets=_LATENCY_BUCKETS, registry=r,
+            "gateway_request_duration_seconds",
+            "Time to answer a request (to first byte of the "
+            "upstream response for proxied ones, whole body for errors)",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.upstream_seconds = Histogram(
-            "gateway_upstream_duration_seconds", "Time the upstream took, body included", ["route"],
-            buckets=_LATENCY_BUCKETS, registry=r,
+            "gateway_upstream_duration_seconds",
+            "Time the upstream took, body included",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.exchanges = Counter(
-            "gateway_exchanges", "Token exchanges by authorization server and outcome",
-            ["server", "outcome"], registry=r,
+            "gateway_exchanges",
+            "Token exchanges by authorization server and outcome",
+            ["server", "outcome"],
+            registry=r,
         )
         self.exchange_seconds = Histogram(
-            "gateway_exchange_duration_seconds", "Token exchange duration, retries included",
-            ["server"], buckets=_LATENCY_BUCKETS, registry=r,
+            "gateway_exchange_duration_seconds",
+            "Token exchange duration, retries included",
+            ["server"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.validation_failures = Counter(
             "gateway_validation_failures", "Assertions refused, by reason", ["reason"], registry=r
         )
-        self.redis_up = Gauge("gateway_redis_up", "1 while the shared Redis store answers", registry=r)
-        self.reloads = Counter("gateway_config_reloads", "Config reloads by result", ["result"], registry=r)
+        self.redis_up = Gauge(
+            "gateway_redis_up", "1 while the shared Redis store answers", registry=r
+        )
+        self.reloads = Counter(
+            "gateway_config_reloads", "Config reloads by result", ["result"], registry=r
+        )
 
     def watch_cache(self, cache: Callable[[], TokenCache]) -> None:
         self.registry.register(_CacheCollector(cache))

@@ -12,10 +12,10 @@ into HTTP responses.
 from __future__ import annotations
 
 import time
-from functools import partial
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 
 from aiohttp import web
 
@@ -89,7 +89,9 @@ class Runtime:
             raise NoRoute("no_route", f"no route for {path!r}")
         return route
 
-    async def authorize(self, route: Route, headers: Mapping[str, str], trace: Trace) -> CachedToken:
+    async def authorize(
+        self, route: Route, headers: Mapping[str, str], trace: Trace
+    ) -> CachedToken:
         """A token for the assertion in ``headers``: from the cache, or validated and exchanged."""
         raw = extract_assertion(headers, self.sources, self.max_size)
         if raw is None:
@@ -104,7 +106,9 @@ class Runtime:
         policy = self.policies[(route.identity_provider, profile)]
         assertion = validate_assertion(raw, policy, datetime.now(UTC), digest=digest)
         trace.assertion_id, trace.issuer = assertion.id, assertion.issuer
-        return await self.cache.obtain(profile, assertion, partial(self.token_client.exchange, profile))
+        return await self.cache.obtain(
+            profile, assertion, partial(self.token_client.exchange, profile)
+        )
 
     async def proxy(self, request: web.Request, trace: Trace) -> web.StreamResponse:
         """The whole flow for one proxied request."""

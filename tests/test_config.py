@@ -32,11 +32,20 @@ def minimal(**overrides: object) -> dict[str, object]:
     data: dict[str, object] = {
         "identity_providers": {"idp": {"issuer": "https://idp", "certificates": ["idp.pem"]}},
         "authorization_servers": {
-            "as": {"token_url": "https://as/token", "client_id": "c", "client_secret": "s",
-                   "audience": "https://as"}
+            "as": {
+                "token_url": "https://as/token",
+                "client_id": "c",
+                "client_secret": "s",
+                "audience": "https://as",
+            }
         },
-        "routes": [{"upstream": "http://127.0.0.1:9000", "identity_provider": "idp",
-                    "authorization_server": "as"}],
+        "routes": [
+            {
+                "upstream": "http://127.0.0.1:9000",
+                "identity_provider": "idp",
+                "authorization_server": "as",
+            }
+        ],
     }
     data.update(overrides)
     return data
@@ -67,8 +76,9 @@ def test_valid_minimal_config_has_defaults(base: Path) -> None:
 
 
 def test_bad_url_names_key_and_value(base: Path) -> None:
-    data = minimal(routes=[{"upstream": "htp:/x", "identity_provider": "idp",
-                            "authorization_server": "as"}])
+    data = minimal(
+        routes=[{"upstream": "htp:/x", "identity_provider": "idp", "authorization_server": "as"}]
+    )
     assert "routes[0].upstream: not a URL: 'htp:/x'" in problems(data, base)
 
 
@@ -79,8 +89,9 @@ def test_unknown_key_is_an_error(base: Path) -> None:
 
 
 def test_unknown_reference_names_route(base: Path) -> None:
-    data = minimal(routes=[{"upstream": "http://x", "identity_provider": "nope",
-                            "authorization_server": "as"}])
+    data = minimal(
+        routes=[{"upstream": "http://x", "identity_provider": "nope", "authorization_server": "as"}]
+    )
     [problem] = problems(data, base)
     assert problem.startswith("routes[0].identity_provider: unknown identity provider 'nope'")
 
@@ -101,33 +112,57 @@ def test_env_and_file_references(base: Path, monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("MY_SECRET", "from-env")
     (base / "secret.txt").write_text("from-file\n")
     servers = {
-        "as": {"token_url": "https://as/token", "client_id": "c", "client_secret": "${MY_SECRET}",
-              "audience": "x"},
-        "b": {"token_url": "https://as/token", "client_id": "c",
-              "client_secret": "${file:secret.txt}", "audience": "x"},
+        "as": {
+            "token_url": "https://as/token",
+            "client_id": "c",
+            "client_secret": "${MY_SECRET}",
+            "audience": "x",
+        },
+        "b": {
+            "token_url": "https://as/token",
+            "client_id": "c",
+            "client_secret": "${file:secret.txt}",
+            "audience": "x",
+        },
     }
     config = parse_config(minimal(authorization_servers=servers), base)
     secrets = {k: v.client_secret for k, v in config.authorization_servers.items()}
     assert {k: v.get_secret_value() for k, v in secrets.items() if v} == {
-        "as": "from-env", "b": "from-file"}
+        "as": "from-env",
+        "b": "from-file",
+    }
 
 
 def test_missing_env_reference_names_key(base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("NOT_SET_ANYWHERE", raising=False)
     data = minimal()
-    data["authorization_servers"] = {"as": {"token_url": "https://as/token", "client_id": "c",
-                                            "client_secret": "${NOT_SET_ANYWHERE}",
-                                            "audience": "x"}}
+    data["authorization_servers"] = {
+        "as": {
+            "token_url": "https://as/token",
+            "client_id": "c",
+            "client_secret": "${NOT_SET_ANYWHERE}",
+            "audience": "x",
+        }
+    }
     assert problems(data, base) == [
         "authorization_servers.as.client_secret: environment variable 'NOT_SET_ANYWHERE' is not set"
     ]
 
 
 def test_client_auth_needs_its_credentials(base: Path) -> None:
-    servers = {"as": {"token_url": "https://as/token", "client_id": "c", "audience": "x",
-                      "client_auth": "client_secret_post"}}
+    servers = {
+        "as": {
+            "token_url": "https://as/token",
+            "client_id": "c",
+            "audience": "x",
+            "client_auth": "client_secret_post",
+        }
+    }
     [problem] = problems(minimal(authorization_servers=servers), base)
-    assert problem == "authorization_servers.as: client_auth 'client_secret_post' needs 'client_secret'"
+    assert (
+        problem
+        == "authorization_servers.as: client_auth 'client_secret_post' needs 'client_secret'"
+    )
 
 
 def test_redis_backend_needs_settings(base: Path) -> None:

@@ -82,6 +82,11 @@ def gateway_yaml(
     return path
 
 
+def echoed_headers(body: dict[str, Any]) -> dict[str, str]:
+    """The headers the upstream's /echo saw, by lower-case name."""
+    return {name.lower(): value for name, value in body["headers"]}
+
+
 @dataclass
 class Stack:
     server: GatewayServer
@@ -118,28 +123,37 @@ class Stack:
             key, _, value = line.rpartition(" ")
             if key.split("{")[0] != name:
                 continue
-            got = ",".join(sorted(key.partition("{")[2].rstrip("}").split(","))) if "{" in key else ""
+            got = (
+                ",".join(sorted(key.partition("{")[2].rstrip("}").split(","))) if "{" in key else ""
+            )
             if got == want:
                 return float(value)
         return 0.0
 
 
+@dataclass
+class Parts:
+    """The authorization server and the upstream, running on loopback."""
+
+    auth: FakeAuthorizationServer
+    upstream: UpstreamApp
+    upstream_url: str
+
+
 @pytest.fixture
-async def parts(idp: DemoIdP) -> AsyncIterator[tuple[FakeAuthorizationServer, UpstreamApp]]:
+async def parts() -> AsyncIterator[Parts]:
     auth = FakeAuthorizationServer(client_id=CLIENT_ID, client_secret=CLIENT_SECRET)
     await auth.start()
     upstream = UpstreamApp()
-    await upstream.start()
-    yield auth, upstream
+    url = await upstream.start()
+    yield Parts(auth, upstream, url)
     await upstream.stop()
     await auth.stop()
 
 
-async def start_stack(
-    tmp_path: Path, idp: DemoIdP, auth: FakeAuthorizationServer, upstream: UpstreamApp,
-    **overrides: Any,
-) -> Stack:
-    path = gateway_yaml(tmp_path, auth.token_url, upstream.url, idp, **overrides)
+async def start_stack(tmp_path: Path, idp: DemoIdP, parts: Parts, **overrides: Any) -> Stack:
+    auth, upstream = parts.auth, parts.upstream
+    path = gateway_yaml(tmp_path, auth.token_url, parts.upstream_url, idp, **overrides)
     server = GatewayServer(load_config(path), config_path=path)
     await server.start()
     session = aiohttp.ClientSession(auto_decompress=False)
@@ -147,11 +161,8 @@ async def start_stack(
 
 
 @pytest.fixture
-async def stack(
-    tmp_path: Path, idp: DemoIdP, parts: tuple[FakeAuthorizationServer, UpstreamApp]
-) -> AsyncIterator[Stack]:
-    auth, upstream = parts
-    s = await start_stack(tmp_path, idp, auth, upstream)
+async def stack(tmp_path: Path, idp: DemoIdP, parts: Parts) -> AsyncIterator[Stack]:
+    s = await start_stack(tmp_path, idp, parts)
     yield s
     await s.session.close()
     await s.server.close()
@@ -187,11 +198,14 @@ def spawn_gateway(config_path: Path, *args: str) -> Process:
     data["admin"] = {"host": "127.0.0.1", "port": admin_port}
     config_path.write_text(yaml.safe_dump(data, sort_keys=False))
     log = config_path.with_suffix(".log")
-    out = log.open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "run", "-c", str(config_path), *args],
-        stdout=out, stderr=subprocess.STDOUT, text=True, env={**os.environ},
-    )
+    with log.open("w") as out:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "run", "-c", str(config_path), *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ},
+        )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
@@ -15,17 +14,20 @@ import yaml
 
 from gateway.devkit.authorization_server import FakeAuthorizationServer
 from gateway.devkit.idp import DemoIdP
-from gateway.devkit.upstream import UpstreamApp
 
-from .conftest import AUDIENCE, CLIENT_SECRET, Process, free_port, gateway_yaml, spawn_gateway
+from .conftest import AUDIENCE, Parts, Process, free_port, gateway_yaml, spawn_gateway
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "gateway", *args], capture_output=True, text=True,
-        timeout=timeout, check=False, cwd=ROOT,
+        [sys.executable, "-m", "gateway", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        cwd=ROOT,
     )
 
 
@@ -57,13 +59,23 @@ def test_check_config_errors_exit_2(tmp_path: Path) -> None:
 
 def test_check_config_rejects_a_file_that_is_not_a_certificate(tmp_path: Path) -> None:
     (tmp_path / "idp.pem").write_text("not a certificate\n")
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump({
-        "identity_providers": {"idp": {"issuer": "x", "certificates": ["idp.pem"]}},
-        "authorization_servers": {"as": {"token_url": "https://as/t", "client_auth": "none",
-                                         "audience": "a"}},
-        "routes": [{"upstream": "http://u", "identity_provider": "idp",
-                    "authorization_server": "as"}],
-    }))
+    (tmp_path / "c.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "identity_providers": {"idp": {"issuer": "x", "certificates": ["idp.pem"]}},
+                "authorization_servers": {
+                    "as": {"token_url": "https://as/t", "client_auth": "none", "audience": "a"}
+                },
+                "routes": [
+                    {
+                        "upstream": "http://u",
+                        "identity_provider": "idp",
+                        "authorization_server": "as",
+                    }
+                ],
+            }
+        )
+    )
     result = cli("check-config", "-c", str(tmp_path / "c.yaml"))
     assert result.returncode == 2
     assert "identity_providers.idp.certificates[0]" in result.stderr
@@ -83,18 +95,9 @@ def test_demo_runs_to_its_summary() -> None:
     assert "401" in result.stdout and "signature" in result.stdout
 
 
-@pytest.fixture
-async def stack_parts(idp: DemoIdP) -> tuple[FakeAuthorizationServer, UpstreamApp]:
-    auth = FakeAuthorizationServer(client_id="gateway", client_secret=CLIENT_SECRET)
-    await auth.start()
-    upstream = UpstreamApp()
-    await upstream.start()
-    yield auth, upstream  # type: ignore[misc]
-    await upstream.stop()
-    await auth.stop()
-
-
-def headers_for(idp: DemoIdP, auth: FakeAuthorizationServer, subject: str = "a@x") -> dict[str, str]:
+def headers_for(
+    idp: DemoIdP, auth: FakeAuthorizationServer, subject: str = "a@x"
+) -> dict[str, str]:
     import base64
     from datetime import UTC, datetime
 
@@ -103,12 +106,19 @@ def headers_for(idp: DemoIdP, auth: FakeAuthorizationServer, subject: str = "a@x
 
 
 async def test_sigterm_drains_in_flight_requests(
-    tmp_path: Path, idp: DemoIdP, stack_parts: tuple[FakeAuthorizationServer, UpstreamApp],
+    tmp_path: Path,
+    idp: DemoIdP,
+    parts: Parts,
     processes: list[Process],
 ) -> None:
-    auth, upstream = stack_parts
-    path = gateway_yaml(tmp_path, auth.token_url, upstream.url, idp,
-                        lifecycle={"shutdown_grace": 0.5, "drain_timeout": 5})
+    auth = parts.auth
+    path = gateway_yaml(
+        tmp_path,
+        auth.token_url,
+        parts.upstream_url,
+        idp,
+        lifecycle={"shutdown_grace": 0.5, "drain_timeout": 5},
+    )
     gw = spawn_gateway(path, "--log-format", "json")
     processes.append(gw)
     headers = headers_for(idp, auth)
@@ -129,12 +139,15 @@ async def test_sigterm_drains_in_flight_requests(
 
 
 async def test_sighup_reloads_and_keeps_old_config_on_error(
-    tmp_path: Path, idp: DemoIdP, stack_parts: tuple[FakeAuthorizationServer, UpstreamApp],
+    tmp_path: Path,
+    idp: DemoIdP,
+    parts: Parts,
     processes: list[Process],
 ) -> None:
-    auth, upstream = stack_parts
-    path = gateway_yaml(tmp_path, auth.token_url, upstream.url, idp,
-                        route={"path_prefix": "/old"})
+    auth = parts.auth
+    path = gateway_yaml(
+        tmp_path, auth.token_url, parts.upstream_url, idp, route={"path_prefix": "/old"}
+    )
     gw = spawn_gateway(path, "--log-format", "json")
     processes.append(gw)
     headers = headers_for(idp, auth)
@@ -164,24 +177,28 @@ async def test_sighup_reloads_and_keeps_old_config_on_error(
         assert auth.calls == 1  # the reload kept the token cache
     gw.proc.send_signal(signal.SIGTERM)
     assert await wait_exit(gw.proc, 10) == 0
-    assert os.path.exists(path)
 
 
 async def test_two_workers_share_the_port(
-    tmp_path: Path, idp: DemoIdP, stack_parts: tuple[FakeAuthorizationServer, UpstreamApp],
+    tmp_path: Path,
+    idp: DemoIdP,
+    parts: Parts,
     processes: list[Process],
 ) -> None:
-    auth, upstream = stack_parts
-    path = gateway_yaml(tmp_path, auth.token_url, upstream.url, idp, workers=2)
+    auth = parts.auth
+    path = gateway_yaml(tmp_path, auth.token_url, parts.upstream_url, idp, workers=2)
     gw = spawn_gateway(path, "--log-format", "json")
     processes.append(gw)
     async with aiohttp.ClientSession() as session:
         for i in range(20):
-            async with session.get(f"{gw.url}/hello", headers=headers_for(idp, auth, f"u{i}@x"),
-                                   ) as r:
+            async with session.get(
+                f"{gw.url}/hello",
+                headers=headers_for(idp, auth, f"u{i}@x"),
+            ) as r:
                 assert r.status == 200
-    children = subprocess.run(["pgrep", "-P", str(gw.proc.pid)], capture_output=True, text=True,
-                              check=False).stdout.split()
+    children = subprocess.run(
+        ["pgrep", "-P", str(gw.proc.pid)], capture_output=True, text=True, check=False
+    ).stdout.split()
     assert len(children) == 2
     gw.proc.send_signal(signal.SIGTERM)
     assert await wait_exit(gw.proc, 15) == 0
