@@ -11,6 +11,7 @@ Endpoints (any host, loopback by default):
     /ws                 WebSocket echo; the text ``close:<code>`` makes it close with that code
     /unauthorized       401 with ``WWW-Authenticate: Bearer error="invalid_token"``
     /hello              a tiny text answer, for benchmarks
+    /truncated          promises 1 MiB, sends 64 KiB, then drops the connection
 
 It keeps what tests look at: the last request's headers, a request count, and how far the
 current upload and download have got (to prove that a proxy streams instead of buffering).
@@ -49,6 +50,7 @@ class UpstreamApp:
     def __init__(self, *, ssl_context: ssl.SSLContext | None = None) -> None:
         self._ssl = ssl_context
         self._runner: web.AppRunner | None = None
+        self.base_url = ""  # set by start()
         self.requests = 0
         self.last_headers: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
         self.last_raw_path = ""
@@ -69,6 +71,7 @@ class UpstreamApp:
         app.router.add_get("/ws", self._ws)
         app.router.add_route("*", "/unauthorized", self._unauthorized)
         app.router.add_get("/hello", self._hello)
+        app.router.add_get("/truncated", self._truncated)
         # handler_cancellation: a client that gives up (a proxy's timeout) ends the handler,
         # so /slow does not hold the server open at shutdown.
         self._runner = web.AppRunner(
@@ -79,7 +82,8 @@ class UpstreamApp:
         await site.start()
         bound_port = self._runner.addresses[0][1]  # the real port when port 0 was asked for
         scheme = "https" if self._ssl is not None else "http"
-        return f"{scheme}://{host}:{bound_port}"
+        self.base_url = f"{scheme}://{host}:{bound_port}"
+        return self.base_url
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -111,6 +115,9 @@ class UpstreamApp:
         response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
         response.content_length = n
         await response.prepare(request)
+        if request.method == "HEAD":  # aiohttp would put written bytes on the wire regardless
+            await response.write_eof()
+            return response
         whole, rest = divmod(n, CHUNK)
         for _ in range(whole):
             await response.write(_PATTERN)
@@ -169,3 +176,12 @@ class UpstreamApp:
 
     async def _hello(self, request: web.Request) -> web.Response:
         return web.Response(text="hello")
+
+    async def _truncated(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.content_length = 16 * CHUNK
+        await response.prepare(request)
+        await response.write(_PATTERN)
+        if request.transport is not None:
+            request.transport.close()
+        return response

@@ -430,8 +430,9 @@ def _translate(exc: BaseException, progress: _BodyProgress | None) -> GatewayErr
     if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
         return UpstreamError("upstream_tls", f"{detail}: {exc}")
     if isinstance(exc, aiohttp.ClientResponseError):
-        return UpstreamError("upstream_invalid_response", f"{detail}: {exc.message}")
-    return UpstreamError("upstream_unreachable", f"{detail}: {exc}")
+        # the message may quote whatever the upstream sent: keep logs short
+        return UpstreamError("upstream_invalid_response", f"{detail}: {exc.message[:120]!r}")
+    return UpstreamError("upstream_unreachable", f"{detail}: {str(exc)[:200]}")
 
 
 def _close_code(code: int | None, fallback: int) -> int:
