@@ -1,0 +1,69 @@
+"""Helpers for the RFC 7522 client tests: assertion values, server profiles, PEM keys."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from gateway.config import AuthorizationServer
+from gateway.devkit.authorization_server import FakeAuthorizationServer
+from gateway.oauth.client import TokenClient
+from gateway.saml.assertion import Assertion
+
+StartAs = Callable[..., Awaitable[FakeAuthorizationServer]]
+MakeClient = Callable[..., TokenClient]
+
+_ids = itertools.count(1)
+
+
+def assertion(assertion_id: str | None = None, *, nonce: str = "") -> Assertion:
+    """An already-verified assertion value; the exchange only needs its bytes and ID."""
+    assertion_id = assertion_id or f"_a{next(_ids):06d}"
+    raw = (
+        '<?xml version="1.0"?><saml:Assertion xmlns:saml="urn:oasis:names:tc:SAML:2.0:assertion"'
+        f' ID="{assertion_id}" Version="2.0"><saml:Issuer>https://idp.test</saml:Issuer>'
+        f"<saml:Subject><saml:NameID>alice{nonce}</saml:NameID></saml:Subject></saml:Assertion>"
+    ).encode()
+    return Assertion(
+        id=assertion_id,
+        issuer="https://idp.test",
+        subject="alice",
+        audiences=("https://as.test",),
+        recipient="https://as.test/token",
+        not_on_or_after=datetime.now(UTC) + timedelta(minutes=5),
+        digest=hashlib.sha256(raw).digest(),
+        raw=raw,
+    )
+
+
+def profile(token_url: str, **overrides: Any) -> AuthorizationServer:
+    data: dict[str, Any] = {
+        "token_url": token_url,
+        "audience": "https://as.test",
+        "client_id": "gateway",
+        "client_secret": "s3cret",
+        "retries": {"attempts": 3, "backoff": 0.01, "max_backoff": 0.05, "deadline": 5},
+        "timeouts": {"connect": 1, "total": 2},
+    }
+    data.update(overrides)
+    return AuthorizationServer.model_validate(data)
+
+
+def pem_private(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def pem_public(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> bytes:
+    return key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
