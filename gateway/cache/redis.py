@@ -306,6 +306,15 @@ def _public_url(url: str) -> str:
     return parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]).geturl()
 
 
+def _without_password(url: str) -> str:
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    userinfo, host = parts.netloc.rsplit("@", 1)
+    user = userinfo.partition(":")[0]
+    return parts._replace(netloc=f"{user}@{host}" if user else host).geturl()
+
+
 class _SentinelMaster(Redis):
     """The master client of a Sentinel setup; closing it also closes the sentinel clients."""
 
@@ -332,11 +341,13 @@ def connect_redis(settings: RedisSettings) -> RedisClient:
     tls: dict[str, Any] = {"ssl": True, "ssl_ca_certs": settings.ca_file}
     if scheme in ("redis", "rediss", "unix"):
         extra = dict(common, retry=_one_retry())
+        url = settings.url
         if password is not None:
             extra["password"] = password
+            url = _without_password(url)  # from_url lets the URL's password win otherwise
         if scheme == "rediss" and settings.ca_file:
             extra["ssl_ca_certs"] = settings.ca_file
-        return Redis.from_url(settings.url, **extra)
+        return Redis.from_url(url, **extra)
     if scheme == "redis+sentinel":
         target = parse_multi_host_url(settings.url, default_port=26379)
         if not 1 <= len(target.path) <= 2:

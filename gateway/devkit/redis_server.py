@@ -168,3 +168,67 @@ def _command(*parts: str) -> bytes:
         data = part.encode()
         out.append(b"$%d\r\n%s\r\n" % (len(data), data))
     return b"".join(out)
+
+
+def start_sentinel(master: RedisServer, directory: Path, service: str = "mymaster") -> RedisServer:
+    """A Sentinel watching ``master`` as ``service`` (quorum 1), started and answering."""
+    directory.mkdir(parents=True, exist_ok=True)
+    config = directory / "sentinel.conf"  # Sentinel rewrites its config file, so one per run
+    lines = [f"sentinel monitor {service} 127.0.0.1 {master.port} 1"]
+    if master.password:
+        lines.append(f"sentinel auth-pass {service} {master.password}")
+    config.write_text("\n".join(lines) + "\n")
+    sentinel = RedisServer(directory, config_file=config, extra_args=("--sentinel",))
+    sentinel.start()
+    return sentinel
+
+
+def start_cluster(directory: Path, size: int = 3, timeout: float = 20.0) -> list[RedisServer]:
+    """``size`` masters (no replicas) joined into a Redis Cluster with every slot covered."""
+    cluster_args = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
+    nodes = [
+        RedisServer(
+            directory / f"node{i}", extra_args=(*cluster_args, "--cluster-node-timeout", "2000")
+        )
+        for i in range(size)
+    ]
+    try:
+        for node in nodes:
+            node.start()
+        cli = shutil.which("redis-cli") or "/usr/bin/redis-cli"
+        # the addresses are our own loopback servers
+        addresses = [f"127.0.0.1:{n.port}" for n in nodes]
+        create = [
+            cli,
+            "--cluster",
+            "create",
+            *addresses,
+            "--cluster-replicas",
+            "0",
+            "--cluster-yes",
+        ]
+        subprocess.run(  # noqa: S603
+            create,
+            check=True,
+            capture_output=True,
+            timeout=timeout,
+        )
+        deadline = time.monotonic() + timeout
+        while not all(_cluster_ok(n.port) for n in nodes):
+            if time.monotonic() > deadline:
+                raise TimeoutError("the Redis cluster did not reach cluster_state:ok")
+            time.sleep(0.05)
+    except BaseException:
+        for node in nodes:
+            node.kill()
+        raise
+    return nodes
+
+
+def _cluster_ok(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(_command("CLUSTER", "INFO"))
+            return b"cluster_state:ok" in sock.recv(4096)
+    except OSError:
+        return False
