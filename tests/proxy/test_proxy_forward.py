@@ -6,14 +6,13 @@ import asyncio
 import hashlib
 import logging
 import os
-import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
 from multidict import CIMultiDict
-from proxy_support import StartGateway, make_route
+from proxy_support import StartGateway, closed_port, make_route
 from yarl import URL
 
 from gateway.config import ProxySettings, RouteTimeouts
@@ -266,13 +265,6 @@ async def test_chunked_body_over_limit_is_413(
     assert gw.errors[-1].reason == "body_too_large"
     # the upstream never got a complete-looking body
     assert upstream.upload_received <= 1000
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 async def test_upstream_down_is_502(
