@@ -26,6 +26,7 @@ from gateway.cache import TokenCache
 from gateway.cache.entry import SharedStore
 from gateway.config import Config, load_config
 from gateway.errors import ConfigError, GatewayError, InvalidAssertion
+from gateway.forward_auth import grant_headers, original_request
 from gateway.logs import ACCESS
 from gateway.metrics import Metrics
 from gateway.pipeline import Runtime, Trace, note_failure
@@ -82,8 +83,10 @@ class GatewayServer:
         self._retired: set[asyncio.Task[None]] = set()
         self._runner: web.AppRunner | None = None
         self._admin_runner: web.AppRunner | None = None
+        self._auth_runner: web.AppRunner | None = None
         self.port = 0
         self.admin_port = 0
+        self.auth_port = 0
 
     def _shared_store(self, config: Config) -> SharedStore | None:
         if config.cache.backend != "redis" or config.cache.redis is None:
@@ -161,8 +164,19 @@ class GatewayServer:
         )
 
     async def _proxy(self, request: web.Request) -> web.StreamResponse:
-        trace: Trace = request[TRACE]
-        return await self.runtime.proxy(request, trace)
+        return await self.runtime.proxy(request, request[TRACE])
+
+    async def _forward_auth(self, request: web.Request) -> web.StreamResponse:
+        settings = self.config.forward_auth
+        original = original_request(request.headers, request.path, settings.path)
+        runtime, trace = self.runtime, request[TRACE]
+        route = runtime.route_for(original.host, original.path)
+        trace.route = route.label
+        entry = await runtime.authorize(route, request.headers, trace)
+        ttl = runtime.cache.ttl(entry)
+        return web.Response(
+            status=200, headers=grant_headers(settings.token_header, entry.token.access_token, ttl)
+        )
 
     @staticmethod
     async def _stamp_request_id(request: web.Request, response: web.StreamResponse) -> None:
@@ -170,10 +184,15 @@ class GatewayServer:
         if isinstance(trace, Trace):
             response.headers["X-Request-ID"] = trace.request_id
 
-    def build_app(self) -> web.Application:
+    def build_app(self, *, proxy: bool = True, forward_auth: bool = False) -> web.Application:
         app = web.Application(middlewares=[self._observe])
         app.on_response_prepare.append(self._stamp_request_id)
-        app.router.add_route("*", "/{tail:.*}", self._proxy)
+        if forward_auth:
+            path = self.config.forward_auth.path.rstrip("/") or "/"
+            app.router.add_route("*", path, self._forward_auth)
+            app.router.add_route("*", path.rstrip("/") + "/{original:.*}", self._forward_auth)
+        if proxy:
+            app.router.add_route("*", "/{tail:.*}", self._proxy)
         return app
 
     # --- admin -----------------------------------------------------------------------------
@@ -211,31 +230,22 @@ class GatewayServer:
     async def start(self) -> None:
         config = self.config
         await self.runtime.start()
-        # Signed assertions are often far larger than aiohttp's 8 KB default; leave room for
-        # an over-cap assertion to arrive, so it is refused with a clear 401 (reason "size").
-        header_limit = max(config.proxy.max_header_size, config.assertion.max_size + 1024)
-        self._runner = web.AppRunner(
-            self.build_app(),
-            access_log=None,
-            shutdown_timeout=config.lifecycle.drain_timeout,
-            max_line_size=header_limit,
-            max_field_size=header_limit,
-            max_headers=config.proxy.max_headers,
+        auth = config.forward_auth
+        own_auth_listener = auth.enabled and auth.listen is not None
+        self._runner = self._serving_runner(
+            self.build_app(forward_auth=auth.enabled and not own_auth_listener)
         )
-        await self._runner.setup()
-        site = web.TCPSite(
-            self._runner, config.listen.host, config.listen.port, reuse_port=self.reuse_port
-        )
-        await site.start()
-        self.port = _bound_port(self._runner)
+        self.port = await self._listen(self._runner, config.listen.host, config.listen.port)
+        if own_auth_listener and auth.listen is not None:
+            self._auth_runner = self._serving_runner(self.build_app(proxy=False, forward_auth=True))
+            self.auth_port = await self._listen(
+                self._auth_runner, auth.listen.host, auth.listen.port
+            )
         if config.admin.enabled:
             self._admin_runner = web.AppRunner(self.build_admin_app(), access_log=None)
-            await self._admin_runner.setup()
-            admin = web.TCPSite(
-                self._admin_runner, config.admin.host, config.admin.port, reuse_port=self.reuse_port
+            self.admin_port = await self._listen(
+                self._admin_runner, config.admin.host, config.admin.port
             )
-            await admin.start()
-            self.admin_port = _bound_port(self._admin_runner)
         log.info(
             "gateway listening",
             extra={
@@ -246,6 +256,25 @@ class GatewayServer:
                 }
             },
         )
+
+    def _serving_runner(self, app: web.Application) -> web.AppRunner:
+        config = self.config
+        # Signed assertions are often far larger than aiohttp's 8 KB default; leave room for
+        # an over-cap assertion to arrive, so it is refused with a clear 401 (reason "size").
+        header_limit = max(config.proxy.max_header_size, config.assertion.max_size + 1024)
+        return web.AppRunner(
+            app,
+            access_log=None,
+            shutdown_timeout=config.lifecycle.drain_timeout,
+            max_line_size=header_limit,
+            max_field_size=header_limit,
+            max_headers=config.proxy.max_headers,
+        )
+
+    async def _listen(self, runner: web.AppRunner, host: str, port: int) -> int:
+        await runner.setup()
+        await web.TCPSite(runner, host, port, reuse_port=self.reuse_port).start()
+        return int(runner.addresses[0][1])
 
     async def reload(self) -> bool:
         """Load the config file again; keep the running one if the new one is broken."""
@@ -261,7 +290,7 @@ class GatewayServer:
                 extra={"fields": {"problems": exc.problems, "file": str(self.config_path)}},
             )
             return False
-        for key in ("listen", "admin", "workers", "cache"):
+        for key in ("listen", "admin", "workers", "cache", "forward_auth"):
             if getattr(config, key) != getattr(self.config, key):
                 log.warning("config key %r changed: it takes effect at the next restart", key)
         await runtime.start()
@@ -288,20 +317,17 @@ class GatewayServer:
 
     async def close(self) -> None:
         self.draining = True
-        if self._runner is not None:
-            await self._runner.cleanup()  # stops accepting, waits for in-flight up to drain_timeout
-            self._runner = None
+        for runner in (self._runner, self._auth_runner):
+            if runner is not None:
+                await runner.cleanup()  # stops accepting, waits for in-flight up to drain_timeout
+        self._runner = self._auth_runner = None
         for task in list(self._retired):
             task.cancel()
         await self.runtime.close()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
             self._admin_runner = None
+        await self.cache.close()
         if self.shared is not None:
             await self.shared.close()
         log.info("stopped")
-
-
-def _bound_port(runner: web.AppRunner) -> int:
-    address = runner.addresses[0]
-    return int(address[1])

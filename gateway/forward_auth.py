@@ -1,0 +1,47 @@
+"""Forward-auth mode: nginx ``auth_request``, Traefik ``forwardAuth`` and Envoy ``ext_authz``
+(HTTP mode) ask the gateway about a request they will carry themselves.
+
+The gateway reads the original request from the headers those proxies send, picks the
+route by the original URI, runs the same pipeline as the proxy (cache fast path,
+validation, single-flight exchange) and answers:
+
+- 200, with the token in ``forward_auth.token_header`` (``Authorization: Bearer …``) and
+  ``Cache-Control: max-age=<seconds the token will still be served>``, so a proxy that
+  caches the answer never holds a token longer than the gateway would;
+- otherwise the proxy mode's JSON error and status (401 refused assertion, 404 no route,
+  502/503/504 authorization-server trouble).
+
+Where the original URI comes from, in order: ``X-Original-URI`` (nginx), ``X-Forwarded-Uri``
+(Traefik), then the request path below the auth path (Envoy appends the original path to
+its ``path_prefix``). The original host: ``X-Forwarded-Host``, else ``Host``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from yarl import URL
+
+
+@dataclass(frozen=True, slots=True)
+class OriginalRequest:
+    host: str | None
+    path: str  # percent-decoded, as routes match it
+
+
+def original_request(headers: Mapping[str, str], path: str, auth_path: str) -> OriginalRequest:
+    uri = headers.get("X-Original-URI") or headers.get("X-Forwarded-Uri")
+    if uri:
+        original = URL(uri, encoded=True).path or "/"
+    elif path.startswith(auth_path.rstrip("/") + "/"):
+        original = path[len(auth_path.rstrip("/")) :]
+    else:
+        original = "/"
+    return OriginalRequest(headers.get("X-Forwarded-Host") or headers.get("Host"), original)
+
+
+def grant_headers(header: str, token: str, ttl: float) -> dict[str, str]:
+    """The 200 answer's headers: the token, and how long a proxy may cache the answer."""
+    value = token if header.lower() != "authorization" else f"Bearer {token}"
+    return {header: value, "Cache-Control": f"max-age={int(ttl)}"}
