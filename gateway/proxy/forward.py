@@ -238,23 +238,32 @@ class Forwarder:
     ) -> None:
         complete = False
         written = 0
+        side = "client"  # whose failure an exception means, by the step that raised it
         try:
             await response.prepare(request)
-            async for chunk in upstream.content.iter_any():
+            chunks = upstream.content.iter_any().__aiter__()
+            while True:
+                side = "upstream"
+                try:
+                    chunk = await anext(chunks)
+                except StopAsyncIteration:
+                    break
+                side = "client"
                 await response.write(chunk)
                 written += len(chunk)
+            side = "client"
             await response.write_eof()
             complete = True
-        except (aiohttp.ClientError, OSError) as exc:
+        except (aiohttp.ClientError, OSError) as exc:  # TimeoutError included
             # Headers are out: a short body must not look complete, so the client
             # connection is cut (a chunked body then lacks its final chunk).
-            who = "client" if isinstance(exc, ConnectionResetError) else "upstream"
-            log.warning(
-                "response to %s %s cut after %d body bytes: %s went away (%s)",
+            log.log(
+                logging.WARNING if side == "upstream" else logging.INFO,
+                "response to %s %s cut after %d body bytes: %s failed (%s)",
                 request.method,
                 request.path,
                 written,
-                who,
+                side,
                 type(exc).__name__,
             )
             if request.transport is not None:

@@ -329,6 +329,7 @@ async def test_upstream_dying_mid_body_cuts_the_client_quietly(
     cut = [r for r in caplog.records if r.name == "gateway.proxy.forward"]
     assert len(cut) == 1
     assert cut[0].exc_info is None
+    assert "upstream failed" in cut[0].getMessage()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
