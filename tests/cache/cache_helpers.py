@@ -1,0 +1,108 @@
+"""Helpers for the token cache tests: assertions, a clock, an exchange, a shared store."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+from gateway.cache.entry import CachedToken
+from gateway.config import CacheSettings
+from gateway.errors import GatewayError
+from gateway.oauth.token import Token
+from gateway.saml.assertion import Assertion
+
+T0 = 1_700_000_000.0
+_ids = itertools.count(1)
+
+
+def assertion(
+    assertion_id: str | None = None, *, body: str = "alice", not_on_or_after: float = T0 + 86400
+) -> Assertion:
+    assertion_id = assertion_id or f"_c{next(_ids):06d}"
+    raw = f'<saml:Assertion ID="{assertion_id}"><NameID>{body}</NameID></saml:Assertion>'.encode()
+    return Assertion(
+        id=assertion_id,
+        issuer="https://idp.test",
+        subject=body,
+        audiences=("https://as.test",),
+        recipient="https://as.test/token",
+        not_on_or_after=datetime.fromtimestamp(not_on_or_after, UTC),
+        digest=hashlib.sha256(raw).digest(),
+        raw=raw,
+    )
+
+
+def settings(**overrides: Any) -> CacheSettings:
+    return CacheSettings.model_validate({"jitter": 0, **overrides})
+
+
+class Clock:
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class Exchange:
+    """A stand-in for ``TokenClient.exchange``: counts calls, can block, fail or be slow."""
+
+    def __init__(self, expires_in: float = 3600) -> None:
+        self.expires_in = expires_in
+        self.calls: list[str] = []
+        self.gate: asyncio.Event | None = None  # when set, calls wait for it
+        self.started = asyncio.Event()
+        self.error: GatewayError | None = None
+
+    async def __call__(self, presented: Assertion) -> Token:
+        self.calls.append(presented.id)
+        self.started.set()
+        if self.gate is not None:
+            await asyncio.wait_for(self.gate.wait(), 5)
+        if self.error is not None:
+            raise self.error
+        return Token(access_token=f"tok-{len(self.calls)}", expires_in=self.expires_in)
+
+
+class MemoryShared:
+    """A SharedStore in memory, shared by several TokenCache "replicas" in one test."""
+
+    def __init__(self) -> None:
+        self.entries: dict[tuple[str, str], CachedToken] = {}
+        self.locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self.deleted: list[tuple[str, str]] = []
+        self.puts = 0
+        self.gets = 0
+        self.never_owner = False  # as if another replica held every lock
+
+    async def get(self, profile: str, assertion_id: str) -> CachedToken | None:
+        self.gets += 1
+        return self.entries.get((profile, assertion_id))
+
+    async def put(self, entry: CachedToken) -> None:
+        self.puts += 1
+        self.entries[(entry.profile, entry.assertion_id)] = entry
+
+    async def delete(self, profile: str, assertion_id: str) -> None:
+        self.deleted.append((profile, assertion_id))
+        self.entries.pop((profile, assertion_id), None)
+
+    @asynccontextmanager
+    async def exchange_lock(self, profile: str, assertion_id: str) -> AsyncIterator[bool]:
+        lock = self.locks.setdefault((profile, assertion_id), asyncio.Lock())
+        if self.never_owner or lock.locked():
+            yield False
+            return
+        async with lock:
+            yield True
+
+    async def close(self) -> None:
+        pass
