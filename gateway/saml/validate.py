@@ -191,6 +191,18 @@ def _name(algorithm: SignatureMethod | DigestAlgorithm | None) -> str:
 # --- signature verification ----------------------------------------------------------
 
 
+class _PinnedVerifier(XMLVerifier):
+    """signxml's verifier, minus reading the certificate serial for a message.
+
+    signxml describes the signing certificate (subject, serial) on every verification. Some
+    real IdP certificates carry serial 0, and reading it makes cryptography warn on every
+    request; a pinned certificate is named by its config key instead.
+    """
+
+    def _get_cert_description(self, cert: object, cert_source: str) -> str:
+        return cert_source
+
+
 def _candidate_keys(signature: etree._Element, policy: TrustPolicy) -> list[PinnedKey]:
     """Pinned keys strong enough to use, the one KeyInfo names first (a hint, never trust)."""
     usable = [k for k in policy.keys if not (k.kind == "rsa" and k.bits < policy.min_rsa_key_bits)]
@@ -221,7 +233,7 @@ def _verify(
     last = "no key tried"
     for key in _candidate_keys(signature, policy):
         try:
-            result = XMLVerifier().verify(
+            result = _PinnedVerifier().verify(
                 data,
                 x509_cert=key.certificate,
                 parser=hardened_parser(),
