@@ -40,6 +40,7 @@ from gateway.oauth.grant import (
     CLIENT_ERRORS,
     SERVER_ERROR,
     TOO_LARGE,
+    TokenRequest,
     build_token_request,
     parse_token_response,
     server_problems,
@@ -115,6 +116,16 @@ class TokenClient:
                 except Exception:
                     logger.exception("token exchange observer failed")
 
+    def build_request(self, profile: str, raw: bytes) -> TokenRequest:
+        """The request an exchange of ``raw`` (a decoded assertion) would send right now."""
+        return build_token_request(
+            self._servers[profile],
+            raw,
+            now=time.time(),
+            jti=secrets.token_urlsafe(18),
+            signing_key=self._keys.get(profile),
+        )
+
     async def close(self) -> None:
         if self._session is not None:
             session, self._session = self._session, None
@@ -172,13 +183,7 @@ class TokenClient:
     async def _attempt(
         self, profile: str, server: AuthorizationServer, assertion: Assertion, deadline: float
     ) -> Token:
-        request = build_token_request(
-            server,
-            assertion.raw,
-            now=time.time(),
-            jti=secrets.token_urlsafe(18),
-            signing_key=self._keys.get(profile),
-        )
+        request = self.build_request(profile, assertion.raw)
         remaining = deadline - asyncio.get_running_loop().time()
         timeout = aiohttp.ClientTimeout(
             total=max(0.001, min(server.timeouts.total, remaining)),
