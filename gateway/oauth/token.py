@@ -10,4 +10,4 @@ class Token:
     access_token: str = field(repr=False)  # never printed, never logged
     expires_in: float  # seconds, as the server said (or the configured default)
     scope: str | None = None
-    token_type: str = "Bearer"
+    token_type: str = "Bearer"  # noqa: S105 - a token type name, not a secret
