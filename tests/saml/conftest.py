@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import pytest
+from saml_helpers import AUDIENCE, ISSUER, NOW, RECIPIENT, IssueFn, PolicyFactory
 
 from gateway.devkit.idp import DemoIdP
 from gateway.saml import PinnedKey, TrustPolicy
-
-ISSUER = "https://idp.example.test/saml"
-AUDIENCE = "https://as.example.test/oauth2/default"
-RECIPIENT = "https://as.example.test/oauth2/v1/token"
-NOW = datetime.now(UTC).replace(microsecond=0)
 
 
 @pytest.fixture(scope="session")
@@ -30,9 +25,6 @@ def ec_idp() -> DemoIdP:
 def attacker() -> DemoIdP:
     """Another key whose certificate copies the genuine subject name and issuer."""
     return DemoIdP.generate(ISSUER, "rsa")
-
-
-PolicyFactory = Callable[..., TrustPolicy]
 
 
 @pytest.fixture
@@ -55,9 +47,6 @@ def make_policy(idp: DemoIdP) -> PolicyFactory:
 @pytest.fixture
 def policy(make_policy: PolicyFactory) -> TrustPolicy:
     return make_policy()
-
-
-IssueFn = Callable[..., bytes]
 
 
 @pytest.fixture

@@ -7,8 +7,8 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from conftest import AUDIENCE, ISSUER, NOW, RECIPIENT
 from cryptography.hazmat.primitives.serialization import Encoding
+from saml_helpers import AUDIENCE, ISSUER, NOW, RECIPIENT
 
 from gateway.config import AssertionSettings, AuthorizationServer, IdentityProvider
 from gateway.devkit.idp import DemoIdP

@@ -5,10 +5,10 @@ from __future__ import annotations
 import base64
 from datetime import timedelta
 
-from conftest import AUDIENCE, ISSUER, NOW, RECIPIENT
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lxml import etree
+from saml_helpers import AUDIENCE, ISSUER, NOW, RECIPIENT
 
 from gateway.config import AssertionSettings
 from gateway.devkit.idp import DemoIdP

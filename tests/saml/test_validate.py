@@ -6,8 +6,8 @@ import copy
 from datetime import timedelta
 
 import pytest
-from conftest import AUDIENCE, ISSUER, NOW, RECIPIENT, IssueFn, PolicyFactory
 from lxml import etree
+from saml_helpers import AUDIENCE, ISSUER, NOW, RECIPIENT, IssueFn, PolicyFactory
 
 from gateway.devkit.idp import DS_NS, SAML_NS, SAMLP_NS, DemoIdP
 from gateway.errors import InvalidAssertion

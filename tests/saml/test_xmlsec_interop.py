@@ -7,13 +7,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import AUDIENCE, NOW, RECIPIENT, PolicyFactory
 from cryptography.hazmat.primitives.serialization import (
     Encoding,
     NoEncryption,
     PrivateFormat,
 )
 from lxml import etree
+from saml_helpers import AUDIENCE, NOW, RECIPIENT, PolicyFactory
 
 from gateway.devkit.idp import DS_NS, DemoIdP
 from gateway.errors import InvalidAssertion
