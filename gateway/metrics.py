@@ -56,15 +56,14 @@ class Metrics:
         )
         self.request_seconds = Histogram(
             "gateway_request_duration_seconds",
-            "Time to answer a request (to first byte of the "
-            "upstream response for proxied ones, whole body for errors)",
+            "Time to answer a request, streamed body included",
             ["route"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.upstream_seconds = Histogram(
             "gateway_upstream_duration_seconds",
-            "Time the upstream took, body included",
+            "Time until the upstream sent its response headers",
             ["route"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
