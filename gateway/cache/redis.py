@@ -70,7 +70,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.cache.entry import CachedToken
 from gateway.config import RedisSettings
@@ -81,6 +81,9 @@ logger = logging.getLogger("gateway.cache.redis")
 
 RedisClient = Redis | RedisCluster
 _T = TypeVar("_T")
+
+# What a store fault looks like from redis-py (RedisClusterException is not a RedisError).
+_FAULTS = (RedisError, RedisClusterException, OSError, TimeoutError)
 
 
 # One immediate retry, so a pooled connection that went stale (a Redis restart, a failover)
@@ -493,7 +496,7 @@ class RedisTokenStore:
                 return
 
     async def close(self) -> None:
-        with suppress(RedisError, OSError, TimeoutError):
+        with suppress(*_FAULTS):
             async with asyncio.timeout(self._timeout):
                 await self._client.aclose()
 
@@ -509,7 +512,7 @@ class RedisTokenStore:
         try:
             async with asyncio.timeout(self._timeout):
                 result = await command()
-        except (RedisError, OSError, TimeoutError) as exc:
+        except _FAULTS as exc:
             self._failed(op, exc)
             return default
         if self._up is not True:

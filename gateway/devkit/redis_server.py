@@ -7,6 +7,7 @@ multi-replica gateway tests can drive a real server. Every wait is bounded.
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import signal
 import socket
@@ -18,12 +19,22 @@ from types import TracebackType
 DEFAULT_BINARY = "redis-server"
 
 
-def free_port() -> int:
-    """A loopback TCP port that was free a moment ago (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+def free_port(low: int = 20000, high: int = 32000) -> int:
+    """A loopback TCP port that was free a moment ago.
+
+    Chosen below Linux's ephemeral range (32768+) on purpose: a port the OS hands out for
+    ``bind(0)`` can be taken by any outgoing connection before the server binds it (tests
+    open many), while ports down here are only ever taken by explicit binds.
+    """
+    for _ in range(200):
+        port = secrets.randbelow(high - low) + low
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free loopback port in {low}-{high}")
 
 
 def redis_server_binary() -> str | None:
@@ -31,6 +42,10 @@ def redis_server_binary() -> str | None:
     return shutil.which(DEFAULT_BINARY) or (
         "/usr/bin/redis-server" if Path("/usr/bin/redis-server").is_file() else None
     )
+
+
+class PortTaken(RuntimeError):
+    """Another process bound the port between our check and the server's bind."""
 
 
 class RedisServer:
@@ -47,11 +62,14 @@ class RedisServer:
         binary: str | None = None,
     ) -> None:
         found = binary or redis_server_binary()
+        # cluster nodes also listen on port + 10000 (the bus): keep both below 32768
+        self._port_range = (12000, 22000) if "--cluster-enabled" in extra_args else (20000, 32000)
+        self._port_is_fixed = port is not None
         if found is None:
             raise FileNotFoundError("redis-server is not installed (see `make system-deps`)")
         self.binary = found
         self.directory = directory
-        self.port = port or free_port()
+        self.port = port or free_port(*self._port_range)
         self.password = password
         self.extra_args = extra_args
         self.config_file = config_file  # first argument; e.g. a sentinel.conf (it is rewritten)
@@ -72,6 +90,19 @@ class RedisServer:
         """Start (again, on the same port) and return once it answers PING."""
         if self.running:
             return
+        for _ in range(5):
+            try:
+                self._spawn(timeout)
+                break
+            except PortTaken:
+                if self._port_is_fixed:
+                    raise
+                self.port = free_port(*self._port_range)  # lost the race: pick another
+        else:
+            raise RuntimeError("redis-server could not bind a free port")
+        self._port_is_fixed = True  # from now on, restarts come back on this port
+
+    def _spawn(self, timeout: float) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         args = [
             self.binary,
@@ -85,16 +116,20 @@ class RedisServer:
             *(("--requirepass", self.password) if self.password else ()),
             *self.extra_args,
         ]  # fmt: skip
-        log = (self.directory / "redis.log").open("ab")
-        try:
-            # the binary and arguments come from the caller (tests, benches), never from a request
+        log_path = self.directory / "redis.log"
+        log_start = log_path.stat().st_size if log_path.exists() else 0
+        with log_path.open("ab") as log:
+            # the binary and arguments come from the caller (tests, benches), never a request
             self._process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)  # noqa: S603
-        finally:
-            log.close()  # the child holds its own descriptor
         deadline = time.monotonic() + timeout
         while not self._answers_ping():
             if self._process.poll() is not None:
-                raise RuntimeError(f"redis-server exited: see {self.directory / 'redis.log'}")
+                self._process = None
+                with log_path.open("rb") as log:
+                    log.seek(log_start)
+                    if b"Address already in use" in log.read():
+                        raise PortTaken(self.port)
+                raise RuntimeError(f"redis-server exited: see {log_path}")
             if time.monotonic() > deadline:
                 self.kill()
                 raise TimeoutError(f"redis-server did not answer on port {self.port}")

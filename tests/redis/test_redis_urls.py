@@ -17,6 +17,7 @@ from gateway.cache.redis import RedisTokenStore, connect_redis, parse_multi_host
 from gateway.config import RedisSettings
 from gateway.devkit.redis_server import (
     RedisServer,
+    free_port,
     redis_server_binary,
     start_cluster,
     start_sentinel,
@@ -194,3 +195,21 @@ async def test_store_through_a_real_cluster(
     finally:
         await replica_a.close()
         await replica_b.close()
+
+
+@pytest.mark.parametrize("scheme", ["redis+sentinel", "redis+cluster"])
+async def test_unreachable_sentinel_or_cluster_reads_as_empty(
+    scheme: str, entry_factory: EntryFactory
+) -> None:
+    path = "/tokens/0" if scheme == "redis+sentinel" else ""
+    store = RedisTokenStore(settings(f"{scheme}://127.0.0.1:{free_port()}{path}"))
+    entry = entry_factory()
+    try:
+        async with asyncio.timeout(10):
+            await store.put(entry)
+            assert await store.get(entry.profile, entry.assertion_id) is None
+            async with store.exchange_lock(entry.profile, entry.assertion_id) as owned:
+                assert owned is False
+        assert not store.healthy
+    finally:
+        await store.close()
