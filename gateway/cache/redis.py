@@ -395,7 +395,14 @@ def connect_redis(settings: RedisSettings) -> RedisClient:
 
 
 class RedisTokenStore:
-    """``SharedStore`` on Redis (see the module doc for the rules it keeps)."""
+    """``SharedStore`` on Redis (see the module doc for the rules it keeps).
+
+    ``on_state(up)`` is called on every state change (for a gauge); ``clock`` (monotonic)
+    times the back-off, ``wall_clock`` is compared with ``CachedToken.expires_at``;
+    ``retry_interval`` is the least time between probes while down; ``client`` replaces
+    the one ``connect_redis`` would build. ``healthy`` is False until Redis first answers,
+    so call ``ping()`` at startup when Redis is required for readiness.
+    """
 
     def __init__(
         self,
