@@ -166,13 +166,10 @@ class FakeAuthorizationServer:
     async def _fault(self) -> web.StreamResponse | None:
         mode = self.mode
         if mode == "slow":
-            await asyncio.sleep(self.delay)
+            if await self._pause(self.delay):
+                return _error(503, "temporarily_unavailable", "stopping")
         elif mode == "hang":
-            if self._stopping is not None:
-                try:
-                    await asyncio.wait_for(self._stopping.wait(), _HANG_LIMIT)
-                except TimeoutError:
-                    pass
+            await self._pause(_HANG_LIMIT)
             return _error(500, "server_error", "hung")
         elif mode == "server_error":
             return _error(500, "server_error", "internal error")
@@ -195,6 +192,16 @@ class FakeAuthorizationServer:
         elif mode == "oversized":
             return web.json_response({"access_token": "x" * (2 << 20), "token_type": "Bearer"})
         return None
+
+    async def _pause(self, seconds: float) -> bool:
+        """Wait ``seconds``, or less if the server stops meanwhile (then True)."""
+        if self._stopping is None:
+            return True
+        try:
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        except TimeoutError:
+            return False
+        return True
 
     def _retry_after_header(self) -> dict[str, str]:
         return {"Retry-After": self.retry_after} if self.retry_after is not None else {}
