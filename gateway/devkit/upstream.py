@@ -8,7 +8,8 @@ Endpoints (any host, loopback by default):
     /status/{code}      an empty answer with that status
     /redirect           302 to /echo/redirected
     /slow/{seconds}     answers after a delay
-    /ws                 WebSocket echo; the text ``close:<code>`` makes it close with that code
+    /ws                 WebSocket echo; the text ``close:<code>`` makes it close with that code,
+                        ``drop`` makes it vanish without a close frame
     /unauthorized       401 with ``WWW-Authenticate: Bearer error="invalid_token"``
     /hello              a tiny text answer, for benchmarks
     /truncated          promises 1 MiB, sends 64 KiB, then drops the connection
@@ -161,6 +162,9 @@ class UpstreamApp:
         await ws.prepare(request)
         async for msg in ws:
             if msg.type is WSMsgType.TEXT:
+                if msg.data == "drop" and request.transport is not None:
+                    request.transport.close()  # gone without a close frame
+                    break
                 if msg.data.startswith("close:"):
                     await ws.close(code=int(msg.data.removeprefix("close:")), message=b"bye")
                     break

@@ -349,3 +349,43 @@ async def test_client_leaving_mid_download_releases_everything(
     assert upstream.downloads_finished == 0
     async with client.get(gw.url + "/hello") as again:
         assert await again.text() == "hello"
+
+
+async def test_upstream_reset_before_response_is_502(
+    start_gateway: StartGateway, client: aiohttp.ClientSession
+) -> None:
+    async def slam(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readline()  # the request line arrived; hang up without a word
+        writer.close()
+
+    server = await asyncio.start_server(slam, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        gw = await start_gateway([make_route(f"http://127.0.0.1:{port}")])
+        async with client.get(gw.url + "/x") as resp:
+            assert resp.status == 502
+        assert gw.errors[-1].reason == "upstream_unreachable"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_garbage_from_upstream_is_502(
+    start_gateway: StartGateway, client: aiohttp.ClientSession
+) -> None:
+    async def babble(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readline()
+        writer.write(b"NOT HTTP AT ALL\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(babble, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        gw = await start_gateway([make_route(f"http://127.0.0.1:{port}")])
+        async with client.get(gw.url + "/x") as resp:
+            assert resp.status == 502
+        assert gw.errors[-1].reason == "upstream_invalid_response"
+    finally:
+        server.close()
+        await server.wait_closed()

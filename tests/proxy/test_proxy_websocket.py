@@ -75,3 +75,14 @@ async def test_websocket_to_a_dead_upstream_is_502(
             raise AssertionError("no upstream to upgrade with")
     except aiohttp.WSServerHandshakeError as exc:
         assert exc.status == 502
+
+
+async def test_upstream_vanishing_closes_the_client_with_bad_gateway(
+    upstream: UpstreamApp, start_gateway: StartGateway, client: aiohttp.ClientSession
+) -> None:
+    gw = await start_gateway([make_route(upstream.base_url)])
+    async with client.ws_connect(gw.url + "/ws") as ws:
+        await ws.send_str("drop")
+        msg = await ws.receive(timeout=5)
+        assert msg.type is aiohttp.WSMsgType.CLOSE
+        assert msg.data == aiohttp.WSCloseCode.BAD_GATEWAY
