@@ -18,18 +18,20 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from gateway.cache import TokenCache
-from gateway.cache.entry import SharedStore
 from gateway.config import Config, load_config
 from gateway.errors import ConfigError, GatewayError, InvalidAssertion
 from gateway.forward_auth import grant_headers, original_request
 from gateway.logs import ACCESS
 from gateway.metrics import Metrics
 from gateway.pipeline import Runtime, Trace, note_failure
+
+if TYPE_CHECKING:
+    from gateway.cache.redis import RedisTokenStore
 
 log = logging.getLogger("gateway")
 
@@ -88,7 +90,7 @@ class GatewayServer:
         self.admin_port = 0
         self.auth_port = 0
 
-    def _shared_store(self, config: Config) -> SharedStore | None:
+    def _shared_store(self, config: Config) -> RedisTokenStore | None:
         if config.cache.backend != "redis" or config.cache.redis is None:
             return None
         from gateway.cache.redis import RedisTokenStore  # only deployments with Redis load it
@@ -206,7 +208,9 @@ class GatewayServer:
         if self.draining:
             body["status"] = "draining"
         if self.shared is not None:
-            healthy = bool(getattr(self.shared, "healthy", True))
+            # A bounded ping (instant while Redis is known down), so an idle replica still
+            # notices Redis going away and coming back.
+            healthy = await self.shared.ping()
             body["redis"] = "up" if healthy else "down"
             redis = self.config.cache.redis
             if not healthy and redis is not None and redis.required_for_readiness:
@@ -230,6 +234,8 @@ class GatewayServer:
     async def start(self) -> None:
         config = self.config
         await self.runtime.start()
+        if self.shared is not None and not await self.shared.ping():
+            log.warning("Redis does not answer; serving from memory until it does")
         auth = config.forward_auth
         own_auth_listener = auth.enabled and auth.listen is not None
         self._runner = self._serving_runner(
