@@ -63,7 +63,7 @@ async def test_example_loads_and_builds_a_token_request(name: str) -> None:
         request = client.build_request(profile, b"<Assertion ID='_x'/>")
     finally:
         await client.close()
-    assert request.field("assertion")
+    assert request.value("assertion")
     # Each example documents, in comments, what its server expects in the assertion.
     text = (EXAMPLES / f"{name}.yaml").read_text()
     for word in ("Audience", "Recipient", "NameID"):

@@ -89,7 +89,7 @@ class TokenRequest:
     def body(self) -> bytes:
         return urlencode(self.fields).encode("ascii")
 
-    def field(self, name: str) -> str | None:
+    def value(self, name: str) -> str | None:
         """The value of one form field (None when absent); handy for checks and tests."""
         return next((value for key, value in self.fields if key == name), None)
 

@@ -65,7 +65,7 @@ def test_plain_base64_encoding_per_server() -> None:
     server = profile(URL, assertion_encoding="base64")
     raw = b"\xfb\xff" + RAW  # bytes whose base64 uses '+' or '/'
     request = build_token_request(server, raw, now=0, jti="j")
-    encoded = request.field("assertion")
+    encoded = request.value("assertion")
     assert encoded == base64.b64encode(raw).decode()
     assert base64.b64decode(encoded, validate=True) == raw
 
@@ -73,13 +73,13 @@ def test_plain_base64_encoding_per_server() -> None:
 def test_client_secret_post_and_none() -> None:
     post = build_token_request(profile(URL, client_auth="client_secret_post"), RAW, now=0, jti="j")
     assert "Authorization" not in post.headers
-    assert (post.field("client_id"), post.field("client_secret")) == ("gateway", "s3cret")
+    assert (post.value("client_id"), post.value("client_secret")) == ("gateway", "s3cret")
 
     public = profile(URL, client_auth="none", client_secret=None, client_id="public-app")
     request = build_token_request(public, RAW, now=0, jti="j")
     assert "Authorization" not in request.headers
-    assert request.field("client_id") == "public-app"
-    assert request.field("client_secret") is None
+    assert request.value("client_id") == "public-app"
+    assert request.value("client_secret") is None
 
 
 @pytest.mark.parametrize("algorithm", ["RS256", "ES256"])
@@ -105,11 +105,11 @@ def test_private_key_jwt_is_a_verifiable_rfc7523_assertion(
     now = 1_700_000_000.0
     request = build_token_request(server, RAW, now=now, jti="unique-1", signing_key=key)
     assert "Authorization" not in request.headers
-    assert request.field("client_secret") is None
-    assert request.field("client_assertion_type") == (
+    assert request.value("client_secret") is None
+    assert request.value("client_assertion_type") == (
         "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
     )
-    jwt = request.field("client_assertion")
+    jwt = request.value("client_assertion")
     assert jwt is not None
     head, body, signature = jwt.split(".")
     header = json.loads(_unb64url(head))
@@ -152,8 +152,8 @@ def test_extra_params_cannot_smuggle_credentials() -> None:
     ]
     # Even unchecked, the builder drops reserved names rather than sending them twice.
     request = build_token_request(server, RAW, now=0, jti="j")
-    assert request.field("client_secret") is None
-    assert request.field("company_id") == "ACME"
+    assert request.value("client_secret") is None
+    assert request.value("company_id") == "ACME"
 
 
 def test_request_repr_hides_secrets_and_assertion() -> None:
@@ -161,7 +161,7 @@ def test_request_repr_hides_secrets_and_assertion() -> None:
         profile(URL, client_auth="client_secret_post"), RAW, now=0, jti="j"
     )
     text = repr(request)
-    assert "s3cret" not in text and request.field("assertion") not in text  # type: ignore[operator]
+    assert "s3cret" not in text and request.value("assertion") not in text  # type: ignore[operator]
 
 
 # --- response parsing --------------------------------------------------------------------
@@ -284,7 +284,7 @@ def test_jwt_lifetime_is_short(key_files: dict[str, Path]) -> None:
         private_key_jwt={"key_file": str(key_files["ES256"]), "algorithm": "ES256"},
     )
     now = time.time()
-    jwt = build_token_request(server, RAW, now=now, jti="j", signing_key=key).field(
+    jwt = build_token_request(server, RAW, now=now, jti="j", signing_key=key).value(
         "client_assertion"
     )
     claims = json.loads(_unb64url(jwt.split(".")[1]))  # type: ignore[union-attr]
