@@ -172,3 +172,15 @@ async def test_purge_drops_one_entry() -> None:
     assert cache.lookup("as", kept.digest) is not None
     await cache.obtain("as", purged, exchange)  # a fresh exchange, not a replay
     assert len(exchange.calls) == 3 and cache.replays == 0
+
+
+def test_cache_and_codecs_stay_free_of_network_libraries() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, gateway.cache, gateway.oauth, gateway.oauth.grant, gateway.oauth.client_auth;"
+        "print(sorted(m for m in ('aiohttp', 'redis') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
