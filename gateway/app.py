@@ -133,7 +133,7 @@ class GatewayServer:
             self._account(request, trace, status)
 
     def _realm(self, request: web.Request) -> str:
-        route = self.runtime.router.match(request.host, request.path)
+        route = self.runtime.router.match(request.headers.get("Host"), request.path)
         return (route.realm if route and route.realm else None) or "saml-gateway"
 
     def _account(self, request: web.Request, trace: Trace, status: int) -> None:

@@ -112,8 +112,10 @@ class Runtime:
 
     async def proxy(self, request: web.Request, trace: Trace) -> web.StreamResponse:
         """The whole flow for one proxied request."""
-        route = self.route_for(request.host, request.path)
+        # The Host header as sent: aiohttp's request.host may fall back to a blocking lookup.
+        route = self.route_for(request.headers.get("Host"), request.path)
         trace.route = route.label
+        self.forwarder.admit(request, route)  # 413 before validating or exchanging anything
         entry = await self.authorize(route, request.headers, trace)
         result = await self.forwarder.forward(request, route, entry.token.access_token, self.strip)
         trace.upstream_seconds = result.upstream_seconds

@@ -158,6 +158,13 @@ class Forwarder:
             await self._session.close()
             self._session = None
 
+    @staticmethod
+    def admit(request: web.Request, route: Route) -> None:
+        """Refuse a body declared larger than the route allows, before any other work."""
+        declared = request.content_length
+        if declared is not None and declared > route.max_body_size:
+            raise RequestTooLarge("body_too_large", f"Content-Length {declared}")
+
     async def forward(
         self, request: web.Request, route: Route, token: str, strip: frozenset[str]
     ) -> ForwardResult:
@@ -170,9 +177,7 @@ class Forwarder:
         if session is None:
             raise RuntimeError("Forwarder.start() was not awaited")
         plan = self._plan(route)
-        declared = request.content_length
-        if declared is not None and declared > route.max_body_size:
-            raise RequestTooLarge("body_too_large", f"Content-Length {declared}")
+        self.admit(request, route)
         headers = upstream_request_headers(
             request.headers,
             token=token,
