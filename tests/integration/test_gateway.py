@@ -242,3 +242,12 @@ async def test_access_log_never_holds_secrets(
     assert token not in text
     assert headers["X-SAML-Assertion"][:40] not in text
     assert "integration-secret-value" not in text
+
+
+async def test_declared_oversized_body_is_413_before_any_exchange(stack: Stack) -> None:
+    body = b"x" * (1024 * 1024 + 1)  # the route allows 1 MiB
+    async with stack.session.post(f"{stack.url}/upload", headers=stack.assertion(), data=body) as r:
+        assert r.status == 413
+        assert (await r.json())["error"] == "request_too_large"
+    assert stack.auth.calls == 0
+    assert stack.upstream.requests == 0
