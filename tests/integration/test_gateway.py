@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 from pathlib import Path
 
 import pytest
@@ -245,7 +246,7 @@ async def test_access_log_never_holds_secrets(
 
 
 async def test_declared_oversized_body_is_413_before_any_exchange(stack: Stack) -> None:
-    body = b"x" * (1024 * 1024 + 1)  # the route allows 1 MiB
+    body = io.BytesIO(b"x" * (1024 * 1024 + 1))  # the route allows 1 MiB
     async with stack.session.post(f"{stack.url}/upload", headers=stack.assertion(), data=body) as r:
         assert r.status == 413
         assert (await r.json())["error"] == "request_too_large"
