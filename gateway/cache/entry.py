@@ -39,9 +39,7 @@ class SharedStore(Protocol):
 
     async def delete(self, profile: str, assertion_id: str) -> None: ...
 
-    def exchange_lock(
-        self, profile: str, assertion_id: str
-    ) -> AbstractAsyncContextManager[bool]:
+    def exchange_lock(self, profile: str, assertion_id: str) -> AbstractAsyncContextManager[bool]:
         """Cross-replica single-flight: yields True when this replica owns the exchange.
 
         Yields False when another replica holds the lock (or the store is down and the
