@@ -1,0 +1,143 @@
+"""Run a real nginx for tests and benchmarks: own prefix folder, loopback ports, no daemon.
+
+The caller gives the inside of ``http { }`` (for instance one of the examples under
+``config/forward-auth/`` with its addresses replaced); this module wraps it in a complete
+configuration whose every path (pid, logs, temp files) lies inside the prefix, starts
+``nginx -p prefix -c nginx.conf -g 'daemon off;'`` and waits, within a deadline, until the
+listening ports accept connections.
+
+Standard library only: ``bench/_harness.py`` loads this file by path, so the benchmarks and
+the tests drive nginx the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "config" / "forward-auth"
+_TEMP_KINDS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+
+
+def nginx_binary() -> str | None:
+    """The nginx executable, or None; Debian puts it in /usr/sbin, often not on PATH."""
+    found = shutil.which("nginx")
+    if found:
+        return found
+    fallback = Path("/usr/sbin/nginx")
+    return str(fallback) if fallback.is_file() and os.access(fallback, os.X_OK) else None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def example(name: str, replacements: Mapping[str, str]) -> str:
+    """An example from ``config/forward-auth/`` with its addresses and paths replaced.
+
+    Every key must occur in the file, so an edited example cannot silently escape the tests.
+    """
+    text = (EXAMPLES / name).read_text()
+    for old, new in replacements.items():
+        if old not in text:
+            raise ValueError(f"{name}: expected {old!r} in the example")
+        text = text.replace(old, new)
+    return text
+
+
+def full_config(prefix: Path, http_body: str, *, workers: int = 1) -> str:
+    """A complete nginx.conf around ``http_body``; every file nginx writes is under ``prefix``."""
+    # When the master runs as root its workers switch to "nobody", who could not enter a
+    # private tmp folder; keep them as the current user instead (outside root, nginx
+    # ignores the directive, so leave it out).
+    user = f"user {pwd.getpwuid(os.geteuid()).pw_name};\n" if os.geteuid() == 0 else ""
+    temp = "".join(f"    {kind}_temp_path {prefix / 'temp' / kind};\n" for kind in _TEMP_KINDS)
+    return (
+        f"{user}"
+        f"worker_processes {workers};\n"
+        f"error_log {prefix / 'logs' / 'error.log'} warn;\n"
+        "events { worker_connections 1024; }\n"
+        "http {\n"
+        "    access_log off;\n"
+        f"{temp}"
+        f"{http_body}\n"
+        "}\n"
+    )
+
+
+@dataclass
+class Nginx:
+    proc: subprocess.Popen[bytes]
+    prefix: Path
+
+    @property
+    def error_log(self) -> Path:
+        return self.prefix / "logs" / "error.log"
+
+    def errors(self) -> str:
+        return self.error_log.read_text() if self.error_log.exists() else ""
+
+    def stop(self, timeout: float = 10) -> None:
+        """Fast shutdown (SIGTERM); kill if nginx has not gone within ``timeout``."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=timeout)
+
+
+def start_nginx(
+    prefix: Path,
+    http_body: str,
+    ports: Iterable[int],
+    *,
+    workers: int = 1,
+    startup_timeout: float = 10,
+) -> Nginx:
+    """Write the config, check it with ``nginx -t``, start nginx and wait for ``ports``."""
+    binary = nginx_binary()
+    if binary is None:
+        raise RuntimeError("nginx is not installed (Debian: apt-get install nginx)")
+    for folder in ("logs", "temp", "conf"):
+        (prefix / folder).mkdir(parents=True, exist_ok=True)
+    conf = prefix / "conf" / "nginx.conf"
+    conf.write_text(full_config(prefix, http_body, workers=workers))
+    pid = prefix / "logs" / "nginx.pid"
+    base = [binary, "-p", str(prefix), "-e", str(prefix / "logs" / "error.log"), "-c", str(conf)]
+    check = subprocess.run(
+        [*base, "-t", "-q", "-g", f"pid {pid};"], capture_output=True, text=True, timeout=30
+    )
+    if check.returncode != 0:
+        raise RuntimeError(f"nginx -t refused the configuration:\n{check.stderr}")
+    proc = subprocess.Popen(
+        [*base, "-g", f"daemon off; pid {pid};"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    server = Nginx(proc, prefix)
+    waiting = list(ports)
+    deadline = time.monotonic() + startup_timeout
+    while waiting:
+        if proc.poll() is not None:
+            raise RuntimeError(f"nginx exited with {proc.returncode}:\n{server.errors()}")
+        if time.monotonic() > deadline:
+            server.stop()
+            raise RuntimeError(f"nginx did not listen on {waiting}:\n{server.errors()}")
+        try:
+            with socket.create_connection(("127.0.0.1", waiting[0]), timeout=0.2):
+                waiting.pop(0)
+        except OSError:
+            time.sleep(0.02)
+    return server
