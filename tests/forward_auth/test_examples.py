@@ -1,0 +1,73 @@
+"""The forward-auth examples agree with each other and with the gateway's configuration."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import yaml
+
+from gateway.config import load_config
+
+from .nginx_runner import EXAMPLES
+
+
+@pytest.fixture
+def gateway(monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.setenv("GATEWAY_CLIENT_SECRET", "example-secret-value")
+    return load_config(EXAMPLES / "gateway.yaml")
+
+
+def test_gateway_example_loads_in_forward_auth_mode(gateway: Any) -> None:
+    assert gateway.forward_auth.enabled
+    assert gateway.forward_auth.listen is not None
+    assert gateway.forward_auth.token_header == "Authorization"
+    # The cached nginx example keys on this header alone, so it must be the only source.
+    assert [h.name for h in gateway.assertion.headers] == ["X-SAML-Assertion"]
+
+
+def test_traefik_forwards_to_the_auth_path_and_copies_the_token(gateway: Any) -> None:
+    data = yaml.safe_load((EXAMPLES / "traefik.yaml").read_text())["http"]
+    listen, path = gateway.forward_auth.listen, gateway.forward_auth.path
+    auth = data["middlewares"]["saml-auth"]["forwardAuth"]
+    assert auth["address"] == f"http://127.0.0.1:{listen.port}{path}"
+    assert auth["authResponseHeaders"] == ["Authorization"]
+    assert auth["authRequestHeaders"] == ["X-SAML-Assertion"]
+    dropped = data["middlewares"]["drop-assertion"]["headers"]["customRequestHeaders"]
+    assert dropped == {"X-SAML-Assertion": ""}
+    # The assertion is removed only after the gateway has seen it.
+    assert data["routers"]["api"]["middlewares"] == ["saml-auth", "drop-assertion"]
+
+
+def test_envoy_asks_the_auth_path_and_strips_the_assertion(gateway: Any) -> None:
+    data = yaml.safe_load((EXAMPLES / "envoy.yaml").read_text())["static_resources"]
+    manager = data["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    filters = manager["http_filters"]
+    assert [f["name"] for f in filters] == [
+        "envoy.filters.http.ext_authz",
+        "envoy.filters.http.router",
+    ]
+    ext_authz = filters[0]["typed_config"]
+    assert ext_authz["failure_mode_allow"] is False
+    service = ext_authz["http_service"]
+    assert service["path_prefix"] == gateway.forward_auth.path
+    assert service["authorization_request"]["allowed_headers"]["patterns"] == [
+        {"exact": "x-saml-assertion"}
+    ]
+    assert service["authorization_response"]["allowed_upstream_headers"]["patterns"] == [
+        {"exact": "authorization"}
+    ]
+    route = manager["route_config"]["virtual_hosts"][0]["routes"][0]
+    assert route["request_headers_to_remove"] == ["x-saml-assertion"]
+    cluster = next(c for c in data["clusters"] if c["name"] == service["server_uri"]["cluster"])
+    endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    assert endpoint["address"]["socket_address"]["port_value"] == gateway.forward_auth.listen.port
+
+
+@pytest.mark.parametrize("name", ["nginx.conf", "nginx-cached.conf"])
+def test_nginx_examples_use_the_auth_path(gateway: Any, name: str) -> None:
+    text = (EXAMPLES / name).read_text()
+    path = gateway.forward_auth.path
+    assert f"auth_request {path};" in text
+    assert f"location = {path} {{" in text
+    assert f"server 127.0.0.1:{gateway.forward_auth.listen.port};" in text
