@@ -12,6 +12,7 @@ Lifecycle rules:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -82,6 +83,7 @@ class GatewayServer:
         self.metrics.watch_cache(lambda: self.cache)
         self.runtime = Runtime(config, self.cache, self.metrics)
         self.draining = False
+        self._hurry = asyncio.Event()
         self._retired: set[asyncio.Task[None]] = set()
         self._runner: web.AppRunner | None = None
         self._admin_runner: web.AppRunner | None = None
@@ -317,9 +319,15 @@ class GatewayServer:
     async def shutdown(self) -> None:
         """Graceful stop: not ready at once, serve through the grace period, then drain."""
         self.draining = True
-        log.info("draining", extra={"fields": {"grace_s": self.config.lifecycle.shutdown_grace}})
-        await asyncio.sleep(self.config.lifecycle.shutdown_grace)
+        grace = self.config.lifecycle.shutdown_grace
+        log.info("draining", extra={"fields": {"grace_s": grace}})
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._hurry.wait(), grace)
         await self.close()
+
+    def hurry(self) -> None:
+        """A second stop signal: skip what is left of the grace period (in-flight still drain)."""
+        self._hurry.set()
 
     async def close(self) -> None:
         self.draining = True

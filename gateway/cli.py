@@ -58,8 +58,13 @@ async def serve(config: Config, config_path: Path, *, reuse_port: bool = False) 
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
+    def on_stop() -> None:
+        if stop.is_set():
+            server.hurry()  # asked twice: do not wait out the grace period
+        stop.set()
+
+    loop.add_signal_handler(signal.SIGTERM, on_stop)
+    loop.add_signal_handler(signal.SIGINT, on_stop)
     loop.add_signal_handler(signal.SIGHUP, reload)
     await stop.wait()
     await server.shutdown()

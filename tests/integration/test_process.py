@@ -202,3 +202,22 @@ async def test_two_workers_share_the_port(
     assert len(children) == 2
     gw.proc.send_signal(signal.SIGTERM)
     assert await wait_exit(gw.proc, 15) == 0
+
+
+async def test_second_sigterm_skips_the_grace_period(
+    tmp_path: Path, idp: DemoIdP, parts: Parts, processes: list[Process]
+) -> None:
+    path = gateway_yaml(
+        tmp_path,
+        parts.auth.token_url,
+        parts.upstream_url,
+        idp,
+        lifecycle={"shutdown_grace": 60, "drain_timeout": 5},
+    )
+    gw = spawn_gateway(path)
+    processes.append(gw)
+    gw.proc.send_signal(signal.SIGTERM)
+    await asyncio.sleep(0.3)
+    assert gw.proc.poll() is None  # serving through the 60 s grace period
+    gw.proc.send_signal(signal.SIGTERM)
+    assert await wait_exit(gw.proc, 10) == 0
