@@ -1,0 +1,1 @@
+"""Several gateway processes sharing one real redis-server (issue 5)."""
