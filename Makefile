@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: all venv test lint typecheck unit demo bench clean system-deps
+.PHONY: all venv test lint typecheck unit demo bench bench-deps clean system-deps
 
 all: test
 
@@ -47,9 +47,21 @@ test: lint typecheck unit
 demo: venv
 	$(BIN)/saml-gateway demo
 
-bench: venv system-deps
+# The load generator of the throughput benchmarks; not needed by `make test`.
+bench-deps:
+	@command -v wrk >/dev/null 2>&1 || { \
+		echo "installing system packages: wrk"; \
+		SUDO=""; [ "$$(id -u)" -eq 0 ] || SUDO=sudo; \
+		$$SUDO apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends wrk; \
+	}
+
+# Each script is bounded (under a minute) and prints its figures and ratios.
+bench: venv system-deps bench-deps
 	$(BIN)/python bench/validate.py
-	$(BIN)/python bench/cache.py
+	@if [ -f bench/cache.py ]; then $(BIN)/python bench/cache.py; fi
+	$(BIN)/python bench/proxy.py
+	$(BIN)/python bench/forward_auth.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache build *.egg-info
