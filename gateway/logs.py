@@ -45,6 +45,20 @@ class TextFormatter(logging.Formatter):
         return text
 
 
+class QuietParseErrors(logging.Filter):
+    """aiohttp logs a malformed request with the offending bytes quoted, and that line may
+    be the assertion header: keep the peer and the error's kind, drop the quoted bytes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and type(exc).__module__ == "aiohttp.http_exceptions":
+            record.msg = f"{record.getMessage()}: malformed request ({type(exc).__name__})"
+            record.args = ()
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
 def setup_logging(fmt: str = "json", level: str = "info") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
@@ -53,3 +67,6 @@ def setup_logging(fmt: str = "json", level: str = "info") -> None:
     root.setLevel(level.upper())
     # aiohttp's own access log duplicates ours (and would print raw request lines).
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    server = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, QuietParseErrors) for f in server.filters):
+        server.addFilter(QuietParseErrors())
