@@ -313,8 +313,10 @@ class GatewayServer:
 
     @staticmethod
     async def _retire(runtime: Runtime, after: float) -> None:
-        await asyncio.sleep(after)
-        await runtime.close()
+        try:
+            await asyncio.sleep(after)
+        finally:  # also at shutdown, when the wait is cancelled: its sessions must close
+            await runtime.close()
 
     async def shutdown(self) -> None:
         """Graceful stop: not ready at once, serve through the grace period, then drain."""
@@ -335,8 +337,10 @@ class GatewayServer:
             if runner is not None:
                 await runner.cleanup()  # stops accepting, waits for in-flight up to drain_timeout
         self._runner = self._auth_runner = None
-        for task in list(self._retired):
+        retired = list(self._retired)
+        for task in retired:
             task.cancel()
+        await asyncio.gather(*retired, return_exceptions=True)
         await self.runtime.close()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()

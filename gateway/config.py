@@ -440,6 +440,9 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         text = file.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([f"cannot read config file: {exc.strerror}"], str(file)) from None
+    except UnicodeDecodeError as exc:
+        # Never quote the bytes: a config file may hold inline secrets.
+        raise ConfigError([f"not UTF-8 text (byte {exc.start})"], str(file)) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -122,6 +122,7 @@ class RawUpstream:
     open: int = 0  # currently open
     heads: list[bytes] = field(default_factory=list)
     _server: asyncio.Server | None = None
+    _writers: set[asyncio.StreamWriter] = field(default_factory=set)
 
     async def start(self) -> str:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -131,12 +132,14 @@ class RawUpstream:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
-            self._server.close_clients()
+            for writer in list(self._writers):
+                writer.transport.abort()
             await self._server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         self.open += 1
+        self._writers.add(writer)
         try:
             while True:
                 try:
@@ -148,6 +151,7 @@ class RawUpstream:
                     return
         finally:
             self.open -= 1
+            self._writers.discard(writer)
             if not writer.transport.is_closing():
                 writer.close()
 
