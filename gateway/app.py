@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import os
 import re
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,17 +42,23 @@ _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+# Generated request IDs: a random per-process prefix and a counter (32 hex characters),
+# unique across processes and far cheaper than a uuid4 per request.
+_ID_PREFIX = os.urandom(8).hex()
+_id_counter = itertools.count()
+
+
 def request_id(inbound: str | None) -> str:
     """Keep the client's X-Request-ID when it is short and plain; otherwise make one."""
     if inbound and _SANE_REQUEST_ID.fullmatch(inbound):
         return inbound
-    return uuid.uuid4().hex
+    return f"{_ID_PREFIX}{next(_id_counter) & 0xFFFF_FFFF_FFFF_FFFF:016x}"
 
 
-def error_response(error: GatewayError, trace: Trace, realm: str) -> web.Response:
+def error_response(error: GatewayError, trace: Trace) -> web.Response:
     headers = dict(error.headers)
     if isinstance(error, InvalidAssertion):
-        headers["WWW-Authenticate"] = f'SAML realm="{realm}"'
+        headers["WWW-Authenticate"] = f'SAML realm="{trace.realm}"'
     body = {
         "error": error.error,
         "error_description": error.public_message,
@@ -113,7 +120,7 @@ class GatewayServer:
         except GatewayError as error:
             note_failure(trace, error, self.metrics)
             status = error.status
-            return error_response(error, trace, self._realm(request))
+            return error_response(error, trace)
         except asyncio.CancelledError:
             status = 499  # the client went away; nothing left to answer
             raise
@@ -134,14 +141,11 @@ class GatewayServer:
         finally:
             self._account(request, trace, status)
 
-    def _realm(self, request: web.Request) -> str:
-        route = self.runtime.router.match(request.headers.get("Host"), request.path)
-        return (route.realm if route and route.realm else None) or "saml-gateway"
-
     def _account(self, request: web.Request, trace: Trace, status: int) -> None:
         seconds = time.perf_counter() - trace.started
-        self.metrics.requests.labels(trace.route, str(status)).inc()
-        self.metrics.request_seconds.labels(trace.route).observe(seconds)
+        self.metrics.observe_request(trace.route, status, seconds)
+        if not ACCESS.isEnabledFor(logging.INFO):
+            return
         ACCESS.info(
             "%s %s %d",
             request.method,
@@ -174,8 +178,7 @@ class GatewayServer:
         settings = self.config.forward_auth
         original = original_request(request.headers, request.path, settings.path)
         runtime, trace = self.runtime, request[TRACE]
-        route = runtime.route_for(original.host, original.path)
-        trace.route = route.label
+        route = runtime.route_for(original.host, original.path, trace)
         entry = await runtime.authorize(route, request.headers, trace)
         ttl = runtime.cache.ttl(entry)
         return web.Response(

@@ -87,9 +87,30 @@ class Metrics:
         self.redis_up = Gauge(
             "gateway_redis_up", "1 while the shared Redis store answers", registry=r
         )
+        self._request_counters: dict[tuple[str, int], Counter] = {}
+        self._request_histograms: dict[str, Histogram] = {}
+        self._upstream_histograms: dict[str, Histogram] = {}
         self.reloads = Counter(
             "gateway_config_reloads", "Config reloads by result", ["result"], registry=r
         )
+
+    # Label lookups cost a few µs each; the hot path keeps the children it has used.
+    def observe_request(self, route: str, status: int, seconds: float) -> None:
+        counter = self._request_counters.get((route, status))
+        if counter is None:
+            counter = self.requests.labels(route, str(status))
+            self._request_counters[(route, status)] = counter
+        counter.inc()
+        histogram = self._request_histograms.get(route)
+        if histogram is None:
+            histogram = self._request_histograms[route] = self.request_seconds.labels(route)
+        histogram.observe(seconds)
+
+    def observe_upstream(self, route: str, seconds: float) -> None:
+        histogram = self._upstream_histograms.get(route)
+        if histogram is None:
+            histogram = self._upstream_histograms[route] = self.upstream_seconds.labels(route)
+        histogram.observe(seconds)
 
     def watch_cache(self, cache: Callable[[], TokenCache]) -> None:
         self.registry.register(_CacheCollector(cache))

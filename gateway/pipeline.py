@@ -34,6 +34,8 @@ from gateway.saml import (
     validate_assertion,
 )
 
+DEFAULT_REALM = "saml-gateway"
+
 
 @dataclass(slots=True)
 class Trace:
@@ -47,6 +49,7 @@ class Trace:
     issuer: str | None = None
     upstream_seconds: float | None = None
     reason: str | None = None
+    realm: str = DEFAULT_REALM  # for the 401 challenge: the route's, once it is known
 
 
 class Runtime:
@@ -83,10 +86,11 @@ class Runtime:
         await self.forwarder.close()
         await self.token_client.close()
 
-    def route_for(self, host: str | None, path: str) -> Route:
+    def route_for(self, host: str | None, path: str, trace: Trace) -> Route:
         route = self.router.match(host, path)
         if route is None:
             raise NoRoute("no_route", f"no route for {path!r}")
+        trace.route, trace.realm = route.label, route.realm or DEFAULT_REALM
         return route
 
     async def authorize(
@@ -113,13 +117,12 @@ class Runtime:
     async def proxy(self, request: web.Request, trace: Trace) -> web.StreamResponse:
         """The whole flow for one proxied request."""
         # The Host header as sent: aiohttp's request.host may fall back to a blocking lookup.
-        route = self.route_for(request.headers.get("Host"), request.path)
-        trace.route = route.label
+        route = self.route_for(request.headers.get("Host"), request.path, trace)
         self.forwarder.admit(request, route)  # 413 before validating or exchanging anything
         entry = await self.authorize(route, request.headers, trace)
         result = await self.forwarder.forward(request, route, entry.token.access_token, self.strip)
         trace.upstream_seconds = result.upstream_seconds
-        self.metrics.upstream_seconds.labels(route.label).observe(result.upstream_seconds)
+        self.metrics.observe_upstream(route.label, result.upstream_seconds)
         if result.token_rejected:
             # The upstream no longer accepts this token: the next request exchanges afresh.
             await self.cache.purge(route.authorization_server, entry.digest)
