@@ -42,9 +42,9 @@ class SharedStore(Protocol):
     def exchange_lock(self, profile: str, assertion_id: str) -> AbstractAsyncContextManager[bool]:
         """Cross-replica single-flight: yields True when this replica owns the exchange.
 
-        Yields False when another replica holds the lock (or the store is down and the
-        lock cannot be had); the caller then waits for that replica's result with
-        ``get`` for a bounded time, and exchanges itself if none appears.
+        Yields False when another replica holds the lock; the caller then waits for that
+        replica's result with ``get`` for a bounded time, and exchanges itself if none
+        appears. Yields True while the store is down (nobody can deliver through it).
         """
         ...
 

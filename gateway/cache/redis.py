@@ -26,7 +26,8 @@ Rules this module owns:
   with the token (``PX`` from ``expires_at``). A wrong digest is returned as-is: the cache
   compares it and refuses.
 - Cross-replica single-flight is a plain lock (``SET NX PX``, renewed while the exchange
-  runs, compare-and-delete release). Correctness never depends on it.
+  runs, compare-and-delete release). Correctness never depends on it. While Redis is down
+  every replica owns its exchanges (no waiting for a result a dead store cannot carry).
 
 URL kinds (``cache.redis.url``), all through redis-py's asyncio client:
 
@@ -91,6 +92,9 @@ _FAULTS = (RedisError, RedisClusterException, OSError, TimeoutError)
 def _one_retry() -> Retry:
     return Retry(NoBackoff(), 1)  # a fresh one per client: redis-py mutates Retry objects
 
+
+# the lock call's fault default: tells "Redis did not answer" from "taken" (None)
+_STORE_DOWN: object = object()
 
 _MIN_SECRET_CHARS = 16
 _HKDF_INFO = b"saml-oauth-gateway/redis-token-store/v1"
@@ -469,14 +473,19 @@ class RedisTokenStore:
 
     @asynccontextmanager
     async def exchange_lock(self, profile: str, assertion_id: str) -> AsyncIterator[bool]:
-        """Yields True when this replica owns the exchange; False if another does or Redis is
-        down. The lock is renewed every ``lock_ttl / 3`` while held, released only by us."""
+        """Yields True when this replica owns the exchange (or Redis is down), False when
+        another replica does. Renewed every ``lock_ttl / 3`` while held, released only by us."""
         name = lock_name(self._prefix, profile, assertion_id)
         owner = secrets.token_hex(16).encode()
         ttl = self._lock_ttl_ms
         acquired = await self._call(
-            "lock", lambda: self._client.set(name, owner, nx=True, px=ttl), None
+            "lock", lambda: self._client.set(name, owner, nx=True, px=ttl), _STORE_DOWN
         )
+        if acquired is _STORE_DOWN:
+            # A dead store is an empty one: waiting for a result it cannot deliver would
+            # cost every new assertion ``lock_wait`` seconds, so this replica goes itself.
+            yield True
+            return
         if not acquired:
             yield False
             return
