@@ -45,6 +45,7 @@ from gateway.proxy.headers import (
 
 log = logging.getLogger(__name__)
 
+_SMALL_BODY: Final = 64 * 1024  # bodies up to this size are relayed in one piece
 _POOL_LIMIT: Final = 1000  # open upstream connections in total; beyond this requests queue
 _WS_CLOSE_TIMEOUT: Final = 5.0  # how long a close handshake may take on either side
 _WS_MAX_MESSAGE: Final = 16 * 1024 * 1024
@@ -69,7 +70,8 @@ _NO_AUTO_HEADERS: Final = ("User-Agent", "Accept", "Accept-Encoding", "Content-T
 class ForwardResult:
     """What the pipeline learns from one forwarded request.
 
-    ``response`` is already prepared and streamed (a 101 WebSocket included);
+    ``response`` is already prepared and streamed (a 101 WebSocket included), or, for a
+    small body read whole, ready for the handler to return;
     ``upstream_seconds`` runs from sending the request to the upstream's response headers.
     """
 
@@ -225,18 +227,31 @@ class Forwarder:
         elapsed = time.monotonic() - started
 
         challenge = ", ".join(upstream.headers.getall("WWW-Authenticate", [])) or None
-        result = ForwardResult(
-            response=web.StreamResponse(
-                status=upstream.status,
-                reason=upstream.reason,
-                headers=downstream_response_headers(upstream.headers),
-            ),
+        headers = downstream_response_headers(upstream.headers)
+        response: web.StreamResponse
+        if _small_body(request, upstream):
+            # A body announced as small is read whole and sent with the headers in one write
+            # (memory stays bounded by _SMALL_BODY, as with nginx's proxy buffers); anything
+            # larger or of unknown length is streamed.
+            try:
+                content = await upstream.read()
+            except (aiohttp.ClientError, OSError) as exc:
+                upstream.close()
+                raise _translate(exc, None) from None
+            response = web.Response(
+                status=upstream.status, reason=upstream.reason, headers=headers, body=content
+            )
+        else:
+            response = web.StreamResponse(
+                status=upstream.status, reason=upstream.reason, headers=headers
+            )
+            await self._relay_body(request, upstream, response)
+        return ForwardResult(
+            response=response,
             upstream_status=upstream.status,
             token_rejected=token_rejected(upstream.status, challenge),
             upstream_seconds=elapsed,
         )
-        await self._relay_body(request, upstream, result.response)
-        return result
 
     async def _relay_body(
         self, request: web.Request, upstream: aiohttp.ClientResponse, response: web.StreamResponse
@@ -430,6 +445,17 @@ async def _stream_body(request: web.Request, progress: _BodyProgress) -> AsyncIt
 
 class _BodyOverLimit(Exception):
     pass
+
+
+def _small_body(request: web.Request, upstream: aiohttp.ClientResponse) -> bool:
+    length = upstream.content_length
+    return (
+        length is not None
+        and length <= _SMALL_BODY
+        and request.method != "HEAD"
+        and upstream.status not in (204, 304)
+        and upstream.status >= 200
+    )
 
 
 def _translate(exc: BaseException, progress: _BodyProgress | None) -> GatewayError:

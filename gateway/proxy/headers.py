@@ -14,6 +14,7 @@ Rules this module owns (pure: no I/O, no aiohttp, testable without an event loop
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Mapping, Sequence
@@ -113,7 +114,7 @@ def upstream_request_headers(
     kept_forwarded: CIMultiDict[str] = CIMultiDict()
     for name, value in _items(inbound):
         lower = name.lower()
-        canonical = _canonical(name)
+        canonical = lower.replace("_", "-") if "_" in lower else lower
         if lower in HOP_BY_HOP or lower in _REQUEST_ONLY_DROPPED or lower == "host":
             continue
         if canonical in connection_named:
@@ -150,7 +151,10 @@ def downstream_response_headers(upstream: Mapping[str, str]) -> CIMultiDict[str]
     connection_named = _connection_tokens(upstream)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in _items(upstream):
-        if name.lower() in HOP_BY_HOP or _canonical(name) in connection_named:
+        lower = name.lower()
+        if lower in HOP_BY_HOP:
+            continue
+        if connection_named and lower.replace("_", "-") in connection_named:
             continue
         out.add(name, value)
     return out
@@ -171,12 +175,18 @@ def upstream_url(upstream_base: str, raw_path: str, prefix: str, strip_prefix: b
         path = path[len(prefix.rstrip("/")) :] or "/"
         if not path.startswith("/"):
             path = "/" + path
-    base = URL(upstream_base)
-    base_path = base.raw_path.rstrip("/")
+    origin, base_path = _split_base(upstream_base)
     target = base_path + path
     if mark:
         target += "?" + query
-    return URL(str(base.origin()) + target, encoded=True)
+    return URL(origin + target, encoded=True)
+
+
+@functools.lru_cache(maxsize=256)
+def _split_base(upstream_base: str) -> tuple[str, str]:
+    """An upstream URL's origin and its path without the trailing slash (parsed once)."""
+    base = URL(upstream_base)
+    return str(base.origin()), base.raw_path.rstrip("/")
 
 
 def _has_prefix(path: str, prefix: str) -> bool:
