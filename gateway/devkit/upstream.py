@@ -182,10 +182,12 @@ class UpstreamApp:
         return web.Response(text="hello")
 
     async def _truncated(self, request: web.Request) -> web.StreamResponse:
+        # ?length=N announces N bytes (default 16 chunks) and sends about half of them.
+        announced = int(request.query.get("length", 16 * CHUNK))
         response = web.StreamResponse()
-        response.content_length = 16 * CHUNK
+        response.content_length = announced
         await response.prepare(request)
-        await response.write(_PATTERN)
+        await response.write(_PATTERN[: max(1, announced // 2)])
         if request.transport is not None:
             request.transport.close()
         return response

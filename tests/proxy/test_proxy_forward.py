@@ -333,6 +333,17 @@ async def test_upstream_dying_mid_body_cuts_the_client_quietly(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
+async def test_small_body_cut_short_is_502_before_anything_is_sent(
+    upstream: UpstreamApp, start_gateway: StartGateway, client: aiohttp.ClientSession
+) -> None:
+    # A small announced body is read whole first, so a short one is still a clean error.
+    gw = await start_gateway([make_route(upstream.base_url)])
+    async with client.get(gw.url + "/truncated?length=1000") as resp:
+        assert resp.status == 502
+    async with client.get(gw.url + "/hello") as resp:
+        assert await resp.text() == "hello"
+
+
 async def test_client_leaving_mid_download_releases_everything(
     upstream: UpstreamApp, start_gateway: StartGateway, client: aiohttp.ClientSession
 ) -> None:
