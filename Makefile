@@ -59,7 +59,8 @@ bench-deps:
 # Each script is bounded (under a minute) and prints its figures and ratios.
 bench: venv system-deps bench-deps
 	$(BIN)/python bench/validate.py
-	@if [ -f bench/cache.py ]; then $(BIN)/python bench/cache.py; fi
+	$(BIN)/python bench/cache.py
+	$(BIN)/python bench/redis_store.py
 	$(BIN)/python bench/proxy.py
 	$(BIN)/python bench/forward_auth.py
 
