@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -74,6 +75,11 @@ async def client() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
     finally:
         await session.close()
+
+
+def digest_of(header: str) -> bytes:
+    """What the cache binds an entry to: SHA-256 of the decoded assertion."""
+    return hashlib.sha256(base64.b64decode(header)).digest()
 
 
 def redis_cache(
@@ -153,6 +159,13 @@ class Cluster:
                 return response.status, None
             seen = echoed_headers(await response.json())
         return 200, seen["authorization"].removeprefix("Bearer ")
+
+    async def call_all(
+        self, calls: list[tuple[Process, str]], timeout: float = 30
+    ) -> list[tuple[int, str | None]]:
+        """Send all at once; bounded so a stuck gateway fails the test instead of hanging it."""
+        async with asyncio.timeout(timeout):
+            return await asyncio.gather(*(self.call(g, a) for g, a in calls))
 
     async def readyz(self, gateway: Process) -> tuple[int, dict[str, Any]]:
         async with self.session.get(f"{gateway.admin}/readyz") as response:
