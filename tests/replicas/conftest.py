@@ -42,6 +42,9 @@ KEYS = {
     "k2": "replica-test-secret-two-fedcba9876543210",
 }
 REDIS_PASSWORD = "replica-redis-password-0123456789"
+# The upstream runs in the test's own event loop, next to 200 client requests: give its
+# accept queue room on a shared 2-core machine (the defaults here are 1 s to connect).
+ROUTE = {"timeouts": {"connect": 10, "read": 20, "total": 30}}
 PROFILE = "as"  # the authorization-server profile name gateway_yaml writes
 
 
@@ -132,7 +135,12 @@ class Cluster:
         folder.mkdir(exist_ok=True)
         cache = redis_cache(folder, self.redis.url, keys or {"k1": KEYS["k1"]}, active, **settings)
         path = gateway_yaml(
-            folder, self.parts.auth.token_url, self.parts.upstream_url, self.idp, cache=cache
+            folder,
+            self.parts.auth.token_url,
+            self.parts.upstream_url,
+            self.idp,
+            cache=cache,
+            route=ROUTE,
         )
         process = spawn_gateway(path)
         self.processes.append(process)
