@@ -1,7 +1,8 @@
 """The gateway's own errors: one shallow tree, each class knowing its HTTP status.
 
     GatewayError                      (never raised itself)
-    ├── BadRequest            400     the request is not even well-formed (e.g. not base64)
+    ├── BadRequest            400     the request is not well-formed (assertion not base64,
+    │                                 a header value that is not UTF-8)
     ├── InvalidAssertion      401     any reason to refuse the assertion; one public message
     ├── NoRoute               404     no route matches the request
     ├── RequestTooLarge       413     request body over the route's limit
@@ -48,7 +49,7 @@ class GatewayError(Exception):
 class BadRequest(GatewayError):
     status = 400
     error = "invalid_request"
-    public_message = "the request carries a malformed SAML assertion"
+    public_message = "the request is malformed"
 
 
 class InvalidAssertion(GatewayError):

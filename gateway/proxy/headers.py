@@ -23,6 +23,8 @@ from typing import Final
 from multidict import CIMultiDict
 from yarl import URL
 
+from gateway.errors import BadRequest
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 HOP_BY_HOP: Final[frozenset[str]] = frozenset(
@@ -74,6 +76,16 @@ def _items(headers: Mapping[str, str]) -> list[tuple[str, str]]:
     return list(headers.items())
 
 
+def _require_utf8(name: str, value: str) -> None:
+    """Undecodable bytes (kept as surrogates by the HTTP parser) would be dropped silently
+    when the header is written upstream, so the upstream would see another value than any
+    filter in front of us did: such a request is refused instead."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest("header_encoding", f"header {name!r} is not valid UTF-8") from None
+
+
 def peer_is_trusted(peer: str, trusted_proxies: Sequence[IPNetwork]) -> bool:
     """Whether ``peer`` (an IP address as text) lies in one of the trusted networks."""
     if not trusted_proxies or not peer:
@@ -113,6 +125,8 @@ def upstream_request_headers(
     out: CIMultiDict[str] = CIMultiDict()
     kept_forwarded: CIMultiDict[str] = CIMultiDict()
     for name, value in _items(inbound):
+        if not value.isascii():
+            _require_utf8(name, value)
         lower = name.lower()
         canonical = lower.replace("_", "-") if "_" in lower else lower
         if lower in HOP_BY_HOP or lower in _REQUEST_ONLY_DROPPED or lower == "host":
