@@ -2,7 +2,8 @@
 
 The caller gives the inside of ``http { }`` (for instance one of the examples under
 ``config/forward-auth/`` with its addresses replaced); this module wraps it in a complete
-configuration whose every path (pid, logs, temp files) lies inside the prefix, starts
+configuration whose every path (pid, logs, temp files) lies inside the prefix (an example's
+``load_module`` lines move to the main context, where nginx requires them), starts
 ``nginx -p prefix -c nginx.conf -g 'daemon off;'`` and waits, within a deadline, until the
 listening ports accept connections.
 
@@ -55,14 +56,33 @@ def example(name: str, replacements: Mapping[str, str]) -> str:
     return text
 
 
+def load_modules(http_body: str) -> list[Path]:
+    """The dynamic modules an example loads (its ``load_module`` lines), in order."""
+    return [
+        Path(line.split(None, 1)[1].rstrip().rstrip(";").strip())
+        for line in http_body.splitlines()
+        if line.startswith("load_module ")
+    ]
+
+
+def missing_modules(http_body: str) -> list[Path]:
+    """Modules named by ``load_module`` that are not installed on this machine."""
+    return [module for module in load_modules(http_body) if not module.is_file()]
+
+
 def full_config(prefix: Path, http_body: str, *, workers: int = 1) -> str:
     """A complete nginx.conf around ``http_body``; every file nginx writes is under ``prefix``."""
+    lines = http_body.splitlines()
+    # nginx accepts load_module only in the main context, before the http block.
+    main = "".join(f"{line}\n" for line in lines if line.startswith("load_module "))
+    http_body = "\n".join(line for line in lines if not line.startswith("load_module "))
     # When the master runs as root its workers switch to "nobody", who could not enter a
     # private tmp folder; keep them as the current user instead (outside root, nginx
     # ignores the directive, so leave it out).
     user = f"user {pwd.getpwuid(os.geteuid()).pw_name};\n" if os.geteuid() == 0 else ""
     temp = "".join(f"    {kind}_temp_path {prefix / 'temp' / kind};\n" for kind in _TEMP_KINDS)
     return (
+        f"{main}"
         f"{user}"
         f"worker_processes {workers};\n"
         f"error_log {prefix / 'logs' / 'error.log'} warn;\n"

@@ -64,10 +64,53 @@ def test_envoy_asks_the_auth_path_and_strips_the_assertion(gateway: Any) -> None
     assert endpoint["address"]["socket_address"]["port_value"] == gateway.forward_auth.listen.port
 
 
-@pytest.mark.parametrize("name", ["nginx.conf", "nginx-cached.conf"])
+NGINX = ["nginx.conf", "nginx-cached.conf", "nginx-cached-setmisc.conf"]
+
+
+def directives(name: str) -> list[str]:
+    """An nginx example's lines without comments and blank lines."""
+    lines = (line.split("#", 1)[0].strip() for line in (EXAMPLES / name).read_text().splitlines())
+    return [line for line in lines if line]
+
+
+@pytest.mark.parametrize("name", NGINX)
 def test_nginx_examples_use_the_auth_path(gateway: Any, name: str) -> None:
     text = (EXAMPLES / name).read_text()
     path = gateway.forward_auth.path
     assert f"auth_request {path};" in text
     assert f"location = {path} {{" in text
     assert f"server 127.0.0.1:{gateway.forward_auth.listen.port};" in text
+
+
+def test_setmisc_example_differs_from_the_cached_one_only_in_its_key() -> None:
+    """Every caching rule of nginx-cached.conf holds in the set-misc variant as well."""
+    setmisc = directives("nginx-cached-setmisc.conf")
+    assert setmisc[:2] == [
+        "load_module /usr/lib/nginx/modules/ndk_http_module.so;",
+        "load_module /usr/lib/nginx/modules/ngx_http_set_misc_module.so;",
+    ]
+    key = [
+        'set_hmac_sha256 $saml_key "saml-gateway auth cache v1" $http_x_saml_assertion;',
+        "set_encode_hex $saml_key $saml_key;",
+    ]
+    # The key is computed in the auth location, from the one header the gateway reads.
+    start = setmisc.index("location = /_saml_auth {")
+    assert setmisc[start + 2 : start + 4] == key
+    rest = [line for line in setmisc[2:] if line not in key]
+    core_key = 'proxy_cache_key "$http_x_saml_assertion";'
+    swapped = [core_key if line == "proxy_cache_key $saml_key;" else line for line in rest]
+    assert swapped == directives("nginx-cached.conf")
+
+
+@pytest.mark.parametrize("name", ["nginx-cached.conf", "nginx-cached-setmisc.conf"])
+def test_cached_examples_keep_the_caching_rules(name: str) -> None:
+    lines = directives(name)
+    auth = lines[lines.index("location = /_saml_auth {") :]
+    for rule in (
+        "proxy_cache_bypass $saml_no_assertion;",  # no header: no lookup
+        "proxy_no_cache $saml_no_assertion;",  # no header: nothing stored
+        'proxy_set_header Authorization "";',  # the key does not cover it
+    ):
+        assert rule in auth
+    # The lifetime is the gateway's max-age alone.
+    assert not [line for line in lines if line.startswith(("proxy_cache_valid", "proxy_ignore"))]

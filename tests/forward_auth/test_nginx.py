@@ -6,10 +6,12 @@ addresses and cache folder replaced, so what is tested is what operators copy.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -17,11 +19,31 @@ from integration.conftest import Parts, Stack, echoed_headers, start_stack
 
 from gateway.devkit.idp import DemoIdP
 
-from .nginx_runner import EXAMPLES, Nginx, example, free_port, nginx_binary, start_nginx
+from .nginx_runner import (
+    EXAMPLES,
+    Nginx,
+    example,
+    free_port,
+    missing_modules,
+    nginx_binary,
+    start_nginx,
+)
 
 pytestmark = pytest.mark.skipif(
     nginx_binary() is None, reason="nginx is not installed (make system-deps installs it)"
 )
+
+
+def _variant(name: str) -> object:
+    """An nginx example as a parameter, skipped where a dynamic module it loads is absent."""
+    missing = missing_modules((EXAMPLES / name).read_text())
+    reason = f"{name} needs {', '.join(m.name for m in missing)} (make system-deps installs it)"
+    return pytest.param(name, marks=pytest.mark.skipif(bool(missing), reason=reason))
+
+
+# Every example that caches the gateway's answers in nginx must keep the same promises.
+CACHED = [_variant("nginx-cached.conf"), _variant("nginx-cached-setmisc.conf")]
+ALL = [_variant("nginx.conf"), *CACHED]
 
 EXAMPLE_GATEWAY = yaml.safe_load((EXAMPLES / "gateway.yaml").read_text())
 
@@ -42,14 +64,14 @@ class Front:
         return await self.stack.metric("gateway_requests_total", route="api", status="401")
 
 
-StartFront = Callable[[str], Awaitable[Front]]
+StartFront = Callable[..., Awaitable[Front]]
 
 
 @pytest.fixture
 async def start_front(tmp_path: Path, idp: DemoIdP, parts: Parts) -> AsyncIterator[StartFront]:
     started: list[Front] = []
 
-    async def start(conf: str) -> Front:
+    async def start(conf: str, **overrides: Any) -> Front:
         stack = await start_stack(
             tmp_path,
             idp,
@@ -61,6 +83,7 @@ async def start_front(tmp_path: Path, idp: DemoIdP, parts: Parts) -> AsyncIterat
                 "listen": {"host": "127.0.0.1", "port": 0},
             },
             assertion=EXAMPLE_GATEWAY["assertion"],
+            **overrides,
         )
         port = free_port()
         body = example(
@@ -99,7 +122,7 @@ def tampered(stack: Stack) -> dict[str, str]:
     return {"X-SAML-Assertion": base64.b64encode(raw).decode()}
 
 
-@pytest.mark.parametrize("conf", ["nginx.conf", "nginx-cached.conf"])
+@pytest.mark.parametrize("conf", ALL)
 async def test_valid_assertion_reaches_upstream_with_the_issued_token(
     start_front: StartFront, conf: str
 ) -> None:
@@ -116,7 +139,7 @@ async def test_valid_assertion_reaches_upstream_with_the_issued_token(
     assert upstream.requests == 1
 
 
-@pytest.mark.parametrize("conf", ["nginx.conf", "nginx-cached.conf"])
+@pytest.mark.parametrize("conf", ALL)
 async def test_invalid_or_missing_assertion_is_401_and_never_reaches_upstream(
     start_front: StartFront, conf: str
 ) -> None:
@@ -143,8 +166,9 @@ async def test_gateway_errors_other_than_401_become_500(start_front: StartFront)
     assert stack.upstream.requests == 0
 
 
-async def test_cached_answer_spares_the_gateway(start_front: StartFront) -> None:
-    front = await start_front("nginx-cached.conf")
+@pytest.mark.parametrize("conf", CACHED)
+async def test_cached_answer_spares_the_gateway(start_front: StartFront, conf: str) -> None:
+    front = await start_front(conf)
     stack = front.stack
     session, auth = stack.session, stack.auth
     alice = stack.assertion()
@@ -163,9 +187,10 @@ async def test_cached_answer_spares_the_gateway(start_front: StartFront) -> None
     assert await front.granted() == 2  # another assertion, another key
 
 
-async def test_cache_key_covers_what_the_gateway_reads(start_front: StartFront) -> None:
+@pytest.mark.parametrize("conf", CACHED)
+async def test_cache_key_covers_what_the_gateway_reads(start_front: StartFront, conf: str) -> None:
     """With an answer cached, the same assertion in another header, or none, is refused."""
-    front = await start_front("nginx-cached.conf")
+    front = await start_front(conf)
     stack = front.stack
     alice = stack.assertion()
     async with stack.session.get(f"{front.url}/echo/1", headers=alice) as r:
@@ -178,10 +203,11 @@ async def test_cache_key_covers_what_the_gateway_reads(start_front: StartFront) 
     assert stack.upstream.requests == 1
 
 
-async def test_cache_honours_the_gateways_max_age(start_front: StartFront) -> None:
+@pytest.mark.parametrize("conf", CACHED)
+async def test_cache_honours_the_gateways_max_age(start_front: StartFront, conf: str) -> None:
     """A token the gateway will serve for under a second is answered with max-age=0:
     nginx must not keep it, whatever a default lifetime would say."""
-    front = await start_front("nginx-cached.conf")
+    front = await start_front(conf)
     stack = front.stack
     stack.auth.expires_in = 1
     alice = stack.assertion()
@@ -189,3 +215,43 @@ async def test_cache_honours_the_gateways_max_age(start_front: StartFront) -> No
         async with stack.session.get(f"{front.url}/echo/1", headers=alice) as r:
             assert r.status == 200
     assert await front.granted() == 2
+
+
+@pytest.mark.parametrize("conf", CACHED)
+async def test_cached_entry_expires_with_the_gateways_max_age(
+    start_front: StartFront, conf: str
+) -> None:
+    """An entry lives max-age seconds, not longer, even with its cache file held open."""
+    # No refresh margin or jitter: a 2 s token is answered with max-age=1.
+    front = await start_front(conf, cache={"refresh_margin": 0, "jitter": 0})
+    stack = front.stack
+    stack.auth.expires_in = 2
+    alice = stack.assertion()
+    for _ in range(2):
+        async with stack.session.get(f"{front.url}/echo/1", headers=alice) as r:
+            assert r.status == 200, front.nginx.errors()
+    assert await front.granted() == 1
+    # nginx counts lifetimes in whole seconds from the second it stored the answer.
+    await asyncio.sleep(2.2)
+    async with stack.session.get(f"{front.url}/echo/2", headers=alice) as r:
+        assert r.status == 200
+        assert echoed_headers(await r.json())["authorization"] == f"Bearer {stack.auth.issued[-1]}"
+    assert await front.granted() == 2  # expired in nginx: asked the gateway again
+    assert stack.auth.calls == 2  # and the gateway's own 2 s token had expired too
+
+
+@pytest.mark.parametrize("conf", CACHED)
+async def test_errors_are_never_cached(start_front: StartFront, conf: str) -> None:
+    front = await start_front(conf)
+    stack = front.stack
+    stack.auth.mode = "invalid_client"  # the gateway answers 502
+    alice = stack.assertion()
+    for _ in range(2):
+        async with stack.session.get(f"{front.url}/echo/1", headers=alice) as r:
+            assert r.status == 500
+    assert await stack.metric("gateway_requests_total", route="api", status="502") == 2
+    stack.auth.mode = "ok"
+    async with stack.session.get(f"{front.url}/echo/1", headers=alice) as r:
+        assert r.status == 200
+        assert echoed_headers(await r.json())["authorization"] == f"Bearer {stack.auth.issued[0]}"
+    assert stack.upstream.requests == 1
