@@ -72,13 +72,15 @@ async def test_lock_is_renewed_while_a_long_exchange_runs(
     settings_for: Callable[..., RedisSettings],
     raw_redis: aioredis.Redis,
 ) -> None:
-    settings = settings_for(lock_ttl=0.3)
+    # Renewal every lock_ttl/3 = 0.4 s leaves 0.8 s of slack per renewal even on a loaded
+    # machine; each Redis call has a 2 s budget so a slow one is not taken for a dead store.
+    settings = settings_for(lock_ttl=1.2, timeout=2)
     replica_a, replica_b = make_store(settings), make_store(settings)
     async with replica_a.exchange_lock("okta", "_a1b2c3") as owned:
         assert owned
-        # an exchange four lock lifetimes long: without renewal B would get in
+        # an exchange three lock lifetimes long: without renewal B would get in
         for _ in range(6):
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.6)
             async with replica_b.exchange_lock("okta", "_a1b2c3") as owned_b:
                 assert owned_b is False
             assert await raw_redis.pttl(LOCK) > 0
