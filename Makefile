@@ -63,6 +63,7 @@ bench: venv system-deps bench-deps
 	$(BIN)/python bench/validate.py
 	$(BIN)/python bench/cache.py
 	$(BIN)/python bench/redis_store.py
+	$(BIN)/python bench/replicas.py
 	$(BIN)/python bench/proxy.py
 	$(BIN)/python bench/forward_auth.py
 
