@@ -39,7 +39,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import yaml
+from gateway.devkit.loopback import write_loopback_config
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -221,44 +221,29 @@ def gateway(
     access_log: bool = False,
 ) -> Iterator[Gateway]:
     """``saml-gateway run`` on free ports: proxy, forward-auth and admin listeners."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "idp.pem").write_bytes(identity.cert_pem)
-    (folder / "client-secret").write_text(CLIENT_SECRET)
     port, auth_port, admin_port = free_port(), free_port(), free_port()
-    config = {
-        "listen": {"host": "127.0.0.1", "port": port},
-        "admin": {"host": "127.0.0.1", "port": admin_port},
-        "workers": workers,
+    path = write_loopback_config(
+        folder,
+        certificate_pem=identity.cert_pem,
+        issuer=ISSUER,
+        token_url=token_url,
+        client_id=CLIENT_ID,
+        client_secret=CLIENT_SECRET,
+        audience=AUDIENCE,
+        upstream=f"http://{upstream}",
+        port=port,
+        admin_port=admin_port,
+        workers=workers,
         # Access lines off by default: nginx and the baseline log nothing either.
-        "log": {"format": "json", "level": "info" if access_log else "warning"},
-        "lifecycle": {"shutdown_grace": 0, "drain_timeout": 2},
-        "identity_providers": {"idp": {"issuer": ISSUER, "certificates": ["idp.pem"]}},
-        "authorization_servers": {
-            "as": {
-                "token_url": token_url,
-                "client_id": CLIENT_ID,
-                "client_secret": "${file:client-secret}",
-                "audience": AUDIENCE,
-            }
-        },
-        "routes": [
-            {
-                "name": "api",
-                "path_prefix": "/",
-                "upstream": f"http://{upstream}",
-                "identity_provider": "idp",
-                "authorization_server": "as",
-            }
-        ],
-        "forward_auth": {
+        log={"format": "json", "level": "info" if access_log else "warning"},
+        lifecycle={"shutdown_grace": 0, "drain_timeout": 2},
+        forward_auth={
             "enabled": True,
             "path": AUTH_PATH,
             "listen": {"host": "127.0.0.1", "port": auth_port},
         },
-        "assertion": {"headers": [{"name": "X-SAML-Assertion"}]},
-    }
-    path = folder / "gateway.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
+        assertion={"headers": [{"name": "X-SAML-Assertion"}]},
+    )
     log = (folder / "gateway.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway", "run", "-c", str(path)],

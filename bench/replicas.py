@@ -35,13 +35,13 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import yaml
 
 from gateway.devkit.authorization_server import FakeAuthorizationServer
 from gateway.devkit.idp import DemoIdP
+from gateway.devkit.loopback import write_loopback_config
 from gateway.devkit.redis_server import RedisServer, free_port, redis_server_binary
 from gateway.devkit.upstream import UpstreamApp
 from gateway.saml import PinnedKey, TrustPolicy, validate_assertion
@@ -69,33 +69,25 @@ class Gateway:
         return f"http://127.0.0.1:{self.port}/hello"
 
 
-def write_config(folder: Path, token_url: str, upstream: str, redis: RedisServer) -> Path:
+def write_config(
+    folder: Path, idp: DemoIdP, token_url: str, upstream: str, redis: RedisServer
+) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "client-secret").write_text(CLIENT_SECRET)
     (folder / "redis-key").write_text("bench-redis-encryption-key-0123456789abcdef")
-    config: dict[str, Any] = {
-        "listen": {"host": "127.0.0.1", "port": free_port()},
-        "admin": {"host": "127.0.0.1", "port": free_port()},
-        "log": {"format": "json", "level": "warning"},  # no access lines in the figures
-        "lifecycle": {"shutdown_grace": 0, "drain_timeout": 2},
-        "identity_providers": {"idp": {"issuer": ISSUER, "certificates": ["../idp.pem"]}},
-        "authorization_servers": {
-            "as": {
-                "token_url": token_url,
-                "client_id": CLIENT_ID,
-                "client_secret": "${file:client-secret}",
-                "audience": AUDIENCE,
-            }
-        },
-        "routes": [
-            {
-                "name": "api",
-                "upstream": upstream,
-                "identity_provider": "idp",
-                "authorization_server": "as",
-            }
-        ],
-        "cache": {
+    return write_loopback_config(
+        folder,
+        certificate_pem=idp.certificate_pem,
+        issuer=ISSUER,
+        token_url=token_url,
+        client_id=CLIENT_ID,
+        client_secret=CLIENT_SECRET,
+        audience=AUDIENCE,
+        upstream=upstream,
+        port=free_port(),
+        admin_port=free_port(),
+        log={"format": "json", "level": "warning"},  # no access lines in the figures
+        lifecycle={"shutdown_grace": 0, "drain_timeout": 2},
+        cache={
             "backend": "redis",
             "redis": {
                 "url": redis.url,
@@ -103,10 +95,7 @@ def write_config(folder: Path, token_url: str, upstream: str, redis: RedisServer
                 "active_key": "k1",
             },
         },
-    }
-    path = folder / "gateway.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
+    )
 
 
 @contextmanager
@@ -170,7 +159,6 @@ async def timed(session: aiohttp.ClientSession, url: str, header: str) -> float:
 
 async def measure(folder: Path, redis: RedisServer) -> int:
     idp = DemoIdP.generate(ISSUER)
-    idp.write_certificate(folder / "idp.pem")
     auth = FakeAuthorizationServer(client_id=CLIENT_ID, client_secret=CLIENT_SECRET)
     upstream = UpstreamApp()
     token_url = await auth.start()
@@ -186,7 +174,7 @@ async def measure(folder: Path, redis: RedisServer) -> int:
         with ExitStack() as stack:
             a, b = (
                 stack.enter_context(
-                    gateway(name, write_config(folder / name, token_url, upstream_url, redis))
+                    gateway(name, write_config(folder / name, idp, token_url, upstream_url, redis))
                 )
                 for name in ("a", "b")
             )

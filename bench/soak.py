@@ -31,13 +31,12 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import aiohttp
-import yaml
 
 from gateway.devkit.authorization_server import FakeAuthorizationServer
 from gateway.devkit.idp import DemoIdP
+from gateway.devkit.loopback import write_loopback_config
 from gateway.devkit.upstream import UpstreamApp
 
 ISSUER = "https://idp.soak/saml"
@@ -94,39 +93,26 @@ class Soak:
         return base64.b64encode(raw).decode()
 
     def write_config(self, upstream: str) -> Path:
-        self.idp.write_certificate(self.folder / "idp.pem")
-        (self.folder / "client-secret").write_text(CLIENT_SECRET)
         self.port, self.admin_port = free_port(), free_port()
-        config: dict[str, Any] = {
-            "listen": {"host": "127.0.0.1", "port": self.port},
-            "admin": {"host": "127.0.0.1", "port": self.admin_port},
-            "lifecycle": {"shutdown_grace": 0, "drain_timeout": 5},
-            "log": {"level": "warning"},
-            "identity_providers": {"idp": {"issuer": ISSUER, "certificates": ["idp.pem"]}},
-            "authorization_servers": {
-                "as": {
-                    "token_url": self.auth.token_url,
-                    "client_id": CLIENT_ID,
-                    "client_secret": "${file:client-secret}",
-                    "audience": AUDIENCE,
-                    "timeouts": {"connect": 1, "total": 2},
-                    "retries": {"attempts": 3, "backoff": 0.05, "max_backoff": 0.2, "deadline": 3},
-                }
+        return write_loopback_config(
+            self.folder,
+            certificate_pem=self.idp.certificate_pem,
+            issuer=ISSUER,
+            token_url=self.auth.token_url,
+            client_id=CLIENT_ID,
+            client_secret=CLIENT_SECRET,
+            audience=AUDIENCE,
+            upstream=upstream,
+            port=self.port,
+            admin_port=self.admin_port,
+            server={
+                "timeouts": {"connect": 1, "total": 2},
+                "retries": {"attempts": 3, "backoff": 0.05, "max_backoff": 0.2, "deadline": 3},
             },
-            "routes": [
-                {
-                    "name": "api",
-                    "upstream": upstream,
-                    "identity_provider": "idp",
-                    "authorization_server": "as",
-                    "timeouts": {"connect": 1, "read": 5, "total": 10},
-                }
-            ],
-            "cache": {"max_entries": self.args.max_entries},
-        }
-        path = self.folder / "gateway.yaml"
-        path.write_text(yaml.safe_dump(config, sort_keys=False))
-        return path
+            route={"timeouts": {"connect": 1, "read": 5, "total": 10}},
+            log={"level": "warning"},
+            cache={"max_entries": self.args.max_entries},
+        )
 
     async def spawn(self, path: Path) -> subprocess.Popen[bytes]:
         log = (self.folder / "gateway.log").open("wb")

@@ -3,14 +3,13 @@
 It starts an IdP that signs assertions, an RFC 7522 authorization server, an upstream API
 and the gateway (configured from a YAML file it writes, the same way an operator would),
 then sends three requests and says what happened to each. Every key is made afresh; the
-client secret lives in an environment variable, as the config examples recommend.
+config reads the client secret from a file beside it, as the config examples recommend.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import os
 import secrets
 import sys
 import tempfile
@@ -18,12 +17,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
-import yaml
 
 from gateway.app import GatewayServer
 from gateway.config import load_config
 from gateway.devkit.authorization_server import FakeAuthorizationServer
 from gateway.devkit.idp import DemoIdP
+from gateway.devkit.loopback import write_loopback_config
 from gateway.devkit.upstream import UpstreamApp
 
 ISSUER = "https://idp.demo.test/saml"
@@ -37,36 +36,6 @@ def _say(text: str = "") -> None:
 
 def _mask(token: str) -> str:
     return token[:6] + "…" if len(token) > 6 else "…"
-
-
-def _write_config(folder: Path, token_url: str, upstream: str, port: int, admin_port: int) -> Path:
-    config = {
-        "listen": {"host": "127.0.0.1", "port": port},
-        "admin": {"host": "127.0.0.1", "port": admin_port},
-        "lifecycle": {"shutdown_grace": 0, "drain_timeout": 5},
-        "identity_providers": {"demo-idp": {"issuer": ISSUER, "certificates": ["idp.pem"]}},
-        "authorization_servers": {
-            "demo-as": {
-                "token_url": token_url,
-                "client_id": "demo-gateway",
-                "client_secret": "${SAML_GATEWAY_DEMO_SECRET}",
-                "audience": AUDIENCE,
-                "scope": "api.read",
-            }
-        },
-        "routes": [
-            {
-                "name": "demo-api",
-                "path_prefix": "/",
-                "upstream": upstream,
-                "identity_provider": "demo-idp",
-                "authorization_server": "demo-as",
-            }
-        ],
-    }
-    path = folder / "gateway.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
 
 
 def _tamper(raw: bytes) -> bytes:
@@ -87,16 +56,26 @@ async def _metric(session: aiohttp.ClientSession, admin: str, name: str) -> dict
 
 async def run_demo(*, port: int = 8080, admin_port: int = 9901, once: bool = False) -> int:
     secret = secrets.token_urlsafe(24)
-    os.environ["SAML_GATEWAY_DEMO_SECRET"] = secret
     with tempfile.TemporaryDirectory(prefix="saml-gateway-demo-") as tmp:
-        folder = Path(tmp)
         idp = DemoIdP.generate(ISSUER)
-        idp.write_certificate(folder / "idp.pem")
         auth = FakeAuthorizationServer(client_id="demo-gateway", client_secret=secret)
         token_url = await auth.start()
         api = UpstreamApp()
         upstream = await api.start()
-        config_path = _write_config(folder, token_url, upstream, port, admin_port)
+        config_path = write_loopback_config(
+            Path(tmp),
+            certificate_pem=idp.certificate_pem,
+            issuer=ISSUER,
+            token_url=token_url,
+            client_id="demo-gateway",
+            client_secret=secret,
+            audience=AUDIENCE,
+            upstream=upstream,
+            port=port,
+            admin_port=admin_port,
+            server={"scope": "api.read"},
+            route={"name": "demo-api"},
+        )
         server = GatewayServer(load_config(config_path), config_path=config_path)
         try:
             await server.start()

@@ -23,6 +23,7 @@ from gateway.app import GatewayServer
 from gateway.config import load_config
 from gateway.devkit.authorization_server import FakeAuthorizationServer
 from gateway.devkit.idp import DemoIdP
+from gateway.devkit.loopback import write_loopback_config
 from gateway.devkit.upstream import UpstreamApp
 
 ISSUER = "https://idp.test/saml"
@@ -45,41 +46,32 @@ def free_port() -> int:
 def gateway_yaml(
     folder: Path, token_url: str, upstream: str, idp: DemoIdP, **overrides: Any
 ) -> Path:
-    """Write a gateway config for the given parts; ``overrides`` replace top-level keys."""
-    idp.write_certificate(folder / "idp.pem")
-    (folder / "client-secret").write_text(CLIENT_SECRET)
+    """Write a gateway config for the given parts, with short test timeouts; ``server`` and
+    ``route`` add to those entries, other keywords replace top-level keys."""
     server: dict[str, Any] = {
-        "token_url": token_url,
-        "client_id": CLIENT_ID,
-        "client_secret": "${file:client-secret}",
-        "audience": AUDIENCE,
         "timeouts": {"connect": 1, "total": 2},
         "retries": {"attempts": 3, "backoff": 0.05, "max_backoff": 0.2, "deadline": 3},
+        **overrides.pop("server", {}),
     }
-    server.update(overrides.pop("server", {}))
     route: dict[str, Any] = {
-        "name": "api",
-        "path_prefix": "/",
-        "upstream": upstream,
-        "identity_provider": "idp",
-        "authorization_server": "as",
         "realm": "test-api",
         "timeouts": {"connect": 1, "read": 2, "total": 5},
         "max_body_size": 1024 * 1024,
+        **overrides.pop("route", {}),
     }
-    route.update(overrides.pop("route", {}))
-    config: dict[str, Any] = {
-        "listen": {"host": "127.0.0.1", "port": 0},
-        "admin": {"host": "127.0.0.1", "port": 0},
-        "lifecycle": {"shutdown_grace": 0, "drain_timeout": 5},
-        "identity_providers": {"idp": {"issuer": ISSUER, "certificates": ["idp.pem"]}},
-        "authorization_servers": {"as": server},
-        "routes": [route],
-    }
-    config.update(overrides)
-    path = folder / "gateway.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
+    return write_loopback_config(
+        folder,
+        certificate_pem=idp.certificate_pem,
+        issuer=ISSUER,
+        token_url=token_url,
+        client_id=CLIENT_ID,
+        client_secret=CLIENT_SECRET,
+        audience=AUDIENCE,
+        upstream=upstream,
+        server=server,
+        route=route,
+        **overrides,
+    )
 
 
 def echoed_headers(body: dict[str, Any]) -> dict[str, str]:
