@@ -26,7 +26,7 @@ from aiohttp import web
 
 from gateway.cache import TokenCache
 from gateway.config import Config, load_config
-from gateway.errors import ConfigError, GatewayError, InvalidAssertion
+from gateway.errors import ConfigError, GatewayError, InvalidAssertion, NoRoute
 from gateway.forward_auth import grant_headers, original_request
 from gateway.logs import ACCESS
 from gateway.metrics import Metrics
@@ -37,9 +37,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway")
 
-TRACE = web.RequestKey("trace", Trace)
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
-_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
 # Generated request IDs: a random per-process prefix and a counter (32 hex characters),
@@ -55,8 +54,12 @@ def request_id(inbound: str | None) -> str:
     return f"{_ID_PREFIX}{next(_id_counter) & 0xFFFF_FFFF_FFFF_FFFF:016x}"
 
 
+def _within(path: str, prefix: str) -> bool:
+    return not prefix or path == prefix or path.startswith(prefix + "/")
+
+
 def error_response(error: GatewayError, trace: Trace) -> web.Response:
-    headers = dict(error.headers)
+    headers = {**error.headers, "X-Request-ID": trace.request_id}
     if isinstance(error, InvalidAssertion):
         headers["WWW-Authenticate"] = f'SAML realm="{trace.realm}"'
     body = {
@@ -92,9 +95,9 @@ class GatewayServer:
         self.draining = False
         self._hurry = asyncio.Event()
         self._retired: set[asyncio.Task[None]] = set()
-        self._runner: web.AppRunner | None = None
+        self._runner: web.ServerRunner | None = None
         self._admin_runner: web.AppRunner | None = None
-        self._auth_runner: web.AppRunner | None = None
+        self._auth_runner: web.ServerRunner | None = None
         self.port = 0
         self.admin_port = 0
         self.auth_port = 0
@@ -108,40 +111,53 @@ class GatewayServer:
 
     # --- HTTP ------------------------------------------------------------------------------
 
-    @web.middleware
-    async def _observe(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
-        trace = Trace(request_id(request.headers.get("X-Request-ID")))
-        request[TRACE] = trace
-        status = 500
-        try:
-            response = await handler(request)
-            status = response.status
-            return response
-        except GatewayError as error:
-            note_failure(trace, error, self.metrics)
-            status = error.status
-            return error_response(error, trace)
-        except asyncio.CancelledError:
-            status = 499  # the client went away; nothing left to answer
-            raise
-        except web.HTTPException as exc:
-            status = exc.status
-            raise
-        except Exception:
-            log.exception("unexpected error", extra={"fields": {"request_id": trace.request_id}})
-            trace.reason = "internal"
-            return web.json_response(
-                {
-                    "error": "server_error",
-                    "error_description": "internal error",
-                    "request_id": trace.request_id,
-                },
-                status=500,
-            )
-        finally:
-            self._account(request, trace, status)
+    def _handler(self, *, proxy: bool, forward_auth: bool) -> _Handler:
+        """The one handler of a listener: the proxy, the forward-auth endpoint, or both.
 
-    def _account(self, request: web.Request, trace: Trace, status: int) -> None:
+        aiohttp's low-level server calls it directly (no router, middleware or signals on
+        the hot path); it owns the request's trace, its errors and its accounting.
+        """
+        auth_path = self.config.forward_auth.path.rstrip("/") if forward_auth else None
+
+        async def handle(request: web.BaseRequest) -> web.StreamResponse:
+            trace = Trace(request_id(request.headers.get("X-Request-ID")))
+            status = 500
+            try:
+                if auth_path is not None and _within(request.path, auth_path):
+                    response = await self._forward_auth(request, trace)
+                elif proxy:
+                    response = await self.runtime.proxy(request, trace)
+                else:
+                    raise NoRoute("no_route", "only forward-auth is served on this listener")
+                status = response.status
+                return response
+            except GatewayError as error:
+                note_failure(trace, error, self.metrics)
+                status = error.status
+                return error_response(error, trace)
+            except asyncio.CancelledError:
+                status = 499  # the client went away; nothing left to answer
+                raise
+            except Exception:
+                log.exception(
+                    "unexpected error", extra={"fields": {"request_id": trace.request_id}}
+                )
+                trace.reason = "internal"
+                return web.json_response(
+                    {
+                        "error": "server_error",
+                        "error_description": "internal error",
+                        "request_id": trace.request_id,
+                    },
+                    status=500,
+                    headers={"X-Request-ID": trace.request_id},
+                )
+            finally:
+                self._account(request, trace, status)
+
+        return handle
+
+    def _account(self, request: web.BaseRequest, trace: Trace, status: int) -> None:
         seconds = time.perf_counter() - trace.started
         self.metrics.observe_request(trace.route, status, seconds)
         if not ACCESS.isEnabledFor(logging.INFO):
@@ -171,36 +187,30 @@ class GatewayServer:
             },
         )
 
-    async def _proxy(self, request: web.Request) -> web.StreamResponse:
-        return await self.runtime.proxy(request, request[TRACE])
-
-    async def _forward_auth(self, request: web.Request) -> web.StreamResponse:
+    async def _forward_auth(self, request: web.BaseRequest, trace: Trace) -> web.StreamResponse:
         settings = self.config.forward_auth
         original = original_request(request.headers, request.path, settings.path)
-        runtime, trace = self.runtime, request[TRACE]
+        runtime = self.runtime
         route = runtime.route_for(original.host, original.path, trace)
         entry = await runtime.authorize(route, request.headers, trace)
-        ttl = runtime.cache.ttl(entry)
-        return web.Response(
-            status=200, headers=grant_headers(settings.token_header, entry.token.access_token, ttl)
+        headers = grant_headers(
+            settings.token_header, entry.token.access_token, runtime.cache.ttl(entry)
         )
+        headers["X-Request-ID"] = trace.request_id
+        return web.Response(status=200, headers=headers)
 
-    @staticmethod
-    async def _stamp_request_id(request: web.Request, response: web.StreamResponse) -> None:
-        trace = request.get(TRACE)
-        if isinstance(trace, Trace):
-            response.headers["X-Request-ID"] = trace.request_id
-
-    def build_app(self, *, proxy: bool = True, forward_auth: bool = False) -> web.Application:
-        app = web.Application(middlewares=[self._observe])
-        app.on_response_prepare.append(self._stamp_request_id)
-        if forward_auth:
-            path = self.config.forward_auth.path.rstrip("/") or "/"
-            app.router.add_route("*", path, self._forward_auth)
-            app.router.add_route("*", path.rstrip("/") + "/{original:.*}", self._forward_auth)
-        if proxy:
-            app.router.add_route("*", "/{tail:.*}", self._proxy)
-        return app
+    def _server(self, *, proxy: bool, forward_auth: bool) -> web.Server:
+        config = self.config
+        # Signed assertions are often far larger than aiohttp's 8 KB default; leave room for
+        # an over-cap assertion to arrive, so it is refused with a clear 401 (reason "size").
+        header_limit = max(config.proxy.max_header_size, config.assertion.max_size + 1024)
+        return web.Server(
+            self._handler(proxy=proxy, forward_auth=forward_auth),
+            access_log=None,
+            max_line_size=header_limit,
+            max_field_size=header_limit,
+            max_headers=config.proxy.max_headers,
+        )
 
     # --- admin -----------------------------------------------------------------------------
 
@@ -244,11 +254,11 @@ class GatewayServer:
         auth = config.forward_auth
         own_auth_listener = auth.enabled and auth.listen is not None
         self._runner = self._serving_runner(
-            self.build_app(forward_auth=auth.enabled and not own_auth_listener)
+            proxy=True, forward_auth=auth.enabled and not own_auth_listener
         )
         self.port = await self._listen(self._runner, config.listen.host, config.listen.port)
         if own_auth_listener and auth.listen is not None:
-            self._auth_runner = self._serving_runner(self.build_app(proxy=False, forward_auth=True))
+            self._auth_runner = self._serving_runner(proxy=False, forward_auth=True)
             self.auth_port = await self._listen(
                 self._auth_runner, auth.listen.host, auth.listen.port
             )
@@ -268,21 +278,13 @@ class GatewayServer:
             },
         )
 
-    def _serving_runner(self, app: web.Application) -> web.AppRunner:
-        config = self.config
-        # Signed assertions are often far larger than aiohttp's 8 KB default; leave room for
-        # an over-cap assertion to arrive, so it is refused with a clear 401 (reason "size").
-        header_limit = max(config.proxy.max_header_size, config.assertion.max_size + 1024)
-        return web.AppRunner(
-            app,
-            access_log=None,
-            shutdown_timeout=config.lifecycle.drain_timeout,
-            max_line_size=header_limit,
-            max_field_size=header_limit,
-            max_headers=config.proxy.max_headers,
+    def _serving_runner(self, *, proxy: bool, forward_auth: bool) -> web.ServerRunner:
+        return web.ServerRunner(
+            self._server(proxy=proxy, forward_auth=forward_auth),
+            shutdown_timeout=self.config.lifecycle.drain_timeout,
         )
 
-    async def _listen(self, runner: web.AppRunner, host: str, port: int) -> int:
+    async def _listen(self, runner: web.BaseRunner, host: str, port: int) -> int:
         await runner.setup()
         await web.TCPSite(runner, host, port, reuse_port=self.reuse_port).start()
         return int(runner.addresses[0][1])

@@ -114,13 +114,19 @@ class Runtime:
             profile, assertion, partial(self.token_client.exchange, profile)
         )
 
-    async def proxy(self, request: web.Request, trace: Trace) -> web.StreamResponse:
+    async def proxy(self, request: web.BaseRequest, trace: Trace) -> web.StreamResponse:
         """The whole flow for one proxied request."""
         # The Host header as sent: aiohttp's request.host may fall back to a blocking lookup.
         route = self.route_for(request.headers.get("Host"), request.path, trace)
         self.forwarder.admit(request, route)  # 413 before validating or exchanging anything
         entry = await self.authorize(route, request.headers, trace)
-        result = await self.forwarder.forward(request, route, entry.token.access_token, self.strip)
+        result = await self.forwarder.forward(
+            request,
+            route,
+            entry.token.access_token,
+            self.strip,
+            {"X-Request-ID": trace.request_id},
+        )
         trace.upstream_seconds = result.upstream_seconds
         self.metrics.observe_upstream(route.label, result.upstream_seconds)
         if result.token_rejected:

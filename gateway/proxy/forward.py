@@ -17,8 +17,9 @@ import ipaddress
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Final
 
 import aiohttp
@@ -45,6 +46,7 @@ from gateway.proxy.headers import (
 
 log = logging.getLogger(__name__)
 
+_NO_STAMP: Final[Mapping[str, str]] = MappingProxyType({})
 _SMALL_BODY: Final = 64 * 1024  # bodies up to this size are relayed in one piece
 _POOL_LIMIT: Final = 1000  # open upstream connections in total; beyond this requests queue
 _WS_CLOSE_TIMEOUT: Final = 5.0  # how long a close handshake may take on either side
@@ -161,19 +163,26 @@ class Forwarder:
             self._session = None
 
     @staticmethod
-    def admit(request: web.Request, route: Route) -> None:
+    def admit(request: web.BaseRequest, route: Route) -> None:
         """Refuse a body declared larger than the route allows, before any other work."""
         declared = request.content_length
         if declared is not None and declared > route.max_body_size:
             raise RequestTooLarge("body_too_large", f"Content-Length {declared}")
 
     async def forward(
-        self, request: web.Request, route: Route, token: str, strip: frozenset[str]
+        self,
+        request: web.BaseRequest,
+        route: Route,
+        token: str,
+        strip: frozenset[str],
+        stamp: Mapping[str, str] = _NO_STAMP,
     ) -> ForwardResult:
         """Forward ``request`` to ``route``'s upstream with ``token``; stream the answer back.
 
-        ``strip`` names the headers that carried the assertion. Raises ``RequestTooLarge``,
-        ``UpstreamError`` or ``UpstreamTimeout`` when nothing has been sent to the client yet.
+        ``strip`` names the headers that carried the assertion; ``stamp`` holds headers the
+        gateway adds to the answer (its X-Request-ID), whatever the upstream said. Raises
+        ``RequestTooLarge``, ``UpstreamError`` or ``UpstreamTimeout`` when nothing has been
+        sent to the client yet.
         """
         session = self._session
         if session is None:
@@ -196,18 +205,19 @@ class Forwarder:
             raw_path = request.rel_url.raw_path_qs
         url = upstream_url(route.upstream, raw_path, route.path_prefix, route.strip_prefix)
         if _wants_websocket(request):
-            return await self._websocket(session, request, plan, url, headers)
-        return await self._http(session, request, plan, url, headers)
+            return await self._websocket(session, request, plan, url, headers, stamp)
+        return await self._http(session, request, plan, url, headers, stamp)
 
     # --- plain HTTP ---------------------------------------------------------------------
 
     async def _http(
         self,
         session: aiohttp.ClientSession,
-        request: web.Request,
+        request: web.BaseRequest,
         plan: _RoutePlan,
         url: URL,
         headers: CIMultiDict[str],
+        stamp: Mapping[str, str],
     ) -> ForwardResult:
         progress = _BodyProgress(limit=plan.route.max_body_size)
         body = _stream_body(request, progress) if request.body_exists else None
@@ -228,6 +238,7 @@ class Forwarder:
 
         challenge = ", ".join(upstream.headers.getall("WWW-Authenticate", [])) or None
         headers = downstream_response_headers(upstream.headers)
+        headers.update(stamp)
         response: web.StreamResponse
         if _small_body(request, upstream):
             # A body announced as small is read whole and sent with the headers in one write
@@ -254,7 +265,10 @@ class Forwarder:
         )
 
     async def _relay_body(
-        self, request: web.Request, upstream: aiohttp.ClientResponse, response: web.StreamResponse
+        self,
+        request: web.BaseRequest,
+        upstream: aiohttp.ClientResponse,
+        response: web.StreamResponse,
     ) -> None:
         complete = False
         written = 0
@@ -300,10 +314,11 @@ class Forwarder:
     async def _websocket(
         self,
         session: aiohttp.ClientSession,
-        request: web.Request,
+        request: web.BaseRequest,
         plan: _RoutePlan,
         url: URL,
         headers: CIMultiDict[str],
+        stamp: Mapping[str, str],
     ) -> ForwardResult:
         for name in list(headers.keys()):
             if name.lower() in _WS_HANDSHAKE_HEADERS:
@@ -328,7 +343,7 @@ class Forwarder:
                     timeout=aiohttp.ClientWSTimeout(ws_close=_WS_CLOSE_TIMEOUT),
                 )
         except aiohttp.WSServerHandshakeError as exc:
-            return await self._refused_upgrade(request, exc, time.monotonic() - started)
+            return await self._refused_upgrade(request, exc, time.monotonic() - started, stamp)
         except (aiohttp.ClientError, OSError) as exc:
             raise _translate(exc, None) from None
         elapsed = time.monotonic() - started
@@ -343,6 +358,7 @@ class Forwarder:
                 max_msg_size=_WS_MAX_MESSAGE,
                 timeout=_WS_CLOSE_TIMEOUT,
             )
+            client_ws.headers.update(stamp)
             try:
                 await client_ws.prepare(request)
             except (ConnectionError, web.HTTPException):
@@ -357,7 +373,11 @@ class Forwarder:
         )
 
     async def _refused_upgrade(
-        self, request: web.Request, exc: aiohttp.WSServerHandshakeError, elapsed: float
+        self,
+        request: web.BaseRequest,
+        exc: aiohttp.WSServerHandshakeError,
+        elapsed: float,
+        stamp: Mapping[str, str],
     ) -> ForwardResult:
         """The upstream answered the upgrade with an ordinary response: pass its status on."""
         if exc.status < 200:
@@ -367,6 +387,7 @@ class Forwarder:
         # aiohttp has discarded the body; its framing headers no longer apply.
         for name in ("Content-Length", "Content-Type", "Content-Encoding"):
             headers.popall(name, None)
+        headers.update(stamp)
         response = web.StreamResponse(status=exc.status, headers=headers)
         challenge = ", ".join(upstream_headers.getall("WWW-Authenticate", [])) or None
         try:
@@ -413,7 +434,7 @@ class Forwarder:
         )
 
 
-def _wants_websocket(request: web.Request) -> bool:
+def _wants_websocket(request: web.BaseRequest) -> bool:
     if request.method != "GET":
         return False
     upgrade = request.headers.get("Upgrade", "").lower()
@@ -424,7 +445,7 @@ def _wants_websocket(request: web.Request) -> bool:
     return web.WebSocketResponse().can_prepare(request).ok
 
 
-async def _stream_body(request: web.Request, progress: _BodyProgress) -> AsyncIterator[bytes]:
+async def _stream_body(request: web.BaseRequest, progress: _BodyProgress) -> AsyncIterator[bytes]:
     """The client's body, chunk by chunk as it arrives, cut off past the route's limit."""
     try:
         async for chunk in request.content.iter_any():
@@ -447,7 +468,7 @@ class _BodyOverLimit(Exception):
     pass
 
 
-def _small_body(request: web.Request, upstream: aiohttp.ClientResponse) -> bool:
+def _small_body(request: web.BaseRequest, upstream: aiohttp.ClientResponse) -> bool:
     length = upstream.content_length
     return (
         length is not None
