@@ -60,6 +60,12 @@ class QuietParseErrors(logging.Filter):
 
 
 def setup_logging(fmt: str = "json", level: str = "info") -> None:
+    # One access line per request: skip what our formatters never print (the caller's
+    # frame, thread, process and multiprocessing names), as the logging docs advise.
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    logging._srcfile = None  # the documented switch for "no caller lookup"
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
