@@ -35,8 +35,8 @@ system-deps:
 	fi
 
 lint: venv
-	$(BIN)/ruff check gateway tests bench
-	$(BIN)/ruff format --check gateway tests bench
+	$(BIN)/ruff check gateway tests bench fuzz
+	$(BIN)/ruff format --check gateway tests bench fuzz
 
 typecheck: venv
 	$(BIN)/mypy
