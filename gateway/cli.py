@@ -42,7 +42,11 @@ def run_loop(main: Coroutine[Any, Any, int]) -> int:
 async def serve(config: Config, config_path: Path, *, reuse_port: bool = False) -> int:
     from gateway.app import GatewayServer
 
-    server = GatewayServer(config, config_path=config_path, reuse_port=reuse_port)
+    try:
+        server = GatewayServer(config, config_path=config_path, reuse_port=reuse_port)
+    except ConfigError as exc:  # e.g. a Redis encryption key too short to use
+        _report(str(config_path), exc.problems)
+        return 2
     try:
         await server.start()
     except OSError as exc:
@@ -99,14 +103,26 @@ def supervise(config_path: Path, args: argparse.Namespace, workers: int) -> int:
         time.sleep(0.2)
 
 
+def _report(source: str, problems: list[str]) -> None:
+    print(f"configuration error in {source}:", file=sys.stderr)
+    for problem in problems:
+        print(f"  {problem}", file=sys.stderr)
+
+
 def _load(path: str) -> Config | None:
+    """The configuration, with every file it names read and checked (certificates, metadata,
+    client keys, TLS files), so a bad one is a startup error naming its key."""
+    from gateway.cache import TokenCache
+    from gateway.metrics import Metrics
+    from gateway.pipeline import Runtime
+
     try:
-        return load_config(path)
+        config = load_config(path)
+        Runtime(config, TokenCache(config.cache), Metrics())  # opens no socket
     except ConfigError as exc:
-        print(f"configuration error in {exc.source or path}:", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
+        _report(exc.source or path, exc.problems)
         return None
+    return config
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -123,18 +139,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
-        return 2
-    # Certificates and metadata are read here too, so a bad PEM fails the check, not the start.
-    from gateway.saml import build_trust_policy
-
-    try:
-        for name, idp in config.identity_providers.items():
-            for server in config.authorization_servers.values():
-                build_trust_policy(idp, server, config.assertion, idp_name=name)
-    except ConfigError as exc:
-        print(f"configuration error in {args.config}:", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
         return 2
     print(f"# {args.config}: OK (secrets redacted)")
     print(yaml.safe_dump(config.redacted(), sort_keys=False), end="")

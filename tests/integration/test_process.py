@@ -76,9 +76,11 @@ def test_check_config_rejects_a_file_that_is_not_a_certificate(tmp_path: Path) -
             }
         )
     )
-    result = cli("check-config", "-c", str(tmp_path / "c.yaml"))
-    assert result.returncode == 2
-    assert "identity_providers.idp.certificates[0]" in result.stderr
+    for command in ("check-config", "run"):  # run refuses it at start, naming the key too
+        result = cli(command, "-c", str(tmp_path / "c.yaml"))
+        assert result.returncode == 2
+        assert "identity_providers.idp.certificates[0]" in result.stderr
+        assert "Traceback" not in result.stderr
 
 
 def test_run_with_broken_config_exits_2(tmp_path: Path) -> None:
