@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from gateway.cache import TokenCache
-from gateway.config import Config, load_config
+from gateway.config import Config, ForwardAuth, load_config
 from gateway.errors import ConfigError, GatewayError, InvalidAssertion, NoRoute
 from gateway.forward_auth import grant_headers, original_request
 from gateway.logs import ACCESS
@@ -117,14 +117,16 @@ class GatewayServer:
         aiohttp's low-level server calls it directly (no router, middleware or signals on
         the hot path); it owns the request's trace, its errors and its accounting.
         """
-        auth_path = self.config.forward_auth.path.rstrip("/") if forward_auth else None
+        # Listener settings are fixed at start; a reload that changes them says so.
+        auth = self.config.forward_auth
+        auth_path = auth.path.rstrip("/") if forward_auth else None
 
         async def handle(request: web.BaseRequest) -> web.StreamResponse:
             trace = Trace(request_id(request.headers.get("X-Request-ID")))
             status = 500
             try:
                 if auth_path is not None and _within(request.path, auth_path):
-                    response = await self._forward_auth(request, trace)
+                    response = await self._forward_auth(request, trace, auth)
                 elif proxy:
                     response = await self.runtime.proxy(request, trace)
                 else:
@@ -187,8 +189,9 @@ class GatewayServer:
             },
         )
 
-    async def _forward_auth(self, request: web.BaseRequest, trace: Trace) -> web.StreamResponse:
-        settings = self.config.forward_auth
+    async def _forward_auth(
+        self, request: web.BaseRequest, trace: Trace, settings: ForwardAuth
+    ) -> web.StreamResponse:
         original = original_request(request.headers, request.path, settings.path)
         runtime = self.runtime
         route = runtime.route_for(original.host, original.path, trace)
