@@ -438,6 +438,8 @@ def _wants_websocket(request: web.BaseRequest) -> bool:
     if request.method != "GET":
         return False
     upgrade = request.headers.get("Upgrade", "").lower()
+    if not upgrade:
+        return False
     connection = {t.strip().lower() for t in request.headers.get("Connection", "").split(",")}
     if "websocket" not in upgrade or "upgrade" not in connection:
         return False
