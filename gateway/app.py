@@ -26,7 +26,7 @@ from aiohttp import web
 
 from gateway.cache import TokenCache
 from gateway.config import Config, ForwardAuth, load_config
-from gateway.errors import ConfigError, GatewayError, InvalidAssertion, NoRoute
+from gateway.errors import BadRequest, ConfigError, GatewayError, InvalidAssertion, NoRoute
 from gateway.forward_auth import grant_headers, original_request
 from gateway.logs import ACCESS
 from gateway.metrics import Metrics
@@ -68,6 +68,35 @@ def error_response(error: GatewayError, trace: Trace) -> web.Response:
         "request_id": trace.request_id,
     }
     return web.json_response(body, status=error.status, headers=headers)
+
+
+class _JsonParseErrors(web.RequestHandler):
+    """A request aiohttp cannot even parse is answered by aiohttp itself, quoting the bad line
+    back, and that line may be the assertion header. Answer with the gateway's JSON error."""
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        super().handle_error(request, status, exc, None)  # aiohttp's logging and its checks
+        error: GatewayError = (
+            BadRequest("unparseable", "") if status < 500 else GatewayError("internal", "")
+        )
+        rid = request_id(None)
+        body = {"error": error.error, "error_description": error.public_message, "request_id": rid}
+        response = web.json_response(body, status=status, headers={"X-Request-ID": rid})
+        response.force_close()
+        return response
+
+
+class _Server(web.Server):
+    def __call__(self) -> web.RequestHandler:
+        # aiohttp's own factory, with the handler class above (Server keeps its arguments in
+        # _loop and _kwargs; aiohttp is pinned below 4).
+        return _JsonParseErrors(self, loop=self._loop, **self._kwargs)
 
 
 class GatewayServer:
@@ -202,12 +231,12 @@ class GatewayServer:
         headers["X-Request-ID"] = trace.request_id
         return web.Response(status=200, headers=headers)
 
-    def _server(self, *, proxy: bool, forward_auth: bool) -> web.Server:
+    def _server(self, *, proxy: bool, forward_auth: bool) -> _Server:
         config = self.config
         # Signed assertions are often far larger than aiohttp's 8 KB default; leave room for
         # an over-cap assertion to arrive, so it is refused with a clear 401 (reason "size").
         header_limit = max(config.proxy.max_header_size, config.assertion.max_size + 1024)
-        return web.Server(
+        return _Server(
             self._handler(proxy=proxy, forward_auth=forward_auth),
             access_log=None,
             max_line_size=header_limit,

@@ -116,8 +116,22 @@ def test_smuggling_shapes_are_refused(stack: Stack, shape: str) -> None:
 
 def test_a_request_line_with_bare_lf_is_refused(stack: Stack) -> None:
     data = b"GET /echo HTTP/1.1\nHost: gw\nX-SAML-Assertion: " + stack.b64 + b"\n\n"
-    status, _, seen = stack.send(data)
+    status, answer, seen = stack.send(data)
     assert (status, seen) == (400, 0)
+    # The gateway's JSON error, not aiohttp's text that quotes the offending line back.
+    body = body_json(answer)
+    assert body["error"] == "invalid_request"
+    assert body["request_id"]
+    assert stack.b64[:40] not in answer
+
+
+def test_a_nul_in_the_assertion_header_is_answered_without_quoting_it(stack: Stack) -> None:
+    data = b"GET /echo HTTP/1.1\r\nHost: gw\r\nX-SAML-Assertion: " + stack.b64[:60]
+    data += b"\x00" + stack.b64[60:] + b"\r\n\r\n"
+    status, answer, seen = stack.send(data)
+    assert (status, seen) == (400, 0)
+    assert body_json(answer)["error_description"] == "the request is malformed"
+    assert stack.b64[:40] not in answer and stack.b64[60:100] not in answer
 
 
 def test_transfer_coding_list_ending_in_chunked_is_one_request(stack: Stack) -> None:
