@@ -105,6 +105,7 @@ class Runtime:
         entry = self.cache.lookup(profile, digest)
         if entry is not None:
             trace.cache, trace.assertion_id = "hit", entry.assertion_id
+            trace.issuer = entry.issuer or None
             return entry
         trace.cache = "miss"
         policy = self.policies[(route.identity_provider, profile)]

@@ -212,6 +212,7 @@ class TokenCache:
             digest=assertion.digest,
             token=token,
             expires_at=self._expires_at(token, assertion),
+            issuer=assertion.issuer,
         )
 
     def _expires_at(self, token: Token, assertion: Assertion) -> float:

@@ -20,6 +20,7 @@ class CachedToken:
     digest: bytes  # SHA-256 of the decoded assertion the token was issued for
     token: Token
     expires_at: float  # wall-clock seconds (time.time()) after which it is never served
+    issuer: str = ""  # the assertion's Issuer, for access lines on cache hits
 
 
 class SharedStore(Protocol):

@@ -235,13 +235,14 @@ def _to_json(entry: CachedToken) -> dict[str, Any]:
         "n": token.expires_in,
         "s": token.scope,
         "y": token.token_type,
+        "r": entry.issuer,
     }
 
 
 def _from_json(data: Any) -> CachedToken:
     if not isinstance(data, dict):
         raise TypeError("payload is not an object")
-    strings = (data["p"], data["i"], data["d"], data["a"], data["y"])
+    strings = (data["p"], data["i"], data["d"], data["a"], data["y"], data["r"])
     numbers = (data["x"], data["n"])
     if not all(isinstance(v, str) for v in strings):
         raise TypeError("expected strings")
@@ -258,6 +259,7 @@ def _from_json(data: Any) -> CachedToken:
         digest=base64.b64decode(data["d"], validate=True),
         token=token,
         expires_at=float(data["x"]),
+        issuer=data["r"],
     )
 
 
