@@ -26,6 +26,8 @@ from gateway.logs import setup_logging
 
 log = logging.getLogger("gateway")
 
+_STARTUP_SECONDS = 5.0  # a worker that exits sooner failed to start
+
 
 def run_loop(main: Coroutine[Any, Any, int]) -> int:
     """Run on uvloop when it is installed (it is faster), else on asyncio's own loop."""
@@ -76,30 +78,47 @@ async def serve(config: Config, config_path: Path, *, reuse_port: bool = False) 
 
 
 def supervise(config_path: Path, args: argparse.Namespace, workers: int) -> int:
-    """``workers: N``: N processes share the listener port (SO_REUSEPORT); signals are relayed."""
+    """``workers: N``: N processes share the listener port (SO_REUSEPORT); signals are relayed.
+
+    A worker that dies later is replaced; one that fails within its first seconds (a port in
+    use, say) would only fail again, so then every worker is stopped and its code returned.
+    """
     command = [sys.executable, "-m", "gateway", "run", "-c", str(config_path), "--worker"]
     if args.log_format:
         command += ["--log-format", args.log_format]
-    children = [subprocess.Popen(command) for _ in range(workers)]  # noqa: S603 - our own argv
+    if args.log_level:
+        command += ["--log-level", args.log_level]
+
+    def spawn() -> tuple[subprocess.Popen[bytes], float]:
+        return subprocess.Popen(command), time.monotonic()  # noqa: S603 - our own argv
+
+    children = [spawn() for _ in range(workers)]
     stopping = False
 
     def relay(signum: int, _frame: object) -> None:
         nonlocal stopping
         stopping = stopping or signum in (signal.SIGTERM, signal.SIGINT)
-        for child in children:
+        for child, _ in children:
             if child.poll() is None:
                 child.send_signal(signum)
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, relay)
     while True:
-        for i, child in enumerate(children):
+        for i, (child, started) in enumerate(children):
             code = child.poll()
-            if code is not None and not stopping:
-                log.error("worker %d exited with %d; starting a new one", child.pid, code)
-                children[i] = subprocess.Popen(command)  # noqa: S603
-        if stopping and all(child.poll() is not None for child in children):
-            return max((child.returncode or 0) for child in children)
+            if code is None or stopping:
+                continue
+            if time.monotonic() - started < _STARTUP_SECONDS:
+                log.error("worker %d failed at start (exit %d); stopping", child.pid, code)
+                relay(signal.SIGTERM, None)
+                for other, _ in children:
+                    other.wait()
+                return code or 1
+            log.error("worker %d exited with %d; starting a new one", child.pid, code)
+            children[i] = spawn()
+        if stopping and all(child.poll() is not None for child, _ in children):
+            return max((child.returncode or 0) for child, _ in children)
         time.sleep(0.2)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -223,3 +224,24 @@ async def test_second_sigterm_skips_the_grace_period(
     assert gw.proc.poll() is None  # serving through the 60 s grace period
     gw.proc.send_signal(signal.SIGTERM)
     assert await wait_exit(gw.proc, 10) == 0
+
+
+def test_workers_that_cannot_listen_stop_the_supervisor(
+    tmp_path: Path, idp: DemoIdP, parts: Parts
+) -> None:
+    with socket.socket() as taken:  # a port held without SO_REUSEPORT: no worker can bind it
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = gateway_yaml(
+            tmp_path,
+            parts.auth.token_url,
+            parts.upstream_url,
+            idp,
+            workers=2,
+            listen={"host": "127.0.0.1", "port": port},
+            admin={"host": "127.0.0.1", "port": free_port()},
+        )
+        result = cli("run", "-c", str(path), timeout=30)
+    assert result.returncode == 1
+    assert "failed at start" in result.stderr
