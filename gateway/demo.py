@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import secrets
+import signal
 import sys
 import tempfile
 from datetime import UTC, datetime
@@ -92,7 +93,7 @@ async def run_demo(*, port: int = 8080, admin_port: int = 9901, once: bool = Fal
             ok = await _walk(gateway, admin, idp, auth, token_url)
             if not once:
                 _show_curl(gateway, admin, idp, token_url)
-                await asyncio.Event().wait()  # until Ctrl-C
+                await _until_stopped()
             return 0 if ok else 1
         finally:
             await server.close()
@@ -143,6 +144,16 @@ async def _walk(
         f"{auth.calls} exchange(s) for 2 good requests."
     )
     return passed
+
+
+async def _until_stopped() -> None:
+    """Wait for Ctrl-C or SIGTERM, then let the caller shut everything down cleanly."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    _say("Stopping.")
 
 
 def _show_curl(gateway: str, admin: str, idp: DemoIdP, token_url: str) -> None:
