@@ -101,19 +101,25 @@ class Runtime:
         if raw is None:
             raise InvalidAssertion("missing", "no assertion header in the request")
         digest = assertion_digest(raw)
-        profile = route.authorization_server
-        entry = self.cache.lookup(profile, digest)
+        key = self.cache_key(route)
+        entry = self.cache.lookup(key, digest)
         if entry is not None:
             trace.cache, trace.assertion_id = "hit", entry.assertion_id
             trace.issuer = entry.issuer or None
             return entry
         trace.cache = "miss"
-        policy = self.policies[(route.identity_provider, profile)]
+        policy = self.policies[(route.identity_provider, route.authorization_server)]
         assertion = validate_assertion(raw, policy, datetime.now(UTC), digest=digest)
         trace.assertion_id, trace.issuer = assertion.id, assertion.issuer
-        return await self.cache.obtain(
-            profile, assertion, partial(self.token_client.exchange, profile)
-        )
+        exchange = partial(self.token_client.exchange, route.authorization_server)
+        return await self.cache.obtain(key, assertion, exchange)
+
+    @staticmethod
+    def cache_key(route: Route) -> str:
+        """Tokens are kept per (identity provider, authorization server): a token obtained
+        for an assertion one IdP vouched for is never handed out on a route that trusts
+        another, and assertion IDs, unique per issuer only, never collide across IdPs."""
+        return f"{route.identity_provider}\x1f{route.authorization_server}"
 
     async def proxy(self, request: web.BaseRequest, trace: Trace) -> web.StreamResponse:
         """The whole flow for one proxied request."""
@@ -132,7 +138,7 @@ class Runtime:
         self.metrics.observe_upstream(route.label, result.upstream_seconds)
         if result.token_rejected:
             # The upstream no longer accepts this token: the next request exchanges afresh.
-            await self.cache.purge(route.authorization_server, entry.digest)
+            await self.cache.purge(self.cache_key(route), entry.digest)
         return result.response
 
 

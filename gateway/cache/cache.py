@@ -1,8 +1,9 @@
 """The token cache: one exchange per assertion for as long as its token lives.
 
 Rules this module owns:
-- The logical key is (authorization-server profile, assertion ID), and every entry is bound
-  to the SHA-256 digest of the decoded assertion. The hot path (``lookup``) finds a token by
+- The logical key is (profile, assertion ID), the profile naming whose token it is (the
+  pipeline uses its route's identity provider and authorization server), and every entry is
+  bound to the SHA-256 digest of the decoded assertion. The hot path (``lookup``) finds a token by
   (profile, digest) alone: no XML, no signature check, one dictionary probe.
 - A different assertion that reuses a live entry's ID (or the ID of an exchange in flight)
   is a replay: refused with ``InvalidAssertion("replay")`` and the AS is never called.

@@ -1,4 +1,4 @@
-"""What the cache keeps per (authorization-server profile, assertion ID), and the shared-store seam.
+"""What the cache keeps per (profile, assertion ID), and the shared-store seam.
 
 A token is only ever released for the byte-identical assertion it was exchanged for:
 each entry is bound to the SHA-256 digest of the decoded assertion.
@@ -15,7 +15,7 @@ from gateway.oauth.token import Token
 
 @dataclass(frozen=True, slots=True)
 class CachedToken:
-    profile: str  # authorization-server profile name from the config
+    profile: str  # whose token: the pipeline's key for (identity provider, authorization server)
     assertion_id: str
     digest: bytes  # SHA-256 of the decoded assertion the token was issued for
     token: Token

@@ -256,3 +256,50 @@ async def test_declared_oversized_body_is_413_before_any_exchange(stack: Stack) 
         assert (await r.json())["error"] == "request_too_large"
     assert stack.auth.calls == 0
     assert stack.upstream.requests == 0
+
+
+async def test_a_token_cached_for_one_idp_is_not_served_on_a_route_of_another(
+    tmp_path: Path, idp: DemoIdP, parts: Parts
+) -> None:
+    # Route /b trusts only another IdP: an assertion from the first one must be refused
+    # there, even while its token sits in the cache (same authorization server).
+    other = DemoIdP.generate("https://other-idp.test/saml")
+    other.write_certificate(tmp_path / "other.pem")
+    s = await start_stack(
+        tmp_path,
+        idp,
+        parts,
+        identity_providers={
+            "idp": {"issuer": "https://idp.test/saml", "certificates": ["idp.pem"]},
+            "other": {"issuer": "https://other-idp.test/saml", "certificates": ["other.pem"]},
+        },
+        routes=[
+            {
+                "name": "a",
+                "path_prefix": "/a",
+                "upstream": parts.upstream_url,
+                "identity_provider": "idp",
+                "authorization_server": "as",
+                "strip_prefix": True,
+            },
+            {
+                "name": "b",
+                "path_prefix": "/b",
+                "upstream": parts.upstream_url,
+                "identity_provider": "other",
+                "authorization_server": "as",
+                "strip_prefix": True,
+            },
+        ],
+    )
+    try:
+        headers = s.assertion()
+        async with s.session.get(f"{s.url}/a/hello", headers=headers) as r:
+            assert r.status == 200
+        async with s.session.get(f"{s.url}/b/hello", headers=headers) as r:
+            assert r.status == 401
+        assert await s.metric("gateway_validation_failures_total", reason="signature") == 1
+        assert s.upstream.requests == 1
+    finally:
+        await s.session.close()
+        await s.server.close()

@@ -32,8 +32,10 @@ from integration.conftest import (  # the fixtures are re-exported for this fold
     spawn_gateway,
 )
 
+from gateway.config import Route
 from gateway.devkit.idp import DemoIdP
 from gateway.devkit.redis_server import RedisServer, redis_server_binary
+from gateway.pipeline import Runtime
 
 __all__ = ["idp", "parts", "processes"]
 
@@ -45,7 +47,10 @@ REDIS_PASSWORD = "replica-redis-password-0123456789"
 # The upstream runs in the test's own event loop, next to 200 client requests: give its
 # accept queue room on a shared 2-core machine (the defaults here are 1 s to connect).
 ROUTE = {"timeouts": {"connect": 10, "read": 20, "total": 30}}
-PROFILE = "as"  # the authorization-server profile name gateway_yaml writes
+# The token cache's key for the one route gateway_yaml writes (IdP "idp", server "as").
+PROFILE = Runtime.cache_key(
+    Route(upstream="http://127.0.0.1:1", identity_provider="idp", authorization_server="as")
+)
 
 
 @pytest.fixture
