@@ -339,6 +339,7 @@ class GatewayServer:
             if getattr(config, key) != getattr(self.config, key):
                 log.warning("config key %r changed: it takes effect at the next restart", key)
         await runtime.start()
+        self._forget_changed_trust(runtime)
         retired, self.runtime, self.config = self.runtime, runtime, config
         # Requests already inside the old runtime finish with it; close it after they drain.
         task = asyncio.create_task(self._retire(retired, config.lifecycle.drain_timeout))
@@ -347,6 +348,27 @@ class GatewayServer:
         self.metrics.reloads.labels("ok").inc()
         log.info("config reloaded", extra={"fields": {"routes": len(config.routes)}})
         return True
+
+    def _forget_changed_trust(self, runtime: Runtime) -> None:
+        """Tokens are served from memory without re-validation, so those obtained under a
+        trust that the reload changed (a certificate removed, an issuer, audience or
+        recipient changed) must not outlive it."""
+        old = self.runtime
+        for route in old.config.routes:
+            key = (route.identity_provider, route.authorization_server)
+            if old.policies.get(key) != runtime.policies.get(key):
+                dropped = self.cache.forget_profile(Runtime.cache_key(route))
+                if dropped:
+                    log.info(
+                        "trust changed: cached tokens dropped",
+                        extra={
+                            "fields": {
+                                "identity_provider": key[0],
+                                "authorization_server": key[1],
+                                "tokens": dropped,
+                            }
+                        },
+                    )
 
     @staticmethod
     async def _retire(runtime: Runtime, after: float) -> None:

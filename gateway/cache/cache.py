@@ -152,6 +152,20 @@ class TokenCache:
             await self._shared.delete(profile, entry.assertion_id)
         return True
 
+    def forget_profile(self, profile: str) -> int:
+        """Drop every in-memory token of ``profile`` (its trust changed); how many went.
+
+        Shared-store entries may stay: they are only read after the assertion has been
+        validated again, under the new trust.
+        """
+        # Keys only: reading values through the LRU would reorder it.
+        stale = [key for key in self._entries if key[0] == profile]
+        for key in stale:
+            self._unbind(self._entries.pop(key))
+        for key in [key for key in self._negative if key[0] == profile]:
+            del self._negative[key]
+        return len(stale)
+
     async def close(self) -> None:
         """Cancel exchanges still in flight (shutdown)."""
         await self._flights.close()

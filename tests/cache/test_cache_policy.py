@@ -184,3 +184,17 @@ def test_cache_and_codecs_stay_free_of_network_libraries() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+async def test_forget_profile_drops_only_that_profiles_tokens() -> None:
+    cache = TokenCache(settings(), clock=Clock())
+    exchange = Exchange()
+    first, second = assertion("_one"), assertion("_two")
+    await cache.obtain("idp-a", first, exchange)
+    await cache.obtain("idp-b", second, exchange)
+    assert cache.forget_profile("idp-a") == 1
+    assert cache.lookup("idp-a", first.digest) is None
+    assert cache.lookup("idp-b", second.digest) is not None
+    # The ID is free again for that profile: the same assertion is exchanged afresh.
+    await cache.obtain("idp-a", first, exchange)
+    assert len(exchange.calls) == 3 and cache.replays == 0

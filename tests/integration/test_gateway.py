@@ -303,3 +303,25 @@ async def test_a_token_cached_for_one_idp_is_not_served_on_a_route_of_another(
     finally:
         await s.session.close()
         await s.server.close()
+
+
+async def test_reload_that_removes_the_signing_certificate_drops_its_tokens(
+    stack: Stack,
+) -> None:
+    headers = stack.assertion()
+    async with stack.session.get(f"{stack.url}/hello", headers=headers) as r:
+        assert r.status == 200
+    assert await stack.server.reload()  # nothing changed: the token stays
+    async with stack.session.get(f"{stack.url}/hello", headers=headers) as r:
+        assert r.status == 200
+    assert stack.auth.calls == 1
+    # The IdP's key is rotated out (say it leaked): its assertions must stop working now,
+    # not when their cached tokens expire.
+    DemoIdP.generate("https://idp.test/saml").write_certificate(
+        stack.config_path.parent / "idp.pem"
+    )
+    assert await stack.server.reload()
+    async with stack.session.get(f"{stack.url}/hello", headers=headers) as r:
+        assert r.status == 401
+    assert await stack.metric("gateway_validation_failures_total", reason="signature") == 1
+    assert stack.auth.calls == 1
