@@ -53,7 +53,14 @@ def _existing_file(value: str) -> str:
     return value
 
 
+def _url_path(value: str) -> str:
+    if not value.startswith("/"):
+        raise ValueError(f"must start with '/': {value!r}")
+    return value
+
+
 HttpUrl = Annotated[str, AfterValidator(_http_url)]
+UrlPath = Annotated[str, AfterValidator(_url_path)]
 FilePath = Annotated[str, AfterValidator(_existing_file)]
 Seconds = Annotated[float, Field(gt=0)]
 
@@ -204,7 +211,7 @@ class UpstreamTls(_Frozen):
 
 class Route(_Frozen):
     name: str | None = Field(None, description="label in logs and metrics; defaults to path_prefix")
-    path_prefix: str = "/"
+    path_prefix: UrlPath = "/"
     host: str | None = None
     upstream: HttpUrl
     identity_provider: str
@@ -219,13 +226,6 @@ class Route(_Frozen):
     @property
     def label(self) -> str:
         return self.name or self.path_prefix
-
-    @field_validator("path_prefix")
-    @classmethod
-    def _absolute(cls, value: str) -> str:
-        if not value.startswith("/"):
-            raise ValueError(f"must start with '/': {value!r}")
-        return value
 
 
 class RedisSettings(_Frozen):
@@ -292,7 +292,7 @@ class ProxySettings(_Frozen):
 
 class ForwardAuth(_Frozen):
     enabled: bool = False
-    path: str = "/auth"
+    path: UrlPath = "/auth"
     listen: Listener | None = None
     token_header: str = "Authorization"  # noqa: S105 - a header name, not a secret
 

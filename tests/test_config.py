@@ -182,3 +182,19 @@ def test_config_is_frozen(base: Path) -> None:
     config = parse_config(minimal(), base)
     with pytest.raises(Exception, match="frozen"):
         config.workers = 3  # type: ignore[misc]
+
+
+def test_paths_must_be_absolute(base: Path) -> None:
+    data = minimal(forward_auth={"enabled": True, "path": "auth"})
+    data["routes"] = [
+        {
+            "path_prefix": "api",
+            "upstream": "http://x",
+            "identity_provider": "idp",
+            "authorization_server": "as",
+        }
+    ]
+    assert sorted(problems(data, base)) == [
+        "forward_auth.path: must start with '/': 'auth'",
+        "routes[0].path_prefix: must start with '/': 'api'",
+    ]
