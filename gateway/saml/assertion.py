@@ -14,5 +14,10 @@ class Assertion:
     audiences: tuple[str, ...]
     recipient: str  # Recipient of the bearer SubjectConfirmationData that was accepted
     not_on_or_after: datetime  # earliest of Conditions and bearer SubjectConfirmationData
-    digest: bytes  # SHA-256 of the decoded bytes: the cache binds tokens to it
-    raw: bytes = field(repr=False)  # the decoded document, sent to the authorization server
+    # SHA-256 of the presented (decoded) document, Response envelope included when there is
+    # one: the cache binds tokens to exactly what the client sent.
+    digest: bytes
+    # What goes to the authorization server as the RFC 7522 ``assertion``: a single signed
+    # saml:Assertion. The presented bytes for a bare assertion; for a samlp:Response, the
+    # serialised assertion element with its own ds:Signature (the bytes that were verified).
+    raw: bytes = field(repr=False)

@@ -220,16 +220,16 @@ def _candidate_keys(signature: etree._Element, policy: TrustPolicy) -> list[Pinn
 
 
 def _verify(
-    assertion: etree._Element,
+    data: bytes,
     signature: etree._Element,
     policy: TrustPolicy,
     now: datetime,
 ) -> etree._Element:
-    """signxml's verdict with each pinned key in turn; returns the signed subtree."""
+    """signxml's verdict on the serialised assertion ``data`` with each pinned key in turn.
+
+    Returns the signed subtree.
+    """
     config = replace(_SHA1_CONFIG if policy.allow_sha1 else _BASE_CONFIG, verification_time=now)
-    # Only the assertion is handed over, so signxml cannot find a signature or resolve a
-    # Reference anywhere else in the document.
-    data = etree.tostring(assertion, with_tail=False)
     last = "no key tried"
     for key in _candidate_keys(signature, policy):
         try:
@@ -394,7 +394,11 @@ def validate_assertion(
         raise _reject("malformed", "the assertion is not SAML 2.0")
     _check_structure(root, assertion)
     signature = _check_signature(assertion, assertion_id, policy.allow_sha1)
-    signed = _verify(assertion, signature, policy, now)
+    # Only the assertion is handed to signxml, so it cannot find a signature or resolve a
+    # Reference anywhere else in the document. lxml keeps the in-scope namespace declarations
+    # and exclusive c14n ignores unused ones, so these bytes stand alone, signature valid.
+    assertion_xml = etree.tostring(assertion, with_tail=False)
+    signed = _verify(assertion_xml, signature, policy, now)
     # What signxml vouches for must be the assertion we located, not some other element.
     if signed.tag != _ASSERTION or signed.get("ID") != assertion_id:
         raise _reject("wrapping", "the signed element is not the presented assertion")
@@ -406,6 +410,9 @@ def validate_assertion(
         audiences=audiences,
         recipient=recipient,
         not_on_or_after=limit,
+        # The cache binds tokens to the presented bytes, whatever envelope they came in.
         digest=digest if digest is not None else assertion_digest(raw),
-        raw=raw,
+        # RFC 7522 2.1: the grant carries a single Assertion, not the Response around it
+        # (whose Issuer, Status and Destination no signature we checked covers).
+        raw=raw if assertion is root else assertion_xml,
     )

@@ -81,3 +81,12 @@ def test_vector_gets_the_manifest_verdict(vector: dict[str, Any]) -> None:
     assert abs(result.not_on_or_after - _instant(vector["not_on_or_after"])) < timedelta(
         milliseconds=1
     )
+    # What goes to the authorization server is one assertion whose signature still holds
+    # on its own, whatever envelope the IdP put around it.
+    alone = validate_assertion(result.raw, policy, now)
+    assert (alone.id, alone.subject, alone.not_on_or_after) == (
+        result.id,
+        result.subject,
+        result.not_on_or_after,
+    )
+    assert alone.raw == result.raw

@@ -81,7 +81,69 @@ def test_response_with_one_signed_assertion(
     )
     result = validate_assertion(raw, policy, NOW)
     assert result.subject == "carol@example.test"
-    assert result.raw == raw  # the whole decoded document goes to the authorization server
+    assert result.digest == assertion_digest(raw)  # the cache binds to the presented bytes
+    assert result.raw != raw  # the authorization server gets the assertion alone (below)
+
+
+def _assert_raw_is_the_signed_assertion(presented: bytes, policy: TrustPolicy) -> None:
+    """``raw`` is one saml:Assertion that validates alone, with the same claims."""
+    result = validate_assertion(presented, policy, NOW)
+    root = parse_xml(result.raw)
+    assert root.tag == f"{SAML}Assertion"
+    assert root.get("ID") == result.id
+    assert root.find(f"{DS}Signature") is not None
+    # Its own signature still verifies, so the authorization server can check it too.
+    alone = validate_assertion(result.raw, policy, NOW)
+    assert alone.raw == result.raw  # a bare assertion is sent exactly as given
+    for name in ("id", "issuer", "subject", "audiences", "recipient", "not_on_or_after"):
+        assert getattr(alone, name) == getattr(result, name), name
+    assert result.digest == assertion_digest(presented)
+    assert alone.digest != result.digest
+
+
+@pytest.mark.parametrize("sign_response", [False, True])
+def test_response_sends_only_its_signed_assertion(
+    idp: DemoIdP, policy: TrustPolicy, sign_response: bool
+) -> None:
+    raw = idp.issue_response(
+        "carol@example.test",
+        audience=AUDIENCE,
+        recipient=RECIPIENT,
+        now=NOW,
+        assertion_id="_inner",
+        sign_response=sign_response,
+    )
+    _assert_raw_is_the_signed_assertion(raw, policy)
+    sent = parse_xml(validate_assertion(raw, policy, NOW).raw)
+    # Nothing of the unsigned envelope travels: no Status, no Destination, no Response.
+    assert sent.get("ID") == "_inner"
+    assert sent.find(f"{{{SAMLP_NS}}}Status") is None
+    assert b"Response" not in validate_assertion(raw, policy, NOW).raw
+
+
+def test_response_declaring_the_assertion_namespace_only_on_itself(
+    idp: DemoIdP, policy: TrustPolicy
+) -> None:
+    # Real IdPs often declare xmlns:saml once, on the Response: the bytes sent on must carry
+    # that declaration, or they would not even parse at the authorization server.
+    signed = idp.issue("dave@example.test", audience=AUDIENCE, recipient=RECIPIENT, now=NOW)
+    declaration = f' xmlns:saml="{SAML_NS}"'.encode()
+    assert signed.count(declaration) == 1
+    body = signed.replace(declaration, b"", 1)
+    envelope = (
+        f'<samlp:Response xmlns:samlp="{SAMLP_NS}" xmlns:saml="{SAML_NS}" ID="_r" Version="2.0"'
+        f' IssueInstant="2020-01-01T00:00:00Z" Destination="{RECIPIENT}">'
+        f'<samlp:Status><samlp:StatusCode Value="urn:oasis:names:tc:SAML:2.0:status:Success"/>'
+        f"</samlp:Status>"
+    )
+    raw = envelope.encode() + body + b"</samlp:Response>"
+    _assert_raw_is_the_signed_assertion(raw, policy)
+
+
+def test_bare_assertion_is_sent_as_presented(issue: IssueFn, policy: TrustPolicy) -> None:
+    # An XML declaration and all: the presented bytes go on unchanged.
+    raw = b"<?xml version='1.0' encoding='UTF-8'?>\n" + issue()
+    assert validate_assertion(raw, policy, NOW).raw == raw
 
 
 def test_recipient_alias_is_accepted(issue: IssueFn, policy: TrustPolicy) -> None:
