@@ -284,7 +284,11 @@ def _parse_instant(value: str | None, what: str) -> datetime | None:
         raise _reject("malformed", f"{what} is not a valid date") from None
     if zone and zone != "Z":
         sign = 1 if zone[0] == "+" else -1
-        instant -= sign * timedelta(hours=int(zone[1:3]), minutes=int(zone[4:6]))
+        try:
+            instant -= sign * timedelta(hours=int(zone[1:3]), minutes=int(zone[4:6]))
+        except OverflowError:
+            # A signed 0001-01-01T00:00:00+14:00 lands before year 1: no datetime holds it.
+            raise _reject("malformed", f"{what} is out of range") from None
     return instant
 
 

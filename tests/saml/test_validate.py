@@ -401,6 +401,27 @@ def test_bearer_confirmation_without_not_on_or_after(idp: DemoIdP, policy: Trust
     assert reason_of(_signed_with(idp, edit), policy) == "subject_confirmation"
 
 
+@pytest.mark.parametrize(
+    ("attribute", "value"),
+    [
+        ("NotBefore", "0001-01-01T00:00:00+14:00"),
+        ("NotOnOrAfter", "9999-12-31T23:59:59-14:00"),
+    ],
+)
+def test_signed_instant_beyond_the_datetime_range_is_malformed(
+    idp: DemoIdP, policy: TrustPolicy, attribute: str, value: str
+) -> None:
+    # The offset moves these instants past year 1 or 9999: no datetime holds them, and the
+    # request must be refused as malformed rather than fail with an OverflowError.
+    def edit(a: etree._Element) -> None:
+        a.find(f"{SAML}Conditions").set(attribute, value)
+
+    with pytest.raises(InvalidAssertion) as caught:
+        validate_assertion(_signed_with(idp, edit), policy, NOW)
+    assert caught.value.reason == "malformed"
+    assert value not in caught.value.detail
+
+
 # --- refused: malformed and hostile XML -------------------------------------------------
 
 
