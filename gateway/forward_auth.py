@@ -13,7 +13,10 @@ validation, single-flight exchange) and answers:
 
 Where the original URI comes from, in order: ``X-Original-URI`` (nginx), ``X-Forwarded-Uri``
 (Traefik), then the request path below the auth path (Envoy appends the original path to
-its ``path_prefix``). The original host: ``X-Forwarded-Host``, else ``Host``.
+its ``path_prefix``). It is read as a path (never as a URL with an authority) and checked
+like a proxied request's path (``gateway.routing.routable_path``): the proxy in front may
+resolve ``..`` or ``%2F`` to another location than the route the gateway would pick. The
+original host: ``X-Forwarded-Host``, else ``Host``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from yarl import URL
+from gateway.routing import routable_path
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,15 +33,19 @@ class OriginalRequest:
     path: str  # percent-decoded, as routes match it
 
 
-def original_request(headers: Mapping[str, str], path: str, auth_path: str) -> OriginalRequest:
+def original_request(headers: Mapping[str, str], raw_path: str, auth_path: str) -> OriginalRequest:
+    """``raw_path`` is the auth request's own target, still encoded (Envoy's carries the
+    original path)."""
     uri = headers.get("X-Original-URI") or headers.get("X-Forwarded-Uri")
+    prefix = auth_path.rstrip("/")
     if uri:
-        original = URL(uri, encoded=True).path or "/"
-    elif path.startswith(auth_path.rstrip("/") + "/"):
-        original = path[len(auth_path.rstrip("/")) :]
+        original = uri
+    elif raw_path.startswith(prefix + "/"):
+        original = raw_path[len(prefix) :]
     else:
         original = "/"
-    return OriginalRequest(headers.get("X-Forwarded-Host") or headers.get("Host"), original)
+    host = headers.get("X-Forwarded-Host") or headers.get("Host")
+    return OriginalRequest(host, routable_path(original))
 
 
 def grant_headers(header: str, token: str, ttl: float) -> dict[str, str]:

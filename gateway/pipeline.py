@@ -25,7 +25,7 @@ from gateway.errors import GatewayError, InvalidAssertion, NoRoute
 from gateway.metrics import Metrics
 from gateway.oauth.client import TokenClient
 from gateway.proxy.forward import Forwarder
-from gateway.routing import Router
+from gateway.routing import Router, routable_path
 from gateway.saml import (
     TrustPolicy,
     assertion_digest,
@@ -124,7 +124,10 @@ class Runtime:
     async def proxy(self, request: web.BaseRequest, trace: Trace) -> web.StreamResponse:
         """The whole flow for one proxied request."""
         # The Host header as sent: aiohttp's request.host may fall back to a blocking lookup.
-        route = self.route_for(request.headers.get("Host"), request.path, trace)
+        target = request.raw_path
+        if not target.startswith("/"):  # absolute-form: keep path and query only
+            target = request.rel_url.raw_path_qs
+        route = self.route_for(request.headers.get("Host"), routable_path(target), trace)
         self.forwarder.admit(request, route)  # 413 before validating or exchanging anything
         entry = await self.authorize(route, request.headers, trace)
         result = await self.forwarder.forward(

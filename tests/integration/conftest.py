@@ -3,6 +3,7 @@ upstream, and the gateway itself (in-process, or as a real process for signal te
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import socket
@@ -72,6 +73,18 @@ def gateway_yaml(
         route=route,
         **overrides,
     )
+
+
+async def raw_request(port: int, target: str, headers: dict[str, str]) -> tuple[int, bytes]:
+    """One request line sent byte-exact (aiohttp's client would normalise ``..`` away)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    lines = [f"GET {target} HTTP/1.1", "Host: gw.test", "Connection: close"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+    data = await reader.read()
+    writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
 
 
 def echoed_headers(body: dict[str, Any]) -> dict[str, str]:

@@ -9,7 +9,7 @@ import pytest
 
 from gateway.devkit.idp import DemoIdP
 
-from .conftest import Parts, Stack, start_stack
+from .conftest import Parts, Stack, raw_request, start_stack
 
 pytestmark = pytest.mark.asyncio
 
@@ -96,3 +96,25 @@ async def test_own_listener_and_custom_header(tmp_path: Path, idp: DemoIdP, part
     finally:
         await s.session.close()
         await s.server.close()
+
+
+@pytest.mark.parametrize(
+    ("path", "extra"),
+    [
+        ("/_auth", {"X-Original-URI": "/public/../api/x"}),
+        ("/_auth", {"X-Forwarded-Uri": "/public/..%2Fapi/x"}),
+        ("/_auth", {"X-Original-URI": "//api/public/x"}),
+        ("/_auth/public/%2e%2e/api/x", {}),
+    ],
+)
+async def test_original_paths_a_proxy_could_resolve_elsewhere_are_refused(
+    auth_stack: Stack, path: str, extra: dict[str, str]
+) -> None:
+    # nginx and Envoy route on the normalised path; the gateway must not pick a route on
+    # a path that the proxy resolves to another location.
+    status, body = await raw_request(
+        auth_stack.server.port, path, {**auth_stack.assertion(), **extra}
+    )
+    assert status == 400
+    assert b"Bearer" not in body and b'"invalid_request"' in body
+    assert auth_stack.auth.calls == 0

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 from pathlib import Path
 
 import pytest
 
 from gateway.devkit.idp import DemoIdP
 
-from .conftest import Parts, Stack, echoed_headers, start_stack
+from .conftest import Parts, Stack, echoed_headers, raw_request, start_stack
 
 pytestmark = pytest.mark.asyncio
 
@@ -325,3 +326,20 @@ async def test_reload_that_removes_the_signing_certificate_drops_its_tokens(
         assert r.status == 401
     assert await stack.metric("gateway_validation_failures_total", reason="signature") == 1
     assert stack.auth.calls == 1
+
+
+@pytest.mark.parametrize(
+    "target", ["/public/../admin/users", "/public/%2E%2E/admin/users", "//admin/public/users"]
+)
+async def test_paths_that_could_reach_another_route_are_400(stack: Stack, target: str) -> None:
+    status, body = await raw_request(stack.server.port, target, stack.assertion())
+    assert status == 400
+    assert b'"invalid_request"' in body
+    assert stack.upstream.requests == 0
+    assert stack.auth.calls == 0
+
+
+async def test_encoded_path_reaches_the_upstream_byte_exact(stack: Stack) -> None:
+    status, body = await raw_request(stack.server.port, "/echo/a%2Fb?x=%20", stack.assertion())
+    assert status == 200
+    assert json.loads(body)["raw_path"] == "/echo/a%2Fb?x=%20"
