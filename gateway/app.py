@@ -352,23 +352,23 @@ class GatewayServer:
     def _forget_changed_trust(self, runtime: Runtime) -> None:
         """Tokens are served from memory without re-validation, so those obtained under a
         trust that the reload changed (a certificate removed, an issuer, audience or
-        recipient changed) must not outlive it."""
-        old = self.runtime
+        recipient changed) or from a server whose settings changed (token URL, client,
+        scope) must not outlive it."""
+        old, new = self.runtime, runtime
         for route in old.config.routes:
-            key = (route.identity_provider, route.authorization_server)
-            if old.policies.get(key) != runtime.policies.get(key):
-                dropped = self.cache.forget_profile(Runtime.cache_key(route))
-                if dropped:
-                    log.info(
-                        "trust changed: cached tokens dropped",
-                        extra={
-                            "fields": {
-                                "identity_provider": key[0],
-                                "authorization_server": key[1],
-                                "tokens": dropped,
-                            }
-                        },
-                    )
+            idp, server = route.identity_provider, route.authorization_server
+            same_trust = old.policies.get((idp, server)) == new.policies.get((idp, server))
+            old_server = old.config.authorization_servers.get(server)
+            same_server = old_server == new.config.authorization_servers.get(server)
+            if same_trust and same_server:
+                continue
+            dropped = self.cache.forget_profile(Runtime.cache_key(route))
+            if dropped:
+                fields = {"identity_provider": idp, "authorization_server": server}
+                log.info(
+                    "trust or server settings changed: cached tokens dropped",
+                    extra={"fields": {**fields, "tokens": dropped}},
+                )
 
     @staticmethod
     async def _retire(runtime: Runtime, after: float) -> None:

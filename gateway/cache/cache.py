@@ -85,6 +85,8 @@ class TokenCache:
         # (profile, digest) -> until when an invalid_grant answer is remembered.
         self._negative: LRUCache[tuple[str, bytes], float] = LRUCache(settings.max_entries)
         self._flights: SingleFlight[tuple[str, str], CachedToken] = SingleFlight()
+        # Bumped by forget_profile: an exchange started before is not kept after.
+        self._generations: dict[str, int] = {}
         self.hits = 0
         self.misses = 0
         self.evictions = 0
@@ -139,7 +141,7 @@ class TokenCache:
         return await self._flights.run(
             (profile, assertion.id),
             assertion.digest,
-            lambda: self._fill(profile, assertion, exchange),
+            lambda: self._fill(profile, assertion, exchange, self._generations.get(profile, 0)),
         )
 
     async def purge(self, profile: str, digest: bytes) -> bool:
@@ -158,6 +160,8 @@ class TokenCache:
         Shared-store entries may stay: they are only read after the assertion has been
         validated again, under the new trust.
         """
+        # Exchanges already under way for this profile finish, but do not store their tokens.
+        self._generations[profile] = self._generations.get(profile, 0) + 1
         # Keys only: reading values through the LRU would reorder it.
         stale = [key for key in self._entries if key[0] == profile]
         for key in stale:
@@ -188,14 +192,16 @@ class TokenCache:
             self.replays += 1
             raise InvalidAssertion("replay", "assertion ID in flight for another assertion")
 
-    async def _fill(self, profile: str, assertion: Assertion, exchange: Exchange) -> CachedToken:
+    async def _fill(
+        self, profile: str, assertion: Assertion, exchange: Exchange, generation: int
+    ) -> CachedToken:
         """The single-flight leader's work: shared store, lock, exchange, store."""
         shared = self._shared
         if shared is None:
-            return self._keep(await self._exchange(profile, assertion, exchange))
+            return self._keep(await self._exchange(profile, assertion, exchange), generation)
         entry = await self._from_shared(shared, profile, assertion)
         if entry is not None:
-            return self._keep(entry)
+            return self._keep(entry, generation)
         async with shared.exchange_lock(profile, assertion.id) as owner:
             if owner:
                 # Another replica may have finished between our get and the lock.
@@ -203,13 +209,13 @@ class TokenCache:
                 if entry is None:
                     entry = await self._exchange(profile, assertion, exchange)
                     await self._publish(shared, entry)
-                return self._keep(entry)
+                return self._keep(entry, generation)
         entry = await self._wait_for_shared(shared, profile, assertion)
         if entry is None:
             # The lock holder did not deliver in time (or the store is down): go ourselves.
             entry = await self._exchange(profile, assertion, exchange)
             await self._publish(shared, entry)
-        return self._keep(entry)
+        return self._keep(entry, generation)
 
     async def _exchange(
         self, profile: str, assertion: Assertion, exchange: Exchange
@@ -240,9 +246,12 @@ class TokenCache:
             expires_at = min(expires_at, assertion.not_on_or_after.timestamp())
         return expires_at
 
-    def _keep(self, entry: CachedToken) -> CachedToken:
-        """Put a live entry in memory (a dead one is still handed to this one caller)."""
+    def _keep(self, entry: CachedToken, generation: int) -> CachedToken:
+        """Put a live entry in memory (a dead one is still handed to this one caller), unless
+        the profile's trust changed while it was being obtained (see ``forget_profile``)."""
         if entry.expires_at <= self._clock():
+            return entry
+        if self._generations.get(entry.profile, 0) != generation:
             return entry
         id_key = (entry.profile, entry.assertion_id)
         previous = self._ids.get(id_key)

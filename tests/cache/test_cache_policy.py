@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from cache_helpers import T0, Clock, Exchange, assertion, settings
 
@@ -198,3 +200,17 @@ async def test_forget_profile_drops_only_that_profiles_tokens() -> None:
     # The ID is free again for that profile: the same assertion is exchanged afresh.
     await cache.obtain("idp-a", first, exchange)
     assert len(exchange.calls) == 3 and cache.replays == 0
+
+
+async def test_an_exchange_under_way_when_trust_changes_is_not_kept() -> None:
+    cache = TokenCache(settings(), clock=Clock())
+    exchange = Exchange()
+    exchange.gate = asyncio.Event()
+    presented = assertion()
+    pending = asyncio.create_task(cache.obtain("idp-a", presented, exchange))
+    await exchange.started.wait()
+    cache.forget_profile("idp-a")  # a reload changed this IdP's trust meanwhile
+    exchange.gate.set()
+    entry = await pending  # this caller, validated under the old trust, gets its answer
+    assert entry.token.access_token == "tok-1"
+    assert cache.lookup("idp-a", presented.digest) is None  # but nobody else is served it

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from gateway.devkit.idp import DemoIdP
 
@@ -343,3 +344,16 @@ async def test_encoded_path_reaches_the_upstream_byte_exact(stack: Stack) -> Non
     status, body = await raw_request(stack.server.port, "/echo/a%2Fb?x=%20", stack.assertion())
     assert status == 200
     assert json.loads(body)["raw_path"] == "/echo/a%2Fb?x=%20"
+
+
+async def test_reload_that_changes_the_servers_scope_drops_its_tokens(stack: Stack) -> None:
+    headers = stack.assertion()
+    async with stack.session.get(f"{stack.url}/hello", headers=headers) as r:
+        assert r.status == 200
+    config = yaml.safe_load(stack.config_path.read_text())
+    config["authorization_servers"]["as"]["scope"] = "orders.read"
+    stack.config_path.write_text(yaml.safe_dump(config))
+    assert await stack.server.reload()
+    async with stack.session.get(f"{stack.url}/hello", headers=headers) as r:
+        assert r.status == 200
+    assert stack.auth.calls == 2  # a token with the new scope, not the cached one
