@@ -27,6 +27,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    field_serializer,
     field_validator,
     model_validator,
 )
@@ -228,6 +229,27 @@ class Route(_Frozen):
         return self.name or self.path_prefix
 
 
+_MASK = "**********"  # how SecretStr prints, so every secret in check-config looks alike
+
+
+def redact_url_password(url: str) -> str:
+    """``url`` with the password of its userinfo masked, everything else kept.
+
+    The authority ends at the first ``/``, ``?`` or ``#`` and the userinfo at its last ``@``,
+    split by hand: multi-host forms (``redis+sentinel://u:p@h1:26379,h2:26379/m``) are not
+    one host:port that urllib.parse would vouch for.
+    """
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        return url
+    end = min((i for i in (rest.find(c) for c in "/?#") if i != -1), default=len(rest))
+    userinfo, at, hosts = rest[:end].rpartition("@")
+    user, colon, password = userinfo.partition(":")
+    if not at or not colon or not password:
+        return url
+    return f"{scheme}://{user}:{_MASK}@{hosts}{rest[end:]}"
+
+
 class RedisSettings(_Frozen):
     url: str
     password: SecretStr | None = None
@@ -252,6 +274,11 @@ class RedisSettings(_Frozen):
         ):
             raise ValueError(f"not a Redis URL: {value!r}")
         return value
+
+    @field_serializer("url", when_used="json")
+    def _url_without_password(self, value: str) -> str:
+        # check-config prints model_dump(mode="json"): the URL password must not show there.
+        return redact_url_password(value)
 
     @model_validator(mode="after")
     def _active_key_known(self) -> RedisSettings:

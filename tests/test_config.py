@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
+from gateway.cli import main
 from gateway.config import load_config, parse_config
 from gateway.errors import ConfigError
 
@@ -198,3 +200,71 @@ def test_paths_must_be_absolute(base: Path) -> None:
         "forward_auth.path: must start with '/': 'auth'",
         "routes[0].path_prefix: must start with '/': 'api'",
     ]
+
+
+def redis_cache(url: str) -> dict[str, object]:
+    return {
+        "backend": "redis",
+        "redis": {
+            "url": url,
+            "encryption_keys": {"k1": "0123456789abcdef0123"},
+            "active_key": "k1",
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://user:Pa55Qz9x@h:6379/0", "redis://user:**********@h:6379/0"),
+        (
+            "redis+sentinel://u:Pa55Qz9x@h1:26379,h2:26379/mymaster/0",
+            "redis+sentinel://u:**********@h1:26379,h2:26379/mymaster/0",
+        ),
+        (
+            "redis+cluster://u:Pa55Qz9x@[::1]:6379,h2:6379",
+            "redis+cluster://u:**********@[::1]:6379,h2:6379",
+        ),
+        (
+            "rediss://:Pa55Qz9x@h:6380/1?ssl_cert_reqs=none",
+            "rediss://:**********@h:6380/1?ssl_cert_reqs=none",
+        ),
+        # an '@' in the password: the userinfo ends at the authority's last '@'
+        ("redis://u:Pa55@Qz9x@h:6379/0", "redis://u:**********@h:6379/0"),
+    ],
+)
+def test_redis_url_password_is_redacted(base: Path, url: str, shown: str) -> None:
+    config = parse_config(minimal(cache=redis_cache(url)), base)
+    assert config.cache.redis is not None
+    assert config.cache.redis.url == url  # the cache still connects with the real password
+    redacted = config.redacted()
+    assert redacted["cache"]["redis"]["url"] == shown
+    assert "Pa55" not in str(redacted)
+    assert "Qz9x" not in str(redacted)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://h:6379/0",
+        "redis://user@h:6379/0",
+        "redis+sentinel://h1:26379,h2:26379/mymaster/0",
+        "unix:///run/redis.sock?db=0",
+    ],
+)
+def test_redis_url_without_password_is_shown_unchanged(base: Path, url: str) -> None:
+    config = parse_config(minimal(cache=redis_cache(url)), base)
+    assert config.redacted()["cache"]["redis"]["url"] == url
+
+
+def test_check_config_prints_no_redis_url_password(
+    base: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = base / "gateway.yaml"
+    url = "redis+sentinel://sentinel:S3ntinelPassw0rd@127.0.0.1:26379,127.0.0.2:26379/mymaster"
+    path.write_text(yaml.safe_dump(minimal(cache=redis_cache(url))))
+    assert main(["check-config", "-c", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "S3ntinelPassw0rd" not in out
+    assert "0123456789abcdef0123" not in out
+    assert "sentinel:**********@127.0.0.1:26379,127.0.0.2:26379/mymaster" in out
