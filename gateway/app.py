@@ -224,7 +224,8 @@ class GatewayServer:
         original = original_request(request.headers, request.raw_path, settings.path)
         runtime = self.runtime
         route = runtime.route_for(original.host, original.path, trace)
-        entry = await runtime.authorize(route, request.headers, trace)
+        with runtime.serving():
+            entry = await runtime.authorize(route, request.headers, trace)
         headers = grant_headers(
             settings.token_header, entry.token.access_token, runtime.cache.ttl(entry)
         )
@@ -342,7 +343,7 @@ class GatewayServer:
         self._forget_changed_trust(runtime)
         retired, self.runtime, self.config = self.runtime, runtime, config
         # Requests already inside the old runtime finish with it; close it after they drain.
-        task = asyncio.create_task(self._retire(retired, config.lifecycle.drain_timeout))
+        task = asyncio.create_task(self._retire(retired))
         self._retired.add(task)
         task.add_done_callback(self._retired.discard)
         self.metrics.reloads.labels("ok").inc()
@@ -371,9 +372,9 @@ class GatewayServer:
                 )
 
     @staticmethod
-    async def _retire(runtime: Runtime, after: float) -> None:
+    async def _retire(runtime: Runtime) -> None:
         try:
-            await asyncio.sleep(after)
+            await runtime.drained()
         finally:  # also at shutdown, when the wait is cancelled: its sessions must close
             await runtime.close()
 

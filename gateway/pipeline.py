@@ -11,8 +11,10 @@ into HTTP responses.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -78,6 +80,10 @@ class Runtime:
             config.authorization_servers, observer=metrics.observe_exchange
         )
         self.forwarder = Forwarder(config.proxy, config.routes)
+        # Requests inside this runtime: a retired one closes its sessions only when idle.
+        self._active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     async def start(self) -> None:
         await self.forwarder.start()
@@ -85,6 +91,27 @@ class Runtime:
     async def close(self) -> None:
         await self.forwarder.close()
         await self.token_client.close()
+
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[None]:
+        """Count a request as inside this runtime (see ``drained``)."""
+        self._active += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._active -= 1
+            if not self._active:
+                self._idle.set()
+
+    async def drained(self) -> None:
+        """Return once no request is inside, or when the longest any could take has passed."""
+        config = self.config
+        longest = max(route.timeouts.total for route in config.routes) + max(
+            server.retries.deadline for server in config.authorization_servers.values()
+        )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), longest)
 
     def route_for(self, host: str | None, path: str, trace: Trace) -> Route:
         route = self.router.match(host, path)
@@ -123,6 +150,10 @@ class Runtime:
 
     async def proxy(self, request: web.BaseRequest, trace: Trace) -> web.StreamResponse:
         """The whole flow for one proxied request."""
+        with self.serving():
+            return await self._proxy(request, trace)
+
+    async def _proxy(self, request: web.BaseRequest, trace: Trace) -> web.StreamResponse:
         # The Host header as sent: aiohttp's request.host may fall back to a blocking lookup.
         target = request.raw_path
         if not target.startswith("/"):  # absolute-form: keep path and query only

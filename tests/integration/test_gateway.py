@@ -357,3 +357,23 @@ async def test_reload_that_changes_the_servers_scope_drops_its_tokens(stack: Sta
     async with stack.session.get(f"{stack.url}/hello", headers=headers) as r:
         assert r.status == 200
     assert stack.auth.calls == 2  # a token with the new scope, not the cached one
+
+
+async def test_reload_lets_requests_in_flight_finish(
+    tmp_path: Path, idp: DemoIdP, parts: Parts
+) -> None:
+    s = await start_stack(
+        tmp_path, idp, parts, lifecycle={"shutdown_grace": 0, "drain_timeout": 0.2}
+    )
+    try:
+        headers = s.assertion()
+        slow = asyncio.create_task(s.session.get(f"{s.url}/slow/1.2", headers=headers))
+        await asyncio.sleep(0.3)  # in flight, inside the runtime the reload retires
+        assert await s.server.reload()
+        response = await slow
+        assert response.status == 200  # not cut when the old runtime was retired
+        await response.read()
+        response.release()
+    finally:
+        await s.session.close()
+        await s.server.close()
