@@ -221,6 +221,15 @@ class Forwarder:
     ) -> ForwardResult:
         progress = _BodyProgress(limit=plan.route.max_body_size)
         body = _stream_body(request, progress) if request.body_exists else None
+        if (
+            body is not None
+            and request.version >= aiohttp.HttpVersion11
+            and request.headers.get("Expect", "").lower() == "100-continue"
+        ):
+            # The client waits for this before its upload; it comes only now, with the
+            # assertion accepted, so a refused request never costs the client its body.
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0  # the response itself has not started
         started = time.monotonic()
         try:
             upstream = await session.request(

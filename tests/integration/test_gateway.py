@@ -377,3 +377,29 @@ async def test_reload_lets_requests_in_flight_finish(
     finally:
         await s.session.close()
         await s.server.close()
+
+
+async def expect_continue(port: int, headers: dict[str, str]) -> bytes:
+    """POST with ``Expect: 100-continue``: what the gateway says before the body is sent."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    lines = ["POST /upload HTTP/1.1", "Host: gw.test", "Content-Length: 5", "Expect: 100-continue"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+    try:
+        async with asyncio.timeout(3):
+            first = await reader.readuntil(b"\r\n\r\n")
+        if first.startswith(b"HTTP/1.1 100"):
+            writer.write(b"hello")
+            async with asyncio.timeout(3):
+                first += await reader.readuntil(b"\r\n\r\n")
+        return first
+    finally:
+        writer.close()
+
+
+async def test_expect_continue_is_answered_once_the_assertion_is_accepted(stack: Stack) -> None:
+    answer = await expect_continue(stack.server.port, stack.assertion())
+    assert answer.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200")
+    # A refused assertion gets its 401 at once: the client never uploads the body.
+    refused = await expect_continue(stack.server.port, {})
+    assert refused.startswith(b"HTTP/1.1 401")
