@@ -19,6 +19,7 @@ import ipaddress
 import re
 from collections.abc import Mapping, Sequence
 from typing import Final
+from urllib.parse import unquote
 
 from multidict import CIMultiDict
 from yarl import URL
@@ -185,10 +186,8 @@ def upstream_url(upstream_base: str, raw_path: str, prefix: str, strip_prefix: b
     path = path.split("#", 1)[0]  # a fragment is never part of a request target
     if not path.startswith("/"):
         path = "/" + path
-    if strip_prefix and prefix not in ("", "/") and _has_prefix(path, prefix):
-        path = path[len(prefix.rstrip("/")) :] or "/"
-        if not path.startswith("/"):
-            path = "/" + path
+    if strip_prefix and prefix not in ("", "/"):
+        path = _strip_prefix(path, prefix)
     origin, base_path = _split_base(upstream_base)
     target = base_path + path
     if mark:
@@ -201,6 +200,26 @@ def _split_base(upstream_base: str) -> tuple[str, str]:
     """An upstream URL's origin and its path without the trailing slash (parsed once)."""
     base = URL(upstream_base)
     return str(base.origin()), base.raw_path.rstrip("/")
+
+
+def _strip_prefix(path: str, prefix: str) -> str:
+    """``path`` (still encoded) without the route's ``prefix`` (decoded, as routes match it).
+
+    A client may percent-encode the prefix (``/%61pi/x`` for ``/api``): its raw form is found
+    by decoding as many segments as the prefix has. Where that does not give the prefix (an
+    encoded ``/`` inside it), the request is refused rather than forwarded unstripped.
+    """
+    bare = prefix.rstrip("/")
+    if _has_prefix(path, bare):
+        rest = path[len(bare) :]
+    elif not _has_prefix(unquote(path), bare):
+        return path  # not under this prefix at all: nothing to strip
+    else:
+        head = "/".join(path.split("/")[: bare.count("/") + 1])
+        if unquote(head) != bare:
+            raise BadRequest("path", "the route prefix cannot be found in the encoded path")
+        rest = path[len(head) :]
+    return rest if rest.startswith("/") else "/" + rest
 
 
 def _has_prefix(path: str, prefix: str) -> bool:

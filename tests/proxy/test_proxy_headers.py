@@ -7,6 +7,7 @@ import ipaddress
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from gateway.errors import BadRequest
 from gateway.proxy.headers import (
     HOP_BY_HOP,
     downstream_response_headers,
@@ -198,3 +199,20 @@ def test_upstream_url_is_byte_exact(
 )
 def test_token_rejected(status: int, challenge: str | None, rejected: bool) -> None:
     assert token_rejected(status, challenge) is rejected
+
+
+@pytest.mark.parametrize(
+    ("raw", "prefix", "expected"),
+    [
+        ("/%61pi/users?x=1", "/api", "http://u/users?x=1"),  # the prefix sent percent-encoded
+        ("/caf%C3%A9/x", "/café", "http://u/x"),
+        ("/%61pi", "/api", "http://u/"),
+    ],
+)
+def test_strip_prefix_finds_an_encoded_prefix(raw: str, prefix: str, expected: str) -> None:
+    assert str(upstream_url("http://u", raw, prefix, True)) == expected
+
+
+def test_strip_prefix_refuses_a_prefix_it_cannot_tell_apart() -> None:
+    with pytest.raises(BadRequest):  # "/a%2Fb" decodes to the prefix's two segments
+        upstream_url("http://u", "/a%2Fb/c", "/a/b", True)
