@@ -393,9 +393,10 @@ class GatewayServer:
 
     async def close(self) -> None:
         self.draining = True
-        for runner in (self._runner, self._auth_runner):
-            if runner is not None:
-                await runner.cleanup()  # stops accepting, waits for in-flight up to drain_timeout
+        # Both listeners drain together: one stops accepting while the other drains would
+        # let shutdown take twice drain_timeout, and serve new requests meanwhile.
+        runners = [r for r in (self._runner, self._auth_runner) if r is not None]
+        await asyncio.gather(*(runner.cleanup() for runner in runners))
         self._runner = self._auth_runner = None
         retired = list(self._retired)
         for task in retired:

@@ -273,12 +273,18 @@ def _token(document: Mapping[str, Any], default_expires_in: float) -> Token:
     )
 
 
+_LONGEST_LIFETIME = 86_400.0
+
+
 def _expires_in(value: object, default: float) -> float:
     if value is None:
         return float(default)
     seconds: float | None = None
     if isinstance(value, int | float) and not isinstance(value, bool):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an integer beyond any float
+            seconds = None
     elif isinstance(value, str):
         try:
             seconds = float(value.strip())
@@ -287,7 +293,9 @@ def _expires_in(value: object, default: float) -> float:
     if seconds is None or not math.isfinite(seconds) or seconds < 0:
         shown = _printable(value, 30) if isinstance(value, str) else type(value).__name__
         raise UpstreamError(BAD_RESPONSE, f"expires_in is not a number of seconds: {shown}")
-    return seconds
+    # No token is kept longer than a day, whatever the server says (and a huge number must
+    # not overflow the cache's or Redis's arithmetic).
+    return min(seconds, _LONGEST_LIFETIME)
 
 
 def _printable(value: object, limit: int) -> str:

@@ -289,3 +289,14 @@ def test_jwt_lifetime_is_short(key_files: dict[str, Path]) -> None:
     )
     claims = json.loads(_unb64url(jwt.split(".")[1]))  # type: ignore[union-attr]
     assert 0 < claims["exp"] - now <= 60
+
+
+@pytest.mark.parametrize("value", [1e306, "1e306", 10**30, "99999999999999999999999999999999"])
+def test_huge_expires_in_is_capped_at_a_day(value: object) -> None:
+    token = _parse(200, {"access_token": "t", "token_type": "Bearer", "expires_in": value})
+    assert token.expires_in == 86_400  # type: ignore[attr-defined]
+
+
+def test_expires_in_beyond_any_float_is_a_bad_response() -> None:
+    with pytest.raises(UpstreamError, match="expires_in"):
+        _parse(200, {"access_token": "t", "token_type": "Bearer", "expires_in": 10**400})
