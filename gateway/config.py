@@ -44,7 +44,7 @@ class _Frozen(BaseModel):
 def _http_url(value: str) -> str:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"not a URL: {value!r}")
+        raise ValueError(f"not a URL: {redact_url_password(value)!r}")
     return value
 
 
@@ -272,7 +272,7 @@ class RedisSettings(_Frozen):
             "redis+sentinel",
             "redis+cluster",
         ):
-            raise ValueError(f"not a Redis URL: {value!r}")
+            raise ValueError(f"not a Redis URL: {redact_url_password(value)!r}")
         return value
 
     @field_serializer("url", when_used="json")
@@ -473,5 +473,9 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError([f"not valid YAML: {exc}"], str(file)) from None
+        # Only where and what: the YAML error's own text quotes the line, secrets included.
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "syntax error"
+        raise ConfigError([f"not valid YAML{where}: {problem}"], str(file)) from None
     return parse_config(data, file.resolve().parent, str(file))

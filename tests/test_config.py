@@ -268,3 +268,17 @@ def test_check_config_prints_no_redis_url_password(
     assert "S3ntinelPassw0rd" not in out
     assert "0123456789abcdef0123" not in out
     assert "sentinel:**********@127.0.0.1:26379,127.0.0.2:26379/mymaster" in out
+
+
+def test_errors_never_quote_a_secret(tmp_path: Path, base: Path) -> None:
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text('authorization_servers:\n  as:\n    client_secret: "s3cr3t-value"x\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(bad_yaml)
+    assert info.value.problems[0].startswith("not valid YAML at line 3, column")
+    assert "s3cr3t" not in str(info.value)
+    servers = {
+        "as": {"token_url": "htps://user:hunter2@as/t", "audience": "a", "client_auth": "none"}
+    }
+    [problem] = problems(minimal(authorization_servers=servers), base)
+    assert problem == "authorization_servers.as.token_url: not a URL: 'htps://user:**********@as/t'"
