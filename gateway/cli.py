@@ -80,8 +80,9 @@ async def serve(config: Config, config_path: Path, *, reuse_port: bool = False) 
 def supervise(config_path: Path, args: argparse.Namespace, workers: int) -> int:
     """``workers: N``: N processes share the listener port (SO_REUSEPORT); signals are relayed.
 
-    A worker that dies later is replaced; one that fails within its first seconds (a port in
-    use, say) would only fail again, so then every worker is stopped and its code returned.
+    A worker of the first generation that fails within its first seconds (a port in use,
+    say) would only fail again: then every worker is stopped and its code returned. A
+    worker that dies later is replaced, with a growing pause if replacements keep dying.
     """
     command = [sys.executable, "-m", "gateway", "run", "-c", str(config_path), "--worker"]
     if args.log_format:
@@ -90,9 +91,13 @@ def supervise(config_path: Path, args: argparse.Namespace, workers: int) -> int:
         command += ["--log-level", args.log_level]
 
     def spawn() -> tuple[subprocess.Popen[bytes], float]:
-        return subprocess.Popen(command), time.monotonic()  # noqa: S603 - our own argv
+        # The worker ignores SIGHUP until its own reload handler is in place.
+        child = subprocess.Popen(command, preexec_fn=_ignore_sighup)  # noqa: S603 - our own argv
+        return child, time.monotonic()
 
     children = [spawn() for _ in range(workers)]
+    first_generation = [True] * workers
+    pause = [0.0] * workers  # before the next replacement of that slot
     stopping = False
 
     def relay(signum: int, _frame: object) -> None:
@@ -109,17 +114,36 @@ def supervise(config_path: Path, args: argparse.Namespace, workers: int) -> int:
             code = child.poll()
             if code is None or stopping:
                 continue
-            if time.monotonic() - started < _STARTUP_SECONDS:
+            quick = time.monotonic() - started < _STARTUP_SECONDS
+            if quick and first_generation[i]:
                 log.error("worker %d failed at start (exit %d); stopping", child.pid, code)
                 relay(signal.SIGTERM, None)
                 for other, _ in children:
                     other.wait()
-                return code or 1
-            log.error("worker %d exited with %d; starting a new one", child.pid, code)
-            children[i] = spawn()
+                return _exit_status(code)
+            pause[i] = min(max(pause[i] * 2, 1.0), 30.0) if quick else 0.0
+            log.error(
+                "worker %d exited with %d; starting a new one in %.0f s", child.pid, code, pause[i]
+            )
+            time.sleep(pause[i])
+            if not stopping:  # a stop may have come during the pause
+                children[i], first_generation[i] = spawn(), False
         if stopping and all(child.poll() is not None for child, _ in children):
-            return max((child.returncode or 0) for child, _ in children)
+            # A worker still starting when the stop came dies of the relayed signal: that
+            # is the stop asked for, not a failure.
+            stopped = (-signal.SIGTERM, -signal.SIGINT)
+            codes = [child.returncode for child, _ in children]
+            return max((_exit_status(code) for code in codes if code not in stopped), default=0)
         time.sleep(0.2)
+
+
+def _ignore_sighup() -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+def _exit_status(code: int) -> int:
+    """A child's return code as a shell would report it (killed by signal N: 128 + N)."""
+    return 128 - code if code < 0 else code
 
 
 def _report(source: str, problems: list[str]) -> None:
@@ -145,6 +169,8 @@ def _load(path: str) -> Config | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    # A reload asked for before the handlers are in place must not kill the process.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     config = _load(args.config)
     if config is None:
         return 2

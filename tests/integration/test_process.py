@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import socket
 import subprocess
@@ -245,3 +246,33 @@ def test_workers_that_cannot_listen_stop_the_supervisor(
         result = cli("run", "-c", str(path), timeout=30)
     assert result.returncode == 1
     assert "failed at start" in result.stderr
+
+
+async def test_a_worker_that_dies_later_is_replaced(
+    tmp_path: Path, idp: DemoIdP, parts: Parts, processes: list[Process]
+) -> None:
+    path = gateway_yaml(tmp_path, parts.auth.token_url, parts.upstream_url, idp, workers=2)
+    gw = spawn_gateway(path, "--log-format", "json")
+    processes.append(gw)
+
+    def workers() -> list[int]:
+        out = subprocess.run(
+            ["pgrep", "-P", str(gw.proc.pid)], capture_output=True, text=True, check=False
+        ).stdout
+        return [int(pid) for pid in out.split()]
+
+    await asyncio.sleep(5.5)  # past the start-up window: a death now is a crash to recover
+    first = workers()
+    assert len(first) == 2
+    os.kill(first[0], signal.SIGKILL)
+    for _ in range(100):
+        await asyncio.sleep(0.1)
+        now = workers()
+        if len(now) == 2 and first[0] not in now:
+            break
+    assert len(now) == 2 and first[0] not in now  # replaced, and the supervisor is still up
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{gw.url}/hello", headers=headers_for(idp, parts.auth)) as r:
+            assert r.status == 200
+    gw.proc.send_signal(signal.SIGTERM)
+    assert await wait_exit(gw.proc, 15) == 0
