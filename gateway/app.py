@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway")
 
+# Idle client connections are closed after this (aiohttp's default is an hour).
+_KEEPALIVE_SECONDS = 75.0
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
@@ -70,9 +72,47 @@ def error_response(error: GatewayError, trace: Trace) -> web.Response:
     return web.json_response(body, status=error.status, headers=headers)
 
 
-class _JsonParseErrors(web.RequestHandler):
-    """A request aiohttp cannot even parse is answered by aiohttp itself, quoting the bad line
-    back, and that line may be the assertion header. Answer with the gateway's JSON error."""
+class _Connection(web.RequestHandler):
+    """aiohttp's handler of one client connection, with two changes.
+
+    - A request aiohttp cannot even parse is answered by aiohttp itself, quoting the bad
+      line back, and that line may be the assertion header: answer with our JSON error.
+    - Header lines may be long (a signed assertion), so a request head is bounded as a
+      whole (``head_limit`` bytes, against aiohttp's 100 lines of that length), and a
+      client that opens a connection and never finishes its first head is cut after
+      ``FIRST_HEAD_SECONDS`` (later heads are bounded by the keep-alive timeout).
+    """
+
+    FIRST_HEAD_SECONDS = 15.0
+    head_limit = 256 * 1024
+    _head_deadline: asyncio.TimerHandle | None = None
+    _head_bytes = 0
+
+    def data_received(self, data: bytes) -> None:
+        requests = self._request_count
+        # Bytes that arrive while no request is being handled belong to a request head.
+        awaiting_head = requests == 0 or (self._waiter is not None and not self._waiter.done())
+        super().data_received(data)
+        if self._request_count != requests:
+            self._head_bytes = 0
+        elif awaiting_head:
+            self._head_bytes += len(data)
+            if self._head_bytes > self.head_limit:
+                self.force_close()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        loop = asyncio.get_running_loop()
+        self._head_deadline = loop.call_later(self.FIRST_HEAD_SECONDS, self._head_overdue)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+        super().connection_lost(exc)
+
+    def _head_overdue(self) -> None:
+        if self._request_count == 0:  # no complete request head yet
+            self.force_close()
 
     def handle_error(
         self,
@@ -93,10 +133,14 @@ class _JsonParseErrors(web.RequestHandler):
 
 
 class _Server(web.Server):
+    head_limit = _Connection.head_limit
+
     def __call__(self) -> web.RequestHandler:
         # aiohttp's own factory, with the handler class above (Server keeps its arguments in
         # _loop and _kwargs; aiohttp is pinned below 4).
-        return _JsonParseErrors(self, loop=self._loop, **self._kwargs)
+        connection = _Connection(self, loop=self._loop, **self._kwargs)
+        connection.head_limit = self.head_limit
+        return connection
 
 
 class GatewayServer:
@@ -237,13 +281,17 @@ class GatewayServer:
         # Signed assertions are often far larger than aiohttp's 8 KB default; leave room for
         # an over-cap assertion to arrive, so it is refused with a clear 401 (reason "size").
         header_limit = max(config.proxy.max_header_size, config.assertion.max_size + 1024)
-        return _Server(
+        server = _Server(
             self._handler(proxy=proxy, forward_auth=forward_auth),
             access_log=None,
+            keepalive_timeout=_KEEPALIVE_SECONDS,
             max_line_size=header_limit,
             max_field_size=header_limit,
             max_headers=config.proxy.max_headers,
         )
+        # A whole head: one assertion-sized line, and 64 KiB for all the other headers.
+        server.head_limit = header_limit + 64 * 1024
+        return server
 
     # --- admin -----------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from gateway.app import _Connection
 from gateway.devkit.idp import DemoIdP
 
 from .conftest import Parts, Stack, echoed_headers, raw_request, start_stack
@@ -403,3 +404,35 @@ async def test_expect_continue_is_answered_once_the_assertion_is_accepted(stack:
     # A refused assertion gets its 401 at once: the client never uploads the body.
     refused = await expect_continue(stack.server.port, {})
     assert refused.startswith(b"HTTP/1.1 401")
+
+
+async def test_a_request_head_that_never_ends_is_cut(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_Connection, "FIRST_HEAD_SECONDS", 0.5)
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.server.port)
+    # A slow client: a large header, and the blank line that ends the head never comes.
+    writer.write(b"GET /hello HTTP/1.1\r\nHost: gw.test\r\nX-Padding: " + b"p" * 60_000 + b"\r\n")
+    async with asyncio.timeout(5):
+        assert await reader.read() == b""  # closed by the gateway, without an answer
+    writer.close()
+    assert stack.upstream.requests == 0
+
+
+async def test_a_request_head_over_the_total_limit_is_cut(stack: Stack) -> None:
+    # Each line is within the per-line limit (sized for an assertion); together they are not.
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.server.port)
+    line = b"X-Pad-%d: " + b"a" * 60_000 + b"\r\n"
+    try:
+        writer.write(b"GET /hello HTTP/1.1\r\nHost: gw.test\r\n")
+        for i in range(95):
+            writer.write(line.replace(b"%d", str(i).encode()))
+            await writer.drain()
+        async with asyncio.timeout(5):  # a timeout here means the head was kept: a failure
+            cut = await reader.read() == b""
+    except ConnectionError:  # the cut may come at any write
+        cut = True
+    assert cut
+    writer.close()
+    async with stack.session.get(f"{stack.url}/hello", headers=stack.assertion()) as r:
+        assert r.status == 200  # and the gateway serves on
