@@ -399,20 +399,13 @@ class GatewayServer:
         return True
 
     def _forget_changed_trust(self, runtime: Runtime) -> None:
-        """Tokens are served from memory without re-validation, so those obtained under a
-        trust that the reload changed (a certificate removed, an issuer, audience or
-        recipient changed) or from a server whose settings changed (token URL, client,
-        scope) must not outlive it."""
-        old, new = self.runtime, runtime
-        for route in old.config.routes:
-            idp, server = route.identity_provider, route.authorization_server
-            same_trust = old.policies.get((idp, server)) == new.policies.get((idp, server))
-            old_server = old.config.authorization_servers.get(server)
-            same_server = old_server == new.config.authorization_servers.get(server)
-            if same_trust and same_server:
-                continue
-            dropped = self.cache.forget_profile(Runtime.cache_key(route))
+        """Tokens are served from memory without re-validation: those obtained under a trust
+        or server settings that the reload changed (their cache key changed with them) must
+        not outlive it. Redis needs nothing: its entries are named by the key."""
+        for key in set(self.runtime.cache_keys.values()) - set(runtime.cache_keys.values()):
+            dropped = self.cache.forget_profile(key)
             if dropped:
+                idp, server = key.split("\x1f")[:2]
                 fields = {"identity_provider": idp, "authorization_server": server}
                 log.info(
                     "trust or server settings changed: cached tokens dropped",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from functools import partial
 from aiohttp import web
 
 from gateway.cache import CachedToken, TokenCache
-from gateway.config import Config, Route
+from gateway.config import AuthorizationServer, Config, Route
 from gateway.errors import GatewayError, InvalidAssertion, NoRoute
 from gateway.metrics import Metrics
 from gateway.oauth.client import TokenClient
@@ -67,15 +68,16 @@ class Runtime:
         # Never forwarded: every header that may carry the assertion, and any Authorization.
         self.strip = frozenset({h.name.lower() for h in self.sources} | {"authorization"})
         self.policies: dict[tuple[str, str], TrustPolicy] = {}
+        self.cache_keys: dict[tuple[str, str], str] = {}
         for route in config.routes:
             key = (route.identity_provider, route.authorization_server)
             if key not in self.policies:
-                self.policies[key] = build_trust_policy(
-                    config.identity_providers[key[0]],
-                    config.authorization_servers[key[1]],
-                    config.assertion,
-                    idp_name=key[0],
+                server = config.authorization_servers[key[1]]
+                policy = build_trust_policy(
+                    config.identity_providers[key[0]], server, config.assertion, idp_name=key[0]
                 )
+                self.policies[key] = policy
+                self.cache_keys[key] = _cache_key(key, policy, server)
         self.token_client = TokenClient(
             config.authorization_servers, observer=metrics.observe_exchange
         )
@@ -141,12 +143,9 @@ class Runtime:
         exchange = partial(self.token_client.exchange, route.authorization_server)
         return await self.cache.obtain(key, assertion, exchange)
 
-    @staticmethod
-    def cache_key(route: Route) -> str:
-        """Tokens are kept per (identity provider, authorization server): a token obtained
-        for an assertion one IdP vouched for is never handed out on a route that trusts
-        another, and assertion IDs, unique per issuer only, never collide across IdPs."""
-        return f"{route.identity_provider}\x1f{route.authorization_server}"
+    def cache_key(self, route: Route) -> str:
+        """Whose tokens a route's requests share (see ``_cache_key``)."""
+        return self.cache_keys[(route.identity_provider, route.authorization_server)]
 
     async def proxy(self, request: web.BaseRequest, trace: Trace) -> web.StreamResponse:
         """The whole flow for one proxied request."""
@@ -174,6 +173,29 @@ class Runtime:
             # The upstream no longer accepts this token: the next request exchanges afresh.
             await self.cache.purge(self.cache_key(route), entry.digest)
         return result.response
+
+
+def _cache_key(names: tuple[str, str], policy: TrustPolicy, server: AuthorizationServer) -> str:
+    """Tokens are kept per (identity provider, authorization server) and per the settings
+    they were obtained under: a token one IdP's assertion earned is never handed out on a
+    route that trusts another (assertion IDs are unique per issuer only), and when a reload
+    changes the trust (keys, issuers, audience, recipients) or the server (URL, client,
+    scope), the key changes with it, so neither memory nor Redis serves the old tokens.
+    Secrets are masked in the fingerprint: rotating a client secret keeps the tokens."""
+    fingerprint = hashlib.sha256()
+    for der in sorted(key.der for key in policy.keys):
+        fingerprint.update(der)
+    trust = (
+        sorted(policy.issuers),
+        policy.audience,
+        sorted(policy.recipients),
+        policy.clock_skew.total_seconds(),
+        policy.allow_sha1,
+        policy.min_rsa_key_bits,
+    )
+    fingerprint.update(repr(trust).encode())
+    fingerprint.update(server.model_dump_json().encode())
+    return f"{names[0]}\x1f{names[1]}\x1f{fingerprint.hexdigest()[:16]}"
 
 
 def note_failure(trace: Trace, error: GatewayError, metrics: Metrics) -> None:

@@ -32,9 +32,11 @@ from integration.conftest import (  # the fixtures are re-exported for this fold
     spawn_gateway,
 )
 
-from gateway.config import Route
+from gateway.cache import TokenCache
+from gateway.config import load_config
 from gateway.devkit.idp import DemoIdP
 from gateway.devkit.redis_server import RedisServer, redis_server_binary
+from gateway.metrics import Metrics
 from gateway.pipeline import Runtime
 
 __all__ = ["idp", "parts", "processes"]
@@ -47,10 +49,13 @@ REDIS_PASSWORD = "replica-redis-password-0123456789"
 # The upstream runs in the test's own event loop, next to 200 client requests: give its
 # accept queue room on a shared 2-core machine (the defaults here are 1 s to connect).
 ROUTE = {"timeouts": {"connect": 10, "read": 20, "total": 30}}
-# The token cache's key for the one route gateway_yaml writes (IdP "idp", server "as").
-PROFILE = Runtime.cache_key(
-    Route(upstream="http://127.0.0.1:1", identity_provider="idp", authorization_server="as")
-)
+
+
+def cache_profile(config_path: Path) -> str:
+    """The token-cache key of the one route in a gateway config: it names Redis entries."""
+    config = load_config(config_path)
+    runtime = Runtime(config, TokenCache(config.cache), Metrics())
+    return runtime.cache_key(config.routes[0])
 
 
 @pytest.fixture
@@ -126,6 +131,10 @@ class Cluster:
     processes: list[Process]
     root: Path
     session: aiohttp.ClientSession
+
+    def profile(self, name: str = "a") -> str:
+        """The cache key the gateway ``name`` (already spawned) files its tokens under."""
+        return cache_profile(self.root / name / "gateway.yaml")
 
     def spawn(
         self,

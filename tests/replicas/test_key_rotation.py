@@ -17,12 +17,12 @@ from integration.conftest import Process
 from gateway.cache.redis import entry_name
 from gateway.devkit.idp import new_id
 
-from .conftest import KEYS, PROFILE, Cluster, eventually, redis_cache
+from .conftest import KEYS, Cluster, eventually, redis_cache
 
 
-async def sealed_with(raw: aioredis.Redis, assertion_id: str) -> str:
+async def sealed_with(raw: aioredis.Redis, profile: str, assertion_id: str) -> str:
     """The key ID stored in clear in front of an entry's ciphertext."""
-    blob = await raw.get(entry_name("samlgw:", PROFILE, assertion_id))
+    blob = await raw.get(entry_name("samlgw:", profile, assertion_id))
     return bytes(blob[2 : 2 + blob[1]]).decode()
 
 
@@ -49,15 +49,16 @@ async def test_entries_sealed_under_the_old_key_are_read_after_rotation(
     assertions = {name: cluster.assertion(assertion_id=i) for name, i in ids.items()}
 
     a = cluster.spawn("a")  # k1 only
+    profile = cluster.profile("a")  # the same before and after: cache settings are not in it
     assert await cluster.call(a, assertions["first"]) == (200, auth.issued[0])
-    assert await sealed_with(raw_redis, ids["first"]) == "k1"
+    assert await sealed_with(raw_redis, profile, ids["first"]) == "k1"
 
     # A reload does not swap cache settings (the cache outlives reloads); it says so, and
     # keeps sealing with the key it started with.
     await reload_with_both_keys(cluster, a)
     assert "config key 'cache' changed: it takes effect at the next restart" in a.logs()
     assert await cluster.call(a, assertions["during_reload"]) == (200, auth.issued[1])
-    assert await sealed_with(raw_redis, ids["during_reload"]) == "k1"
+    assert await sealed_with(raw_redis, profile, ids["during_reload"]) == "k1"
 
     # The restart applies it: k2 seals new entries, k1 still opens the old ones.
     a.proc.terminate()
@@ -66,7 +67,7 @@ async def test_entries_sealed_under_the_old_key_are_read_after_rotation(
     assert await cluster.call(a, assertions["first"]) == (200, auth.issued[0])
     assert await cluster.call(a, assertions["during_reload"]) == (200, auth.issued[1])
     assert await cluster.call(a, assertions["after_restart"]) == (200, auth.issued[2])
-    assert await sealed_with(raw_redis, ids["after_restart"]) == "k2"
+    assert await sealed_with(raw_redis, profile, ids["after_restart"]) == "k2"
     assert auth.calls == 3
 
     # A replica that no longer lists k1 ignores k1 entries: it exchanges itself (which

@@ -15,7 +15,7 @@ from gateway.cache.redis import EntrySealer, entry_name
 from gateway.devkit.idp import new_id
 from gateway.oauth.token import Token
 
-from .conftest import KEYS, PROFILE, Cluster, digest_of
+from .conftest import KEYS, Cluster, digest_of
 
 PREFIX = "samlgw:"
 SEALER = EntrySealer({"k1": SecretStr(KEYS["k1"])}, "k1")  # the gateways' own key
@@ -26,13 +26,14 @@ async def test_an_entry_bound_to_another_assertion_is_never_served(
 ) -> None:
     auth = cluster.parts.auth
     a = cluster.spawn("a")
+    profile = cluster.profile("a")
     assertion_id = new_id()
     assertion = cluster.assertion(assertion_id=assertion_id)
-    name = entry_name(PREFIX, PROFILE, assertion_id)
+    name = entry_name(PREFIX, profile, assertion_id)
     # Sealed with the real key under this assertion's name, but for another assertion's
     # bytes (what a replayed ID with a different assertion would have produced).
     forged = CachedToken(
-        profile=PROFILE,
+        profile=profile,
         assertion_id=assertion_id,
         digest=hashlib.sha256(b"<another assertion with the same ID/>").digest(),
         token=Token(access_token="forged-token", expires_in=3600),
@@ -55,12 +56,13 @@ async def test_a_flipped_byte_or_a_moved_entry_is_ignored_and_re_exchanged(
 ) -> None:
     auth = cluster.parts.auth
     a, b = cluster.spawn("a"), cluster.spawn("b")
+    profile = cluster.profile("a")
 
     # One byte of the ciphertext flipped: authentication fails on the other gateway.
     flipped_id = new_id()
     flipped = cluster.assertion(assertion_id=flipped_id)
     assert await cluster.call(a, flipped) == (200, auth.issued[0])
-    name = entry_name(PREFIX, PROFILE, flipped_id)
+    name = entry_name(PREFIX, profile, flipped_id)
     blob = bytearray(await raw_redis.get(name))
     blob[-20] ^= 0x01
     await raw_redis.set(name, bytes(blob), px=60_000)
@@ -73,14 +75,14 @@ async def test_a_flipped_byte_or_a_moved_entry_is_ignored_and_re_exchanged(
     source = cluster.assertion(assertion_id=source_id)
     target = cluster.assertion(assertion_id=target_id)
     assert await cluster.call(a, source) == (200, auth.issued[2])
-    copied = await raw_redis.get(entry_name(PREFIX, PROFILE, source_id))
-    await raw_redis.set(entry_name(PREFIX, PROFILE, target_id), copied, px=60_000)
+    copied = await raw_redis.get(entry_name(PREFIX, profile, source_id))
+    await raw_redis.set(entry_name(PREFIX, profile, target_id), copied, px=60_000)
     assert await cluster.call(b, target) == (200, auth.issued[3])
     assert auth.calls == 4
 
     # Garbage where an entry should be: the same.
     garbage_id = new_id()
-    await raw_redis.set(entry_name(PREFIX, PROFILE, garbage_id), b"\x01\x02k1" + b"x" * 40)
+    await raw_redis.set(entry_name(PREFIX, profile, garbage_id), b"\x01\x02k1" + b"x" * 40)
     assert await cluster.call(b, cluster.assertion(assertion_id=garbage_id)) == (
         200,
         auth.issued[4],
