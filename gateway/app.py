@@ -334,6 +334,13 @@ class GatewayServer:
             log.warning("Redis does not answer; serving from memory until it does")
         auth = config.forward_auth
         own_auth_listener = auth.enabled and auth.listen is not None
+        if auth.enabled and not own_auth_listener:
+            log.warning(
+                "forward_auth shares the proxy listener: any client with an accepted assertion "
+                "can read its access token from %s; give forward_auth its own 'listen', "
+                "reachable only by the proxy in front",
+                auth.path,
+            )
         self._runner = self._serving_runner(
             proxy=True, forward_auth=auth.enabled and not own_auth_listener
         )
