@@ -409,10 +409,12 @@ class GatewayServer:
         """Tokens are served from memory without re-validation: those obtained under a trust
         or server settings that the reload changed (their cache key changed with them) must
         not outlive it. Redis needs nothing: its entries are named by the key."""
-        for key in set(self.runtime.cache_keys.values()) - set(runtime.cache_keys.values()):
+        kept = set(runtime.cache_keys.values())
+        for (idp, server), key in self.runtime.cache_keys.items():
+            if key in kept:
+                continue
             dropped = self.cache.forget_profile(key)
             if dropped:
-                idp, server = key.split("\x1f")[:2]
                 fields = {"identity_provider": idp, "authorization_server": server}
                 log.info(
                     "trust or server settings changed: cached tokens dropped",

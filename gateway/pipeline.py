@@ -27,7 +27,7 @@ from gateway.config import AuthorizationServer, Config, Route
 from gateway.errors import GatewayError, InvalidAssertion, NoRoute
 from gateway.metrics import Metrics
 from gateway.oauth.client import TokenClient
-from gateway.proxy.forward import Forwarder
+from gateway.proxy.forward import Forwarder, request_target
 from gateway.routing import Router, routable_path
 from gateway.saml import (
     TrustPolicy,
@@ -154,10 +154,8 @@ class Runtime:
 
     async def _proxy(self, request: web.BaseRequest, trace: Trace) -> web.StreamResponse:
         # The Host header as sent: aiohttp's request.host may fall back to a blocking lookup.
-        target = request.raw_path
-        if not target.startswith("/"):  # absolute-form: keep path and query only
-            target = request.rel_url.raw_path_qs
-        route = self.route_for(request.headers.get("Host"), routable_path(target), trace)
+        path = routable_path(request_target(request))
+        route = self.route_for(request.headers.get("Host"), path, trace)
         self.forwarder.admit(request, route)  # 413 before validating or exchanging anything
         entry = await self.authorize(route, request.headers, trace)
         result = await self.forwarder.forward(

@@ -200,10 +200,9 @@ class Forwarder:
             preserve_host=route.preserve_host,
             upstream_host=plan.upstream_host,
         )
-        raw_path = request.raw_path
-        if not raw_path.startswith("/"):  # absolute-form target: keep path and query only
-            raw_path = request.rel_url.raw_path_qs
-        url = upstream_url(route.upstream, raw_path, route.path_prefix, route.strip_prefix)
+        url = upstream_url(
+            route.upstream, request_target(request), route.path_prefix, route.strip_prefix
+        )
         if _wants_websocket(request):
             return await self._websocket(session, request, plan, url, headers, stamp)
         return await self._http(session, request, plan, url, headers, stamp)
@@ -441,6 +440,12 @@ class Forwarder:
             ),
             handshake_timeout=min(limits.total, limits.connect + limits.read),
         )
+
+
+def request_target(request: web.BaseRequest) -> str:
+    """Path and query as the client sent them, still encoded (absolute-form reduced to them)."""
+    target = request.raw_path
+    return target if target.startswith("/") else request.rel_url.raw_path_qs
 
 
 def _wants_websocket(request: web.BaseRequest) -> bool:
