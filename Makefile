@@ -34,6 +34,16 @@ system-deps:
 		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
+# The image's pinned dependencies with hashes: the runtime ones, the speed extra and the build
+# backend (pyproject.toml's build-system.requires, read from there), re-resolved to the newest
+# releases pyproject.toml allows, for every Python 3.11+ (a base image's patch release may
+# need other packages: redis wants async-timeout before 3.11.3).
+lock: venv
+	$(BIN)/python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"], sep="\n")' \
+		| $(BIN)/uv pip compile --quiet --upgrade --universal --python-version 3.11 --extra speed \
+			--generate-hashes --custom-compile-command "make lock" \
+			--output-file requirements.lock pyproject.toml -
+
 lint: venv
 	$(BIN)/ruff check gateway tests bench fuzz
 	$(BIN)/ruff format --check gateway tests bench fuzz
