@@ -234,6 +234,11 @@ async def test_container_serves_checks_health_and_drains(
         # follows its admin port (not the 9901 of the image's default).
         health = await asyncio.to_thread(podman, "healthcheck", "run", container_name, check=False)
         assert health.returncode == 0, health.stdout + health.stderr
+        state = json.loads((await asyncio.to_thread(podman, "inspect", container_name)).stdout)
+        checks = state[0]["State"].get("Health") or state[0]["State"]["Healthcheck"]
+        assert checks["Log"][-1]["Output"].strip() == (
+            f"healthy: http://127.0.0.1:{admin_port}/readyz: 200"
+        )
         # The gateway process itself (PID 1) runs as the image's non-root user.
         status = await asyncio.to_thread(podman, "exec", container_name, "cat", "/proc/1/status")
         uids = next(line for line in status.stdout.splitlines() if line.startswith("Uid:"))
