@@ -223,6 +223,10 @@ class Route(_Frozen):
     max_body_size: int = Field(10 * 1024 * 1024, ge=0)
     tls: UpstreamTls = UpstreamTls()
     realm: str | None = None
+    # Spellings a strict upstream and a liberal one read as different paths (see
+    # gateway/routing.py): refused unless the route's upstream is known to read them alike.
+    allow_path_parameters: bool = False
+    allow_encoded_slashes: bool = False
 
     @property
     def label(self) -> str:
