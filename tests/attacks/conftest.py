@@ -26,6 +26,9 @@ import pytest
 import yaml
 from forward_auth.nginx_runner import Nginx, free_port, nginx_binary, start_nginx
 
+# The integration suite's signing IdP, authorization server + upstream, and gateway processes.
+from integration.conftest import idp, parts, processes  # noqa: F401 - re-exported as fixtures
+
 from gateway.app import GatewayServer
 from gateway.config import load_config
 from gateway.devkit.authorization_server import FakeAuthorizationServer
@@ -67,12 +70,12 @@ def idps() -> dict[str, DemoIdP]:
 @pytest.fixture
 async def trusts(idps: dict[str, DemoIdP]) -> AsyncIterator[dict[str, Trust]]:
     started: dict[str, Trust] = {}
-    for name, idp in idps.items():
+    for name, signer in idps.items():
         auth = FakeAuthorizationServer(
             client_id=f"gateway-{name}", client_secret=f"secret-{name}" * 4
         )
         await auth.start()
-        started[name] = Trust(name, idp, auth, f"https://as-{name}.test/oauth2")
+        started[name] = Trust(name, signer, auth, f"https://as-{name}.test/oauth2")
     yield started
     for trust in started.values():
         await trust.auth.stop()
