@@ -25,6 +25,7 @@ name or address is refused. The path itself is still forwarded byte-exact.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from typing import Final
@@ -35,11 +36,13 @@ from gateway.errors import BadRequest
 
 # C0 controls, DEL, C1 controls and the Unicode line and paragraph separators.
 _CONTROL: Final = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-_ESCAPE: Final = re.compile(r"%([0-9A-Fa-f]{2})")
+_ESCAPE: Final = re.compile(r"%[0-9A-Fa-f]{2}")
 _IIS_ESCAPE: Final = re.compile(r"%[uU][0-9A-Fa-f]{4}")
-# Characters that change how a path splits when a stack decodes them before (or after)
-# it parses the path; never accepted percent-encoded. ``/`` is the one a route may allow.
-_NEVER_ENCODED: Final = frozenset("\\;.?#")
+# Escapes of what changes how a path splits when a stack decodes it before (or after) it
+# parses the path: '.', '\', ';', '?', '#' and ASCII controls; never accepted. An encoded
+# '/' is the one a route may allow. (Non-ASCII controls are caught once decoded.)
+_REFUSED_ESCAPE: Final = re.compile(r"%(?:2[eE]|5[cC]|3[bBfF]|23|[01][0-9A-Fa-f]|7[fF])")
+_ENCODED_SLASH: Final = re.compile(r"%2[fF]")
 _HOST_NAME: Final = re.compile(r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)*")
 _HOST_IPV6: Final = re.compile(r"\[[0-9a-f:.]+\]")
 
@@ -83,35 +86,36 @@ def routable_path(raw_path: str) -> RoutablePath:
     if _CONTROL.search(path):
         raise BadRequest("path", "a control character in the path")
     parameters = ";" in path  # a raw ';' only: an encoded one was refused above
-    segments = path.split("/")
-    if parameters:
-        segments = [segment.partition(";")[0] for segment in segments]
-    last = len(segments) - 1
-    for index, segment in enumerate(segments):
-        if segment in (".", ".."):
-            raise BadRequest("path", "dot segments in the path")
-        if not segment and 0 < index < last:
-            raise BadRequest("path", "an empty segment ('//') in the path")
-    return RoutablePath("/".join(segments), parameters=parameters, encoded_slash=encoded_slash)
+    # Dot and empty segments both start with "/." or "//" (once parameters are gone).
+    if parameters or "/." in path or "//" in path:
+        segments = path.split("/")
+        if parameters:
+            segments = [segment.partition(";")[0] for segment in segments]
+        last = len(segments) - 1
+        for index, segment in enumerate(segments):
+            if segment in (".", ".."):
+                raise BadRequest("path", "dot segments in the path")
+            if not segment and 0 < index < last:
+                raise BadRequest("path", "an empty segment ('//') in the path")
+        if parameters:
+            path = "/".join(segments)
+    return RoutablePath(path, parameters=parameters, encoded_slash=encoded_slash)
 
 
 def _check_escapes(raw: str) -> bool:
     """Refuse percent-escapes that split a path differently once decoded; say whether
     there is an encoded slash (which a route may accept)."""
+    refused = _REFUSED_ESCAPE.search(raw)
+    if refused is not None:
+        char = chr(int(refused.group()[1:], 16))
+        what = repr(char) if char.isprintable() else "control character"
+        raise BadRequest("path", f"an encoded {what} in the path")
     if _IIS_ESCAPE.search(raw):
         raise BadRequest("path", "a %u escape in the path")
-    encoded_slash = False
-    for escape in _ESCAPE.finditer(raw):
-        char = chr(int(escape.group(1), 16))
-        if char == "/":
-            encoded_slash = True
-        elif char in _NEVER_ENCODED:
-            raise BadRequest("path", f"an encoded {char!r} in the path")
-        elif _CONTROL.match(char):
-            raise BadRequest("path", "an encoded control character in the path")
-    return encoded_slash
+    return _ENCODED_SLASH.search(raw) is not None
 
 
+@functools.lru_cache(maxsize=1024)  # a deployment sees few Host values; parsing is not free
 def normalize_host(host: str | None) -> str:
     """``Host`` as names are compared: lower case, no port, one trailing dot dropped
     (``[::1]:8080`` → ``[::1]``, ``API.test.`` → ``api.test``); ``""`` when absent.
