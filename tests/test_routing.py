@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from urllib.parse import unquote
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.config import Route
 from gateway.errors import BadRequest
@@ -156,3 +160,51 @@ def test_parameters_and_encoded_slashes_only_on_routes_that_opt_in() -> None:
     assert router.match(None, routable_path("/params;v=1")).label == "/params"  # type: ignore[union-attr]
     with pytest.raises(BadRequest):
         router.match(None, routable_path("/x;v=1/params"))
+
+
+# --- property: the route decided is the route the most liberal reader would pick ----------
+
+_PIECES = [
+    "a", "admin", "x.txt", "/", "/", "/", ".", "..", ";", ";x=1", "%2e", "%2E", "%2f", "%2F",
+    "%25", "%252e", "%5c", "\\", "%3b", "%3F", "%23", "%00", "%0a", "%C0%AE", "%u002e", "%41",
+    "%C3%A9", "%", "?", "#",
+]  # fmt: skip
+
+
+def _liberal_reading(raw: str) -> str:
+    """What the most permissive stack serves: decoded until nothing changes, '\\' as '/',
+    parameters dropped, empty segments merged, dot segments resolved."""
+    path = raw.partition("?")[0].partition("#")[0]
+    for _ in range(4):
+        path = unquote(path)
+    segments: list[str] = []
+    for segment in path.replace("\\", "/").split("/"):
+        segment = segment.partition(";")[0]
+        if segment == "..":
+            segments = segments[:-1]
+        elif segment not in ("", "."):
+            segments.append(segment)
+    return "/" + "/".join(segments)
+
+
+_LIBERAL_ROUTER = Router(
+    [
+        route("/", allow_path_parameters=True, allow_encoded_slashes=True),
+        route("/admin", allow_path_parameters=True, allow_encoded_slashes=True),
+        route("/a", allow_path_parameters=True, allow_encoded_slashes=True),
+    ]
+)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(st.sampled_from(_PIECES), max_size=8))
+def test_an_accepted_path_is_the_path_a_liberal_upstream_serves(pieces: list[str]) -> None:
+    raw = "/" + "".join(pieces)
+    try:
+        path = routable_path(raw)
+    except BadRequest:
+        return  # refused: nothing is forwarded
+    assert path.rstrip("/") == _liberal_reading(raw).rstrip("/")
+    chosen = _LIBERAL_ROUTER.match(None, path)
+    assert chosen is _LIBERAL_ROUTER.match(None, routable_path(_liberal_reading(raw)))
+    assert path.parameters == (";" in raw.partition("?")[0].partition("#")[0])
