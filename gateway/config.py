@@ -319,6 +319,9 @@ class ProxySettings(_Frozen):
     trusted_proxies: tuple[Annotated[str, AfterValidator(_network)], ...] = ()
     max_header_size: int = Field(64 * 1024, ge=8190)
     max_headers: int = Field(100, gt=0)
+    # After an upstream 401 invalid_token, exchange that assertion again at most this often:
+    # otherwise every request of a client the upstream refuses costs an exchange.
+    reexchange_interval: float = Field(30, ge=0)
 
 
 class ForwardAuth(_Frozen):
