@@ -121,9 +121,12 @@ def normalize_host(host: str | None) -> str:
     (``[::1]:8080`` → ``[::1]``, ``API.test.`` → ``api.test``); ``""`` when absent.
     ``BadRequest`` for anything else than a name or an address (``a..b``, ``a.test..``,
     ``user@a.test``): another reader could take it for a different host."""
-    host = (host or "").strip().lower()
+    host = (host or "").strip()
     if not host:
         return ""
+    if not host.isascii():  # str.lower() maps some non-ASCII letters to ASCII ones (K, ſ)
+        raise BadRequest("host", "the Host header is not ASCII")
+    host = host.lower()
     if host.startswith("["):
         end = host.find("]") + 1
         name, rest = (host[:end], host[end:]) if end else (host, "")

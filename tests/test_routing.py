@@ -135,7 +135,18 @@ def test_normalize_host(host: str | None, name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "host", ["x.test..", "x..test", ".x.test", "u@x.test", "x.test:8o", "[::1", "[::1]x", "x test"]
+    "host",
+    [
+        "x.test..",
+        "x..test",
+        ".x.test",
+        "u@x.test",
+        "x.test:8o",
+        "[::1",
+        "[::1]x",
+        "x test",
+        "\u212a.test",
+    ],
 )
 def test_hosts_that_are_no_names_are_refused(host: str) -> None:
     with pytest.raises(BadRequest) as info:
