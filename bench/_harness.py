@@ -241,6 +241,7 @@ def gateway(
             "enabled": True,
             "path": AUTH_PATH,
             "listen": {"host": "127.0.0.1", "port": auth_port},
+            "front": "nginx",
         },
         assertion={"headers": [{"name": "X-SAML-Assertion"}]},
     )

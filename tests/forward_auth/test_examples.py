@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from gateway.config import load_config
+from gateway.forward_auth import PRESETS
 
 from .nginx_runner import EXAMPLES
 
@@ -24,6 +25,7 @@ def test_gateway_example_loads_in_forward_auth_mode(gateway: Any) -> None:
     assert gateway.forward_auth.token_header == "Authorization"
     # The cached nginx example keys on this header alone, so it must be the only source.
     assert [h.name for h in gateway.assertion.headers] == ["X-SAML-Assertion"]
+    assert gateway.forward_auth.front == "nginx"
 
 
 def test_traefik_forwards_to_the_auth_path_and_copies_the_token(gateway: Any) -> None:
@@ -31,6 +33,10 @@ def test_traefik_forwards_to_the_auth_path_and_copies_the_token(gateway: Any) ->
     listen, path = gateway.forward_auth.listen, gateway.forward_auth.path
     auth = data["middlewares"]["saml-auth"]["forwardAuth"]
     assert auth["address"] == f"http://127.0.0.1:{listen.port}{path}"
+    # front: traefik reads X-Forwarded-*: Traefik overwrites them only when it does not
+    # trust the client's.
+    assert auth["trustForwardHeader"] is False
+    assert PRESETS["traefik"].uri == "X-Forwarded-Uri"
     assert auth["authResponseHeaders"] == ["Authorization"]
     assert auth["authRequestHeaders"] == ["X-SAML-Assertion"]
     dropped = data["middlewares"]["drop-assertion"]["headers"]["customRequestHeaders"]
@@ -114,3 +120,17 @@ def test_cached_examples_keep_the_caching_rules(name: str) -> None:
         assert rule in auth
     # The lifetime is the gateway's max-age alone.
     assert not [line for line in lines if line.startswith(("proxy_cache_valid", "proxy_ignore"))]
+
+
+def test_caddy_example_asks_the_auth_path_and_strips_the_assertion(gateway: Any) -> None:
+    text = (EXAMPLES / "Caddyfile").read_text()
+    lines = [line.split(" #", 1)[0].strip() for line in text.splitlines()]
+    lines = [line for line in lines if line and not line.startswith("#")]
+    listen, path = gateway.forward_auth.listen, gateway.forward_auth.path
+    assert f"forward_auth 127.0.0.1:{listen.port} {{" in lines
+    assert f"uri {path}" in lines
+    assert "copy_headers Authorization" in lines
+    assert "header_up -X-SAML-Assertion" in lines
+    # front: caddy reads X-Forwarded-*, which Caddy keeps from trusted proxies only.
+    assert not [line for line in lines if "trusted_proxies" in line]
+    assert PRESETS["caddy"].host == "X-Forwarded-Host"
