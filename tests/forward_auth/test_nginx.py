@@ -349,3 +349,24 @@ def echoed_headers_of(upstream: Any) -> str | None:
     """The Authorization header of the last request the upstream received."""
     value: str | None = upstream.last_headers.get("Authorization")
     return value
+
+
+@pytest.mark.parametrize("conf", CACHED)
+async def test_unusual_but_valid_paths_ask_the_gateway_every_time(
+    start_front: StartFront, conf: str
+) -> None:
+    """Percent-encoded paths are not cached (nginx cannot tell how the gateway and the
+    upstream read them), yet served when the gateway grants them."""
+    front = await start_front(conf)
+    stack = front.stack
+    alice = stack.assertion()
+    # Cached under the host raw_request sends, so only the path could make these misses.
+    on_host = {**alice, "Host": "gw.test"}
+    async with stack.session.get(f"{front.url}{PUBLIC}/x", headers=on_host) as r:
+        assert r.status == 200
+    for _ in range(2):
+        status, body = await raw_request(front.port, f"{PUBLIC}/caf%C3%A9", alice)
+        assert status == 200, front.nginx.errors()
+        assert f"Bearer {stack.auth.issued[0]}".encode() in body  # the upstream's echo
+    assert await front.granted() == 3  # one plain request, then the gateway each time
+    assert stack.auth.calls == 1
