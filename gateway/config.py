@@ -320,13 +320,16 @@ class ProxySettings(_Frozen):
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
-def _header_name(value: str) -> str:
-    if not _HEADER_NAME.fullmatch(value):
-        raise ValueError(f"not a header name: {value!r}")
-    return value
+def _header_or(pseudo: str | None) -> AfterValidator:
+    """A header name, or the one pseudo-header name given (the auth request's own part)."""
 
+    def check(value: str) -> str:
+        if value == pseudo or _HEADER_NAME.fullmatch(value):
+            return value
+        expected = f"a header name or {pseudo!r}" if pseudo else "a header name"
+        raise ValueError(f"expected {expected}, got {value!r}")
 
-HeaderName = Annotated[str, AfterValidator(_header_name)]
+    return AfterValidator(check)
 
 
 class OriginalRequestHeaders(_Frozen):
@@ -334,9 +337,9 @@ class OriginalRequestHeaders(_Frozen):
     client's copy) may be named. ``:method`` is the auth request's own method, ``:path`` its
     path below ``forward_auth.path`` (Envoy's ``path_prefix``)."""
 
-    method: Literal[":method"] | HeaderName = ":method"
-    uri: Literal[":path"] | HeaderName
-    host: HeaderName
+    method: Annotated[str, _header_or(":method")] = ":method"
+    uri: Annotated[str, _header_or(":path")]
+    host: Annotated[str, _header_or(None)]
 
 
 Front = Literal["nginx", "traefik", "caddy", "envoy"]

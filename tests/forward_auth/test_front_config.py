@@ -63,11 +63,10 @@ def test_unknown_front_and_bad_header_names_name_their_key(tmp_path: Path) -> No
     (problem,) = problems({"enabled": True, "front": "haproxy"}, tmp_path)
     assert problem.startswith("forward_auth.front: ")
     bad = {"uri": "X Original", "host": "Host"}
-    found = problems({"enabled": True, "original_request_headers": bad}, tmp_path)
-    assert any(
-        p.startswith("forward_auth.original_request_headers.uri") and "'X Original'" in p
-        for p in found
-    )
+    assert problems({"enabled": True, "original_request_headers": bad}, tmp_path) == [
+        "forward_auth.original_request_headers.uri: expected a header name or ':path', "
+        "got 'X Original'"
+    ]
     (missing,) = problems({"enabled": True, "original_request_headers": {"uri": ":path"}}, tmp_path)
     assert missing == "forward_auth.original_request_headers.host: required key is missing"
 
