@@ -127,3 +127,23 @@ def setup_logging(fmt: str = "json", level: str = "info") -> None:
     server = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, QuietParseErrors) for f in server.filters):
         server.addFilter(QuietParseErrors())
+    quiet_document_loggers()
+
+
+# Libraries whose logs can quote what passes through them: below WARNING, signxml logs the
+# canonicalized XML it verifies (NameID, attributes, conditions), aiohttp the bytes of a
+# request it could not parse (a bad method line) and client-sent cookie names, urllib3 the
+# URLs it fetches; redis and lxml are here so that no later use of theirs can. At WARNING
+# and above they report their own failures (aiohttp.server's go through QuietParseErrors).
+DOCUMENT_LOGGERS = ("signxml", "lxml", "aiohttp", "redis", "urllib3")
+
+
+def quiet_document_loggers() -> None:
+    """Keep ``DOCUMENT_LOGGERS`` at WARNING or above, whatever the gateway's own level.
+
+    Only the root level follows ``--log-level``: at ``debug`` the gateway's loggers speak,
+    these libraries do not. A quieter root (``error``) quiets them too.
+    """
+    floor = max(logging.getLogger().level, logging.WARNING)
+    for name in DOCUMENT_LOGGERS:
+        logging.getLogger(name).setLevel(floor)
