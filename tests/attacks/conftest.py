@@ -16,11 +16,12 @@ import asyncio
 import base64
 import os
 import re
+import secrets
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 import yaml
@@ -235,6 +236,35 @@ def _unchunk(body: bytes) -> bytes:
 
 
 BEARER = re.compile(r"\[Bearer ([^\]]+)\]")
+
+
+class Upstream(Protocol):
+    url: str
+
+    def access_lines(self) -> list[str]: ...
+
+
+async def settled_lines(upstream: Upstream) -> list[str]:
+    """The upstream's access log once what came before is in it. Tomcat and nginx write a
+    request's line only after its answer went out, so a client may read the answer first:
+    a request of our own (a barrier) is sent straight to the upstream, and the log is read
+    when its line is there (bounded wait)."""
+    barrier = f"barrier-{secrets.token_hex(6)}"
+    host, _, port = upstream.url.removeprefix("http://").partition(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        f"GET /echo/public/x.txt?probe={barrier} HTTP/1.1\r\nHost: site\r\n"
+        "Connection: close\r\n\r\n".encode()
+    )
+    await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while True:
+        lines = upstream.access_lines()
+        if any(f"probe={barrier}" in line for line in lines) or loop.time() > deadline:
+            return lines
+        await asyncio.sleep(0.02)
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from .conftest import (
     PUBLIC_FILE,
     NginxUpstream,
     Stack,
+    settled_lines,
 )
 from .tomcat_runner import Tomcat
 
@@ -71,7 +72,7 @@ async def test_paths_read_two_ways_are_refused_before_anything_is_forwarded(
     answer = await stack.get(f"{path}?probe={probe}", stack.trusts["a"].assertion())
     assert answer.status == 400
     assert b'"invalid_request"' in answer.body
-    assert _served(upstream.access_lines(), probe) == []  # nothing reached the upstream
+    assert _served(await settled_lines(upstream), probe) == []  # nothing reached the upstream
     assert [t.auth.calls for t in stack.trusts.values()] == [0, 0]  # and nothing was exchanged
 
 
@@ -88,7 +89,7 @@ async def test_each_route_serves_its_own_file_under_its_own_trust(
     assert (public.status, public.body) == (200, PUBLIC_FILE)
     assert refused.status == 401
     assert (admin.status, admin.body) == (200, ADMIN_SECRET)
-    lines = upstream.access_lines()
+    lines = await settled_lines(upstream)
     assert _served(lines, probes[1]) == []
     assert [_token_issuer(stack, line) for line in _served(lines, probes[0])] == ["a"]
     assert [_token_issuer(stack, line) for line in _served(lines, probes[2])] == ["b"]
@@ -108,7 +109,7 @@ async def test_a_route_that_allows_parameters_decides_on_the_path_without_them(
     other = await stack.get(f"/echo/public;x=1/x.txt?probe={probes[3]}", a.assertion())
     assert (wrong.status, wrong_too.status, other.status) == (401, 401, 400)
     assert (right.status, right.body) == (200, ADMIN_SECRET)
-    lines = tomcat.access_lines()
+    lines = await settled_lines(tomcat)
     assert [_served(lines, p) for p in (probes[0], probes[1], probes[3])] == [[], [], []]
     served = _served(lines, probes[2])
     assert [_token_issuer(stack, line) for line in served] == ["b"]
@@ -126,7 +127,7 @@ async def test_a_route_that_allows_encoded_slashes_decides_on_the_decoded_path(
     other = await stack.get(f"/echo/public%2Fx.txt?probe={probes[2]}", a.assertion())
     assert (wrong.status, other.status) == (401, 400)
     assert (right.status, right.body) == (200, ADMIN_SECRET)
-    lines = nginx.access_lines()
+    lines = await settled_lines(nginx)
     assert _served(lines, probes[0]) == _served(lines, probes[2]) == []
     assert [_token_issuer(stack, line) for line in _served(lines, probes[1])] == ["b"]
 
@@ -143,7 +144,7 @@ async def test_a_host_bound_route_is_found_whatever_the_spelling_of_its_host(
     right = await stack.get(f"/api.txt?probe={probes[1]}", b.assertion(), host=host)
     assert wrong.status == 401
     assert (right.status, right.body) == (200, API_SECRET)
-    lines = nginx.access_lines()
+    lines = await settled_lines(nginx)
     assert _served(lines, probes[0]) == []
     assert [_token_issuer(stack, line) for line in _served(lines, probes[1])] == ["b"]
 
@@ -156,7 +157,7 @@ async def test_a_host_that_is_no_host_name_is_refused(
     probe = _probe()
     answer = await stack.get(f"/api.txt?probe={probe}", stack.trusts["a"].assertion(), host=host)
     assert answer.status == 400
-    assert _served(nginx.access_lines(), probe) == []
+    assert _served(await settled_lines(nginx), probe) == []
 
 
 def _token_issuer(stack: Stack, line: str) -> str | None:
