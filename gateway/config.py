@@ -223,6 +223,10 @@ class Route(_Frozen):
     max_body_size: int = Field(10 * 1024 * 1024, ge=0)
     tls: UpstreamTls = UpstreamTls()
     realm: str | None = None
+    # Spellings a strict upstream and a liberal one read as different paths (see
+    # gateway/routing.py): refused unless the route's upstream is known to read them alike.
+    allow_path_parameters: bool = False
+    allow_encoded_slashes: bool = False
 
     @property
     def label(self) -> str:
@@ -315,6 +319,9 @@ class ProxySettings(_Frozen):
     trusted_proxies: tuple[Annotated[str, AfterValidator(_network)], ...] = ()
     max_header_size: int = Field(64 * 1024, ge=8190)
     max_headers: int = Field(100, gt=0)
+    # After an upstream 401 invalid_token, exchange that assertion again at most this often:
+    # otherwise every request of a client the upstream refuses costs an exchange.
+    reexchange_interval: float = Field(30, ge=0)
 
 
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
