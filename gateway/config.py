@@ -355,6 +355,62 @@ def redact_url_password(url: str) -> str:
     return f"{scheme}://{user}:{_MASK}@{hosts}{rest[end:]}"
 
 
+MIN_SEALING_SECRET_CHARS = 16
+
+
+def _url_password(url: str) -> str:
+    rest = url.partition("://")[2]
+    end = min((i for i in (rest.find(c) for c in "/?#") if i != -1), default=len(rest))
+    userinfo, at, _ = rest[:end].rpartition("@")
+    return userinfo.partition(":")[2] if at else ""
+
+
+def redis_hosts(url: str) -> tuple[list[str], list[str]]:
+    """The host names a Redis URL names, and what is wrong with its shape (the rules that
+    ``gateway.cache.redis.connect_redis`` applies when it builds the client)."""
+    parts = urlsplit(url)
+    shown = redact_url_password(url)
+    if parts.scheme == "unix":
+        return [], []
+    if parts.scheme in ("redis", "rediss"):
+        try:
+            host, port = parts.hostname, parts.port
+        except ValueError:
+            return [], [f"bad port in {shown!r}"]
+        database = parts.path.strip("/")
+        if not host:
+            return [], [f"no host in {shown!r}"]
+        if database and not database.isdigit():
+            return [host], [f"the database must be a number, got {database!r}"]
+        return [host], [] if port != 0 else [f"bad port in {shown!r}"]
+    rest = url.partition("://")[2]
+    end = min((i for i in (rest.find(c) for c in "/?#") if i != -1), default=len(rest))
+    netloc, path = rest[:end].rpartition("@")[2], [p for p in parts.path.split("/") if p]
+    hosts, problems = [], []
+    for item in netloc.split(","):
+        if item.startswith("["):
+            host, _, port_text = item[1:].partition("]")
+            port_text = port_text.removeprefix(":")
+        else:
+            host, _, port_text = item.rpartition(":") if ":" in item else (item, "", "")
+        if not host:
+            problems.append(f"empty host in {shown!r}")
+        elif port_text and not (port_text.isdigit() and 0 < int(port_text) < 65536):
+            problems.append(f"bad port in {shown!r}")
+        else:
+            hosts.append(host)
+    if parts.scheme == "redis+sentinel":
+        if not 1 <= len(path) <= 2:
+            problems.append(
+                f"expected redis+sentinel://host:port[,host:port]/service_name[/db], got {shown!r}"
+            )
+        elif len(path) == 2 and not path[1].isdigit():
+            problems.append(f"the database must be a number, got {path[1]!r}")
+    elif path:  # redis+cluster
+        problems.append("a cluster URL has no path (no database)")
+    return hosts, problems
+
+
 class RedisSettings(_Frozen):
     url: str
     password: SecretStr | None = None
@@ -448,62 +504,6 @@ class RedisSettings(_Frozen):
                 "ca_file with sentinel and cluster URLs), or set allow_insecure: true",
             )
         ]
-
-
-MIN_SEALING_SECRET_CHARS = 16
-
-
-def _url_password(url: str) -> str:
-    rest = url.partition("://")[2]
-    end = min((i for i in (rest.find(c) for c in "/?#") if i != -1), default=len(rest))
-    userinfo, at, _ = rest[:end].rpartition("@")
-    return userinfo.partition(":")[2] if at else ""
-
-
-def redis_hosts(url: str) -> tuple[list[str], list[str]]:
-    """The host names a Redis URL names, and what is wrong with its shape (the rules that
-    ``gateway.cache.redis.connect_redis`` applies when it builds the client)."""
-    parts = urlsplit(url)
-    shown = redact_url_password(url)
-    if parts.scheme == "unix":
-        return [], []
-    if parts.scheme in ("redis", "rediss"):
-        try:
-            host, port = parts.hostname, parts.port
-        except ValueError:
-            return [], [f"bad port in {shown!r}"]
-        database = parts.path.strip("/")
-        if not host:
-            return [], [f"no host in {shown!r}"]
-        if database and not database.isdigit():
-            return [host], [f"the database must be a number, got {database!r}"]
-        return [host], [] if port != 0 else [f"bad port in {shown!r}"]
-    rest = url.partition("://")[2]
-    end = min((i for i in (rest.find(c) for c in "/?#") if i != -1), default=len(rest))
-    netloc, path = rest[:end].rpartition("@")[2], [p for p in parts.path.split("/") if p]
-    hosts, problems = [], []
-    for item in netloc.split(","):
-        if item.startswith("["):
-            host, _, port_text = item[1:].partition("]")
-            port_text = port_text.removeprefix(":")
-        else:
-            host, _, port_text = item.rpartition(":") if ":" in item else (item, "", "")
-        if not host:
-            problems.append(f"empty host in {shown!r}")
-        elif port_text and not (port_text.isdigit() and 0 < int(port_text) < 65536):
-            problems.append(f"bad port in {shown!r}")
-        else:
-            hosts.append(host)
-    if parts.scheme == "redis+sentinel":
-        if not 1 <= len(path) <= 2:
-            problems.append(
-                f"expected redis+sentinel://host:port[,host:port]/service_name[/db], got {shown!r}"
-            )
-        elif len(path) == 2 and not path[1].isdigit():
-            problems.append(f"the database must be a number, got {path[1]!r}")
-    elif path:  # redis+cluster
-        problems.append("a cluster URL has no path (no database)")
-    return hosts, problems
 
 
 class CacheSettings(_Frozen):
