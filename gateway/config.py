@@ -74,9 +74,15 @@ def is_loopback_host(host: str) -> bool:
 
 
 def _at(key: str, message: str) -> str:
-    """A problem about ``key`` under the model being validated: ``parse_config`` appends the
-    key to the error's path (a model validator's error has the model's path only)."""
+    """A problem about ``key`` under the key being validated (a mapping's entry, say):
+    ``parse_config`` appends it to the error's path."""
     return f"@{key}: {message}"
+
+
+def _at_sibling(key: str, message: str) -> str:
+    """A problem that a rule checked on one key reports about another key of the same model
+    (the rule sits on the last of the keys it reads, so ``info.data`` holds the others)."""
+    return f"@^{key}: {message}"
 
 
 HttpUrl = Annotated[str, AfterValidator(_http_url)]
@@ -210,7 +216,7 @@ class AuthorizationServer(_Frozen):
     max_response_bytes: int = Field(64 * 1024, gt=0)
     # Plain http:// to a host other than this one sends the client secret and the assertion
     # in clear (RFC 6749 §3.2 requires TLS); only a lab may want that.
-    allow_insecure_http: bool = False
+    allow_insecure_http: bool = Field(False, validate_default=True)
     # How client_secret_basic encodes the pair: "form" (RFC 6749 §2.3.1, the default) or
     # "raw" (SAP NetWeaver ABAP, whose documentation never says it decodes the pair).
     basic_auth_encoding: Literal["form", "raw"] = "form"
@@ -227,6 +233,21 @@ class AuthorizationServer(_Frozen):
 
     # Each rule below reads only the keys declared before its own (``info.data``), so it is
     # checked even when another key of this server is wrong: one report lists both.
+    @field_validator("allow_insecure_http")
+    @classmethod
+    def _no_clear_text(cls, allowed: bool, info: ValidationInfo) -> bool:
+        parts = urlsplit(info.data.get("token_url") or "")
+        if parts.scheme == "http" and not allowed and not is_loopback_host(parts.hostname or ""):
+            raise ValueError(
+                _at_sibling(
+                    "token_url",
+                    f"http:// to {parts.hostname!r} would send the client credentials and the "
+                    "assertion in clear text; use https:// (allow_insecure_http: true is for "
+                    "labs)",
+                )
+            )
+        return allowed
+
     @field_validator("basic_auth_encoding")
     @classmethod
     def _encoding_fits(cls, value: str, info: ValidationInfo) -> str:
@@ -271,24 +292,7 @@ class AuthorizationServer(_Frozen):
                 raise ValueError(f"client_auth {self.client_auth!r} needs 'client_secret'")
         if self.client_auth == "private_key_jwt" and self.private_key_jwt is None:
             raise ValueError("client_auth 'private_key_jwt' needs 'private_key_jwt.key_file'")
-        problems = self._clear_text_problems()
-        if problems:
-            raise ValueError("\n".join(problems))
         return self
-
-    def _clear_text_problems(self) -> list[str]:
-        parts = urlsplit(self.token_url)
-        if parts.scheme != "http" or self.allow_insecure_http:
-            return []
-        if is_loopback_host(parts.hostname or ""):
-            return []
-        return [
-            _at(
-                "token_url",
-                f"http:// to {parts.hostname!r} would send the client credentials and the "
-                "assertion in clear text; use https:// (allow_insecure_http: true is for labs)",
-            )
-        ]
 
     @property
     def recipients(self) -> tuple[str, ...]:
@@ -423,7 +427,7 @@ class RedisSettings(_Frozen):
     required_for_readiness: bool = False
     key_prefix: str = "samlgw:"
     # A password sent without TLS to a host other than this one travels in clear.
-    allow_insecure: bool = False
+    allow_insecure: bool = Field(False, validate_default=True)
 
     @field_validator("url")
     @classmethod
@@ -474,36 +478,33 @@ class RedisSettings(_Frozen):
             raise ValueError(f"{value!r} is not in 'encryption_keys'")
         return value
 
-    @model_validator(mode="after")
-    def _no_clear_text_password(self) -> RedisSettings:
-        problems = []
-        if not self.allow_insecure:
-            problems += self._clear_text_problems(redis_hosts(self.url)[0])
-        if problems:
-            raise ValueError("\n".join(problems))
-        return self
-
-    def _clear_text_problems(self, hosts: list[str]) -> list[str]:
-        parts = urlsplit(self.url)
-        remote = [host for host in hosts if not is_loopback_host(host)]
-        if parts.scheme in ("rediss", "unix") or not remote:
-            return []
-        url_password = bool(_url_password(self.url))
+    @field_validator("allow_insecure")
+    @classmethod
+    def _no_clear_text_password(cls, allowed: bool, info: ValidationInfo) -> bool:
+        # On the last key it reads, so it is checked even when another key is wrong.
+        url = info.data.get("url")
+        if allowed or url is None:
+            return allowed
+        scheme = urlsplit(url).scheme
+        remote = [h for h in redis_hosts(url)[0] if not is_loopback_host(h)]
+        if scheme in ("rediss", "unix") or not remote:
+            return allowed
         # Sentinels are always spoken to in clear; the master and cluster nodes over TLS
         # when ca_file is set.
-        tls = parts.scheme != "redis" and self.ca_file is not None
-        in_clear = (url_password and (parts.scheme == "redis+sentinel" or not tls)) or (
-            self.password is not None and not tls
+        tls = scheme != "redis" and info.data.get("ca_file") is not None
+        url_password = bool(_url_password(url))
+        in_clear = (url_password and (scheme == "redis+sentinel" or not tls)) or (
+            info.data.get("password") is not None and not tls
         )
-        if not in_clear:
-            return []
-        return [
-            _at(
-                "url",
-                f"a password would travel to {remote[0]!r} without TLS; use rediss:// (or "
-                "ca_file with sentinel and cluster URLs), or set allow_insecure: true",
+        if in_clear:
+            raise ValueError(
+                _at_sibling(
+                    "url",
+                    f"a password would travel to {remote[0]!r} without TLS; use rediss:// (or "
+                    "ca_file with sentinel and cluster URLs), or set allow_insecure: true",
+                )
             )
-        ]
+        return allowed
 
 
 class CacheSettings(_Frozen):
@@ -684,8 +685,13 @@ def _messages(error: Mapping[str, Any]) -> list[tuple[tuple[int | str, ...], str
         msg = msg.removeprefix(prefix)
     out: list[tuple[tuple[int | str, ...], str]] = []
     for line in msg.split("\n"):
-        key, colon, rest = line[1:].partition(": ")
-        out.append(((*loc, key), rest) if line.startswith("@") and colon else (loc, line))
+        key, colon, rest = line.removeprefix("@^").removeprefix("@").partition(": ")
+        if line.startswith("@^") and colon:
+            out.append(((*loc[:-1], key), rest))
+        elif line.startswith("@") and colon:
+            out.append(((*loc, key), rest))
+        else:
+            out.append((loc, line))
     return out
 
 
@@ -708,12 +714,7 @@ def parse_config(data: Any, base: Path, source: str = "") -> Config:
     try:
         config = Config.model_validate(resolved)
     except ValidationError as exc:
-        for error in exc.errors():
-            problems += [
-                f"{_path(loc)}: {msg}"
-                for loc, msg in _messages(error)
-                if not _within(loc, unresolved)
-            ]
+        problems += _problems(exc, unresolved)
         problems += _raw_reference_problems(resolved)
     except ConfigError as exc:
         problems += exc.problems
@@ -721,6 +722,16 @@ def parse_config(data: Any, base: Path, source: str = "") -> Config:
         if not problems:
             return config
     raise ConfigError(problems, source)
+
+
+def _problems(exc: ValidationError, ignored: set[tuple[int | str, ...]]) -> list[str]:
+    """The problems of a validation error, but those at or under an ``ignored`` path."""
+    return [
+        f"{_path(loc)}: {msg}"
+        for error in exc.errors()
+        for loc, msg in _messages(error)
+        if not _within(loc, ignored)
+    ]
 
 
 def _raw_reference_problems(data: Mapping[str, Any]) -> list[str]:

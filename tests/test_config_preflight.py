@@ -127,6 +127,27 @@ def test_every_problem_is_listed_in_one_run(tmp_path: Path) -> None:
     ) in problems
 
 
+def test_every_problem_of_one_section_in_one_run(tmp_path: Path) -> None:
+    # Rules across keys (clear-text password) are checked even when other keys are wrong.
+    data = base_config(tmp_path)
+    data["cache"] = {
+        "backend": "redis",
+        "redis": {
+            "url": "redis://:pw@redis.internal:6379/0",
+            "encryption_keys": {"k1": "too-short"},
+            "active_key": "k2",
+            "timeout": -1,
+        },
+    }
+    code, problems = check(write(tmp_path, data))
+    assert code == 2
+    assert sorted(keys_of(problems)) == [
+        "cache.redis.encryption_keys.k1",
+        "cache.redis.timeout",
+        "cache.redis.url",
+    ], problems
+
+
 def test_unset_reference_is_reported_once(tmp_path: Path) -> None:
     data = base_config(tmp_path)
     data["listen"]["port"] = "${PREFLIGHT_TEST_PORT}"

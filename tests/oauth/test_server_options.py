@@ -169,9 +169,15 @@ def test_every_problem_of_one_server_at_once(tmp_path: Path) -> None:
         client_id="app:1",
         basic_auth_encoding="raw",
         headers={"Host": "elsewhere"},
+        token_url="http://as.example.com/token",
+        timeouts={"connect": -1},
     )
     assert sorted(problems(data, tmp_path)) == [
         "authorization_servers.as.basic_auth_encoding: 'raw' cannot carry the ':' in "
         "client_id; use 'form'",
         "authorization_servers.as.headers.Host: the gateway sets this header itself",
+        "authorization_servers.as.timeouts.connect: Input should be greater than 0",
+        "authorization_servers.as.token_url: http:// to 'as.example.com' would send the "
+        "client credentials and the assertion in clear text; use https:// "
+        "(allow_insecure_http: true is for labs)",
     ]
