@@ -8,7 +8,9 @@ the gateway's code:
 - XSUAA: Cloud Foundry UAA API reference, SAML 2.0 bearer grant: ``POST
   /oauth/token/alias/<entityID>``, form parameters ``grant_type``, ``assertion`` (the UAA
   test suite encodes it base64url without padding), ``client_id``, ``client_secret``; SAP BTP
-  "Token Retrieval Fails With Status Code 401": the secret goes in the POST body.
+  "Token Retrieval Fails With Status Code 401": the secret goes in the POST body, or in
+  Basic over the URL-encoded pair with ``X-CF-ENCODED-CREDENTIALS: true`` (the variant the
+  example's comments show, tested too).
 - NetWeaver: SAP's sample messages for the SAML bearer flow: ``POST
   /sap/bc/sec/oauth2/token`` (the ``sap-client`` in the query), ``Authorization: Basic`` of
   the plain ``CLIENT:password``, and ``client_id``, ``grant_type``, ``assertion``, ``scope``
@@ -63,6 +65,9 @@ class Documented:
     form: dict[str, str]  # every field but the assertion
     headers: dict[str, str] = field(default_factory=dict)  # further headers required
     assertion_attributes: dict[str, str] = field(default_factory=dict)
+    # A variant of an example: the file, and the changes its comments describe.
+    example: str | None = None
+    changes: dict[str, Any] = field(default_factory=dict)
 
 
 DOCUMENTED = {
@@ -74,6 +79,19 @@ DOCUMENTED = {
             "grant_type": SAML2_BEARER,
             "client_id": "sb-orders!t12345",
             "client_secret": "Xs+ua/s3cret=",
+        },
+    ),
+    # The other way SAP's 401 note gives: form-encoded Basic announced with the header.
+    "sap-xsuaa-basic": Documented(
+        method="POST",
+        path_and_query="/oauth/token/alias/mysub.aws-live-eu10",
+        basic="sb-orders%21t12345:Xs%2Bua%2Fs3cret%3D",
+        form={"grant_type": SAML2_BEARER},
+        headers={"X-CF-ENCODED-CREDENTIALS": "true"},
+        example="sap-xsuaa",
+        changes={
+            "client_auth": "client_secret_basic",
+            "headers": {"X-CF-ENCODED-CREDENTIALS": "true"},
         },
     ),
     "sap-netweaver": Documented(
@@ -131,9 +149,13 @@ async def endpoints() -> AsyncIterator[tuple[RecordingTokenEndpoint, Upstream]]:
     await token_endpoint.stop()
 
 
-def on_loopback(name: str, folder: Path, idp: DemoIdP, origin: str, upstream: str) -> Path:
+def on_loopback(
+    name: str, folder: Path, idp: DemoIdP, origin: str, upstream: str, changes: dict[str, Any]
+) -> Path:
     """The example, unchanged but for its hosts (and the placeholder IdP certificate)."""
     data: dict[str, Any] = yaml.safe_load((EXAMPLES / f"{name}.yaml").read_text())
+    for server in data["authorization_servers"].values():
+        server.update(changes)
     (folder / "idp.pem").write_bytes(idp.certificate_pem)
     for provider in data["identity_providers"].values():
         provider["certificates"] = ["idp.pem"]
@@ -164,11 +186,14 @@ async def test_example_sends_the_documented_request(
         monkeypatch.setenv(variable, value)
     token_endpoint, upstream = endpoints
     documented = DOCUMENTED[name]
+    name = documented.example or name
     example = yaml.safe_load((EXAMPLES / f"{name}.yaml").read_text())
     (idp_settings,) = example["identity_providers"].values()
     (server,) = example["authorization_servers"].values()
     idp = DemoIdP.generate(idp_settings["issuer"])
-    config = preflight(on_loopback(name, tmp_path, idp, token_endpoint.origin, upstream.url))
+    config = preflight(
+        on_loopback(name, tmp_path, idp, token_endpoint.origin, upstream.url, documented.changes)
+    )
     (loaded,) = config.authorization_servers.values()
     raw = idp.issue(
         "alice@example.com",
