@@ -294,6 +294,9 @@ class CacheSettings(_Frozen):
     jitter: float = Field(5, ge=0)
     negative_ttl: float = Field(30, ge=0)
     cap_to_assertion: bool = False
+    # Least seconds between two re-exchanges of one assertion after the upstream refused its
+    # token (401 invalid_token): a client cannot drive the authorization server's call rate.
+    reexchange_interval: float = Field(30, ge=0)
     redis: RedisSettings | None = None
 
     @model_validator(mode="after")

@@ -168,8 +168,10 @@ class Runtime:
         trace.upstream_seconds = result.upstream_seconds
         self.metrics.observe_upstream(route.label, result.upstream_seconds)
         if result.token_rejected:
-            # The upstream no longer accepts this token: the next request exchanges afresh.
-            await self.cache.purge(self.cache_key(route), entry.digest)
+            # The upstream no longer accepts this token: the next request exchanges afresh,
+            # at most once per cache.reexchange_interval for this assertion (until then the
+            # upstream's 401 stands), so a client cannot drive the AS's call rate.
+            await self.cache.purge(entry)
         return result.response
 
 
