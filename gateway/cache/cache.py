@@ -339,6 +339,7 @@ class TokenCache:
         bound = await shared.bind_id(profile, assertion.id, _signed(assertion), until)
         if bound is not None:
             if bound != _signed(assertion):
+                self._rebind(profile, assertion, bound)
                 self.replays += 1
                 raise _refused("replay", "assertion ID bound to another signed assertion")
             exchanged = await shared.get(profile, assertion.id + _EXCHANGED)
@@ -414,6 +415,13 @@ class TokenCache:
         if entry.expires_at > self._clock():
             self._set_token(binding, entry, assertion.digest)
         return entry
+
+    def _rebind(self, profile: str, assertion: Assertion, bound: bytes) -> None:
+        """Another replica bound the ID first: what this one claimed for ``assertion`` when
+        the exchange began belongs to ``bound`` instead."""
+        binding = self._bindings.get((profile, assertion.id))
+        if binding is not None and binding.fingerprint == _signed(assertion) and not binding.spent:
+            binding.fingerprint = bound
 
     def _mark_spent(self, profile: str, assertion: Assertion) -> None:
         key = (profile, assertion.id)
