@@ -269,6 +269,9 @@ class TokenCache:
         return None
 
     def _bind(self, key: tuple[str, str], assertion: Assertion) -> _Binding:
+        replaced = self._bindings.get(key)
+        if replaced is not None:
+            self._drop_token(replaced)  # no hot-path key may outlive its binding
         binding = _Binding(key, _signed(assertion), assertion.accepted_until.timestamp())
         self._bindings[key] = binding
         return binding
