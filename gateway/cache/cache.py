@@ -16,8 +16,8 @@ Rules this module owns:
   variant shares the live token. Once the assertion's token has been obtained it is not
   exchanged again, in any byte form: when that token is no longer served, the assertion is
   ``spent`` (401) until it expires, and the client must present a fresh one. The single
-  exception: when the upstream refuses the token (``purge``), one re-exchange is allowed,
-  at most once per ``reexchange_interval`` per assertion; until then the token stays.
+  exception: when the upstream refuses the token (``purge``; the pipeline rate-limits it),
+  one re-exchange is allowed.
 - A token is served until ``expires_in`` minus the refresh margin minus a random jitter (the
   margin never takes more than half of a token's life, so short-lived tokens are still
   cached), optionally capped where validation stops accepting the assertion. An expired
@@ -91,7 +91,6 @@ class _Binding:
     entry: CachedToken | None = None  # its token, while served
     digests: list[bytes] = field(default_factory=list)  # hot-path keys pointing at entry
     spent: bool = False  # its token was obtained: no further exchange (bar a re-exchange)
-    reexchange_after: float = float("-inf")  # earliest next re-exchange after a purge
 
 
 def _refused(reason: str, detail: str) -> InvalidAssertion:
@@ -198,17 +197,12 @@ class TokenCache:
         )
 
     async def purge(self, entry: CachedToken) -> bool:
-        """The upstream refused ``entry``'s token: drop it so the next request exchanges
-        afresh, unless its assertion was re-exchanged less than ``reexchange_interval`` ago
-        (then the token stays, and so does the upstream's answer). True when it was dropped."""
+        """The upstream refused ``entry``'s token: drop it, and let its assertion be
+        exchanged once more. True when it was dropped (False: already dropped or replaced)."""
         profile = entry.profile
         binding = self._bindings.get((profile, entry.assertion_id))
         if binding is None or binding.entry is not entry:
-            return False  # already dropped, or replaced by a newer token
-        now = self._clock()
-        if now < binding.reexchange_after:
             return False
-        binding.reexchange_after = now + self._settings.reexchange_interval
         binding.spent = False  # one more exchange for this assertion
         self._drop_token(binding)
         if self._shared is not None:

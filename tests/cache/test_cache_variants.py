@@ -164,21 +164,23 @@ async def test_cap_to_assertion_uses_the_validation_skew() -> None:
     assert cache.lookup("as", during_skew.digest) is entries[0]
 
 
-async def test_upstream_refusals_re_exchange_once_per_interval() -> None:
+async def test_an_upstream_refusal_allows_one_more_exchange() -> None:
+    """The pipeline purges a token the upstream refused (at most once per
+    proxy.reexchange_interval): its assertion, otherwise spent, may be exchanged once more."""
     clock, exchange = Clock(), Exchange()
-    cache = TokenCache(settings(reexchange_interval=30), clock=clock)
+    cache = TokenCache(settings(), clock=clock)
     presented = assertion("_refused")
     entry = await cache.obtain("as", presented, exchange)
-    dropped = []
-    for _ in range(10):  # the upstream answers 401 invalid_token to every token
-        dropped.append(await cache.purge(entry))
-        entry = await cache.obtain("as", presented, exchange)
-    assert dropped == [True] + [False] * 9
-    assert len(exchange.calls) == 2  # the first exchange and one re-exchange
-    clock.advance(30)
     assert await cache.purge(entry) is True
-    await cache.obtain("as", presented, exchange)
-    assert len(exchange.calls) == 3
+    assert await cache.purge(entry) is False  # already dropped
+    renewed = await cache.obtain("as", presented, exchange)
+    assert renewed.token.access_token == "tok-2"
+    assert await cache.obtain("as", presented, exchange) is renewed  # served, not exchanged
+    clock.advance(3600)  # the renewed token is over too: spent again
+    with pytest.raises(InvalidAssertion) as raised:
+        await cache.obtain("as", presented, exchange)
+    assert raised.value.reason == "spent"
+    assert len(exchange.calls) == 2
 
 
 # --- through a shared store (as two replicas would) ----------------------------------
