@@ -180,7 +180,7 @@ class Runtime:
             refused = (self.cache_key(route), entry.assertion_id)
             if refused not in self._refused:
                 self._refused[refused] = True
-                await self.cache.purge(refused[0], entry.digest)
+                await self.cache.purge(entry)
         return result.response
 
 

@@ -18,6 +18,7 @@ Rules this module owns (each check below names the attack it stops):
 from __future__ import annotations
 
 import base64
+import hashlib
 import re
 from collections.abc import Iterable
 from dataclasses import replace
@@ -495,4 +496,9 @@ def validate_assertion(
         # RFC 7522 2.1: the grant carries a single Assertion, not the Response around it
         # (whose Issuer, Status and Destination no signature we checked covers).
         raw=raw if assertion is root else assertion_xml,
+        # What was signed, in canonical form: the same for every byte variant.
+        fingerprint=hashlib.sha256(
+            etree.tostring(signed, method="c14n", exclusive=True, with_comments=False)
+        ).digest(),
+        clock_skew=policy.clock_skew,
     )
