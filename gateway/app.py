@@ -288,6 +288,10 @@ class GatewayServer:
             max_line_size=header_limit,
             max_field_size=header_limit,
             max_headers=config.proxy.max_headers,
+            # Bodies are relayed as sent: a decoded body would reach the upstream still
+            # labelled with its Content-Encoding and Content-Length, and the body limit
+            # would count inflated bytes instead of the bytes on the wire.
+            auto_decompress=False,
         )
         # A whole head: one assertion-sized line, and 64 KiB for all the other headers.
         server.head_limit = header_limit + 64 * 1024
