@@ -14,26 +14,14 @@ import io
 import os
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import aiohttp
 import pytest
-from faults.support import (
-    Backstage,
-    Gateway,
-    client_session,
-    gateway_yaml,
-    header_for,
-    issue,
-    raw_exchange,
-)
+from faults.support import client_session, raw_exchange
 
-from gateway.devkit.authorization_server import FakeAuthorizationServer
 from gateway.devkit.idp import DemoIdP
 
-from .conftest import CLIENT_ID, CLIENT_SECRET
-from .wire import RecordingUpstream, chunked, parse_response
+from .wire import Stack, chunked, parse_response, recorded_gateway
 
 MB = 1024 * 1024
 SMALL_LIMIT = 64 * 1024  # max_body_size of the /small route
@@ -74,45 +62,14 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-@dataclass
-class Stack:
-    gateway: Gateway
-    upstream: RecordingUpstream
-    backstage: Backstage
-    headers: dict[str, str]  # an accepted assertion
-
-    def requests_to(self, target: str) -> list[object]:
-        received = self.upstream.received
-        return self.backstage.call(lambda: [r for r in received if r.target == target])
-
-
 @pytest.fixture(scope="module")
 def stack(idp: DemoIdP, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    backstage = Backstage()
-    auth = FakeAuthorizationServer(client_id=CLIENT_ID, client_secret=CLIENT_SECRET)
-    backstage.run(auth.start())
-    upstream = RecordingUpstream()
-    url = backstage.run(upstream.start())
-    folder: Path = tmp_path_factory.mktemp("bodies")
-    common = {
-        "upstream": url,
-        "identity_provider": "idp",
-        "authorization_server": "as",
-        "timeouts": {"connect": 2, "read": 20, "total": 60},
-    }
     routes = [
-        {"name": "small", "path_prefix": "/small", "max_body_size": SMALL_LIMIT, **common},
-        {"name": "bodies", "path_prefix": "/", "max_body_size": 32 * MB, **common},
+        {"name": "small", "path_prefix": "/small", "max_body_size": SMALL_LIMIT},
+        {"name": "bodies", "path_prefix": "/", "max_body_size": 32 * MB},
     ]
-    path = gateway_yaml(folder, auth.token_url, url, idp, routes=routes)
-    try:
-        with Gateway.running(path) as gateway:
-            headers = header_for(issue(idp, auth.token_url))
-            yield Stack(gateway, upstream, backstage, headers)
-    finally:
-        backstage.run(upstream.stop())
-        backstage.run(auth.stop())
-        backstage.close()
+    with recorded_gateway(idp, tmp_path_factory.mktemp("bodies"), routes) as running:
+        yield running
 
 
 async def pieces(body: bytes, size: int = 64 * 1024) -> AsyncIterator[bytes]:

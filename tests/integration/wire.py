@@ -9,8 +9,19 @@ gateway sent it, still compressed when the client compressed it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from faults.support import Backstage, Gateway, gateway_yaml, header_for, issue
+
+from gateway.devkit.authorization_server import FakeAuthorizationServer
+from gateway.devkit.idp import DemoIdP
+
+from .conftest import CLIENT_ID, CLIENT_SECRET
 
 _LIMIT = 8 * 1024 * 1024  # longest head or chunk-size line the recorder accepts
 _OK = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok"
@@ -52,9 +63,11 @@ class Received:
 
 @dataclass
 class RecordingUpstream:
-    """Records every request; ``responses`` maps a request target to raw response bytes."""
+    """Records every request; ``responses`` maps a request target to raw response bytes;
+    a request to a target in ``holds`` is answered only once that event is set."""
 
     responses: dict[str, bytes] = field(default_factory=dict)
+    holds: dict[str, asyncio.Event] = field(default_factory=dict)
     received: list[Received] = field(default_factory=list)
     connections: int = 0
     port: int = 0
@@ -96,6 +109,9 @@ class RecordingUpstream:
                     await self._read_body(request, reader)
                 except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
                     return  # cut mid-body: recorded as incomplete
+                hold = self.holds.get(request.target)
+                if hold is not None:
+                    await hold.wait()
                 response = self.responses.get(request.target, _OK)
                 writer.write(response)
                 await writer.drain()
@@ -182,3 +198,48 @@ def parse_response(answer: bytes) -> RawResponse:
     if lengths and len(payload) != int(lengths[0]):
         raise ValueError(f"{len(payload)} body bytes, {lengths[0]} announced")
     return RawResponse(status, head, payload)
+
+
+# --- a gateway process in front of a recording upstream --------------------------------------
+
+
+@dataclass
+class Stack:
+    gateway: Gateway
+    upstream: RecordingUpstream
+    backstage: Backstage  # runs the upstream and the authorization server
+    auth: FakeAuthorizationServer
+    headers: dict[str, str]  # an accepted assertion
+
+    def requests_to(self, target: str) -> list[Received]:
+        received = self.upstream.received
+        return self.backstage.call(lambda: [r for r in received if r.target == target])
+
+
+@contextlib.contextmanager
+def recorded_gateway(
+    idp: DemoIdP, folder: Path, routes: list[dict[str, Any]], **settings: Any
+) -> Iterator[Stack]:
+    """A real gateway process whose ``routes`` (given their names, prefixes and limits here)
+    all lead to one recording upstream; ``settings`` replace top-level config keys."""
+    backstage = Backstage()
+    auth = FakeAuthorizationServer(client_id=CLIENT_ID, client_secret=CLIENT_SECRET)
+    backstage.run(auth.start())
+    upstream = RecordingUpstream()
+    url = backstage.run(upstream.start())
+    common = {
+        "upstream": url,
+        "identity_provider": "idp",
+        "authorization_server": "as",
+        "timeouts": {"connect": 2, "read": 20, "total": 60},
+    }
+    full = [{**common, **route} for route in routes]
+    path = gateway_yaml(folder, auth.token_url, url, idp, routes=full, **settings)
+    try:
+        with Gateway.running(path) as gateway:
+            headers = header_for(issue(idp, auth.token_url))
+            yield Stack(gateway, upstream, backstage, auth, headers)
+    finally:
+        backstage.run(upstream.stop())
+        backstage.run(auth.stop())
+        backstage.close()
