@@ -7,6 +7,9 @@ Lifecycle rules:
 - SIGHUP: the config file is read again; a file that fails to load is reported and the
   running configuration stays. Listener addresses, workers and cache settings need a restart.
 - The token cache outlives reloads, so a reload never costs a re-exchange.
+- A reload sends new requests to the new configuration; the retired one finishes its HTTP
+  requests (for as long as its timeouts allow) and keeps its WebSockets until they end,
+  bounded only by their route's ``websocket_idle``/``websocket_lifetime``.
 """
 
 from __future__ import annotations
@@ -441,6 +444,7 @@ class GatewayServer:
 
     @staticmethod
     async def _retire(runtime: Runtime) -> None:
+        # Closing its client session would cut its WebSockets: only once they have ended.
         try:
             await runtime.drained()
         finally:  # also at shutdown, when the wait is cancelled: its sessions must close

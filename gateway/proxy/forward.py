@@ -96,6 +96,8 @@ class _RoutePlan:
     ssl: ssl.SSLContext | bool
     timeout: aiohttp.ClientTimeout
     handshake_timeout: float
+    websocket_idle: float | None
+    websocket_lifetime: float | None
 
 
 @dataclass(slots=True)
@@ -213,7 +215,7 @@ class Forwarder:
         url = upstream_url(
             route.upstream, request_target(request), route.path_prefix, route.strip_prefix
         )
-        if _wants_websocket(request):
+        if wants_websocket(request):
             return await self._websocket(session, request, plan, url, headers, stamp)
         return await self._http(session, request, plan, url, headers, stamp)
 
@@ -388,7 +390,9 @@ class Forwarder:
             except (ConnectionError, web.HTTPException):
                 await upstream_ws.close(code=WSCloseCode.GOING_AWAY)
                 raise UpstreamError("client_websocket_handshake", "client went away") from None
-            await _relay_websocket(client_ws, upstream_ws)
+            await _relay_websocket(
+                client_ws, upstream_ws, plan.websocket_idle, plan.websocket_lifetime
+            )
         finally:
             self._websockets.discard(upstream_ws)
             await upstream_ws.close()
@@ -457,6 +461,8 @@ class Forwarder:
                 total=limits.total, sock_connect=limits.connect, sock_read=limits.read
             ),
             handshake_timeout=min(limits.total, limits.connect + limits.read),
+            websocket_idle=limits.websocket_idle,
+            websocket_lifetime=limits.websocket_lifetime,
         )
 
 
@@ -521,7 +527,8 @@ def request_target(request: web.BaseRequest) -> str:
     return target if target.startswith("/") else request.rel_url.raw_path_qs
 
 
-def _wants_websocket(request: web.BaseRequest) -> bool:
+def wants_websocket(request: web.BaseRequest) -> bool:
+    """Whether ``request`` is a well-formed WebSocket handshake (relayed as one)."""
     if request.method != "GET":
         return False
     upgrade = request.headers.get("Upgrade", "").lower()
@@ -590,18 +597,29 @@ def _close_code(code: int | None, fallback: int) -> int:
 
 
 async def _relay_websocket(
-    client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse
+    client: web.WebSocketResponse,
+    upstream: aiohttp.ClientWebSocketResponse,
+    idle: float | None = None,
+    lifetime: float | None = None,
 ) -> None:
-    """Relay messages both ways until one side closes; pass its close code to the other."""
+    """Relay messages both ways until one side closes; pass its close code to the other.
+
+    ``idle`` and ``lifetime`` (the route's ``websocket_idle``/``websocket_lifetime``) are the
+    only bounds: past either, both sides are closed with 1001.
+    """
+    loop = asyncio.get_running_loop()
+    last_message = loop.time()
 
     async def pump(
         source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
         sink: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
         lost_code: int,
     ) -> None:
+        nonlocal last_message
         try:
             while True:
                 msg = await source.receive()
+                last_message = loop.time()
                 if msg.type is WSMsgType.TEXT:
                     await sink.send_str(msg.data)
                 elif msg.type is WSMsgType.BINARY:
@@ -619,16 +637,36 @@ async def _relay_websocket(
             # RuntimeError: aiohttp refuses to send on a socket that is already closing.
             await sink.close(code=lost_code)
 
-    pumps = [
+    async def watch() -> None:
+        """Close both sides once the socket has idled or lived past its route's bound."""
+        end = loop.time() + lifetime if lifetime is not None else None
+        while True:
+            idle_end = last_message + idle if idle is not None else None
+            due = [t for t in (end, idle_end) if t is not None]
+            wait = min(due) - loop.time()
+            if wait <= 0:
+                break
+            await asyncio.sleep(wait)
+        lived = end is not None and loop.time() >= end
+        reason = b"websocket lifetime reached" if lived else b"websocket idle"
+        await asyncio.gather(
+            client.close(code=WSCloseCode.GOING_AWAY, message=reason),
+            upstream.close(code=WSCloseCode.GOING_AWAY, message=reason),
+            return_exceptions=True,
+        )
+
+    tasks = [
         asyncio.create_task(pump(client, upstream, WSCloseCode.GOING_AWAY)),
         asyncio.create_task(pump(upstream, client, WSCloseCode.BAD_GATEWAY)),
     ]
+    if idle is not None or lifetime is not None:
+        tasks.append(asyncio.create_task(watch()))
     try:
-        _, pending = await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         if pending:  # the other side is being closed; let its pump see that
-            await asyncio.wait(pending, timeout=_WS_CLOSE_TIMEOUT)
+            await asyncio.wait(tasks[:2], timeout=_WS_CLOSE_TIMEOUT)
     finally:
-        for task in pumps:
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*pumps, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         await client.close()
