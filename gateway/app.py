@@ -99,7 +99,7 @@ class _Connection(web.RequestHandler):
 
     def data_received(self, data: bytes) -> None:
         in_head = not self._upgraded and (self._body is None or self._body.is_eof())
-        if in_head:
+        if in_head and self._head_bytes + len(data) > self.head_limit:
             # This read may end the head and go on with a body: only up to the head's end
             # counts now (what comes after a head that ends here is at most one read).
             end = (self._head_tail + data).find(b"\r\n\r\n")
