@@ -117,20 +117,31 @@ async def test_open_websocket_outlives_a_reload(stack: Stack) -> None:
                 await asyncio.sleep(0.5)
             assert not ws.closed
             await ws.close(code=4000, message=b"done")
-    closed = stack.parts.upstream.ws_closed_codes
     deadline = time.monotonic() + 10
-    while 4000 not in stack.parts.backstage.call(lambda: list(closed)):
+    while 4000 not in await upstream_close_codes(stack):
         assert time.monotonic() < deadline, "the client's close never reached the upstream"
         await asyncio.sleep(0.05)
 
 
+async def upstream_close_codes(stack: Stack) -> list[int | None]:
+    closed = stack.parts.upstream.ws_closed_codes
+    return stack.parts.backstage.call(lambda: list(closed))
+
+
 async def test_an_idle_websocket_is_closed_after_websocket_idle(stack: Stack) -> None:
+    seen = len(await upstream_close_codes(stack))
     async with aiohttp.ClientSession() as session:
         async with session.ws_connect(stack.ws_url("/bounded/ws"), headers=stack.headers) as ws:
             await echo(ws, "hello")
             msg = await ws.receive(timeout=IDLE + 15)  # bounded: a hang fails here
             assert msg.type is aiohttp.WSMsgType.CLOSE
             assert (msg.data, msg.extra) == (aiohttp.WSCloseCode.GOING_AWAY, "websocket idle")
+    # both sides are told
+    deadline = time.monotonic() + 10
+    while len(await upstream_close_codes(stack)) == seen:
+        assert time.monotonic() < deadline, "the upstream side was never closed"
+        await asyncio.sleep(0.05)
+    assert (await upstream_close_codes(stack))[seen:] == [aiohttp.WSCloseCode.GOING_AWAY]
 
 
 async def test_a_busy_websocket_is_closed_after_websocket_lifetime(stack: Stack) -> None:
