@@ -282,7 +282,7 @@ class GatewayServer:
     async def _forward_auth(
         self, request: web.BaseRequest, trace: Trace, settings: ForwardAuth
     ) -> web.StreamResponse:
-        original = original_request(request.headers, request.raw_path, settings.path)
+        original = original_request(request.method, request.headers, request.raw_path, settings)
         runtime = self.runtime
         route = runtime.route_for(original.host, original.path, trace)
         with runtime.serving():

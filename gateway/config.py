@@ -227,6 +227,10 @@ class Route(_Frozen):
     max_body_size: int = Field(10 * 1024 * 1024, ge=0)
     tls: UpstreamTls = UpstreamTls()
     realm: str | None = None
+    # Spellings a strict upstream and a liberal one read as different paths (see
+    # gateway/routing.py): refused unless the route's upstream is known to read them alike.
+    allow_path_parameters: bool = False
+    allow_encoded_slashes: bool = False
 
     @property
     def label(self) -> str:
@@ -319,6 +323,37 @@ class ProxySettings(_Frozen):
     trusted_proxies: tuple[Annotated[str, AfterValidator(_network)], ...] = ()
     max_header_size: int = Field(64 * 1024, ge=8190)
     max_headers: int = Field(100, gt=0)
+    # After an upstream 401 invalid_token, exchange that assertion again at most this often:
+    # otherwise every request of a client the upstream refuses costs an exchange.
+    reexchange_interval: float = Field(30, ge=0)
+
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def _header_or(pseudo: str | None) -> AfterValidator:
+    """A header name, or the one pseudo-header name given (the auth request's own part)."""
+
+    def check(value: str) -> str:
+        if value == pseudo or _HEADER_NAME.fullmatch(value):
+            return value
+        expected = f"a header name or {pseudo!r}" if pseudo else "a header name"
+        raise ValueError(f"expected {expected}, got {value!r}")
+
+    return AfterValidator(check)
+
+
+class OriginalRequestHeaders(_Frozen):
+    """Where the front puts the original request; only headers it sets itself (overwriting a
+    client's copy) may be named. ``:method`` is the auth request's own method, ``:path`` its
+    path below ``forward_auth.path`` (Envoy's ``path_prefix``)."""
+
+    method: Annotated[str, _header_or(":method")] = ":method"
+    uri: Annotated[str, _header_or(":path")]
+    host: Annotated[str, _header_or(None)]
+
+
+Front = Literal["nginx", "traefik", "caddy", "envoy"]
 
 
 class ForwardAuth(_Frozen):
@@ -326,6 +361,20 @@ class ForwardAuth(_Frozen):
     path: UrlPath = "/auth"
     listen: Listener | None = None
     token_header: str = "Authorization"  # noqa: S105 - a header name, not a secret
+    front: Front | None = None
+    original_request_headers: OriginalRequestHeaders | None = None
+
+    @model_validator(mode="after")
+    def _one_source_of_the_original_request(self) -> ForwardAuth:
+        # A client's copy of a header the front does not overwrite would choose the route.
+        if self.front is not None and self.original_request_headers is not None:
+            raise ValueError("set 'front' or 'original_request_headers', not both")
+        if self.enabled and self.front is None and self.original_request_headers is None:
+            raise ValueError(
+                "'front' is required when enabled: nginx, traefik, caddy or envoy (the proxy "
+                "that asks), or 'original_request_headers' naming the headers it sets"
+            )
+        return self
 
 
 class Lifecycle(_Frozen):
