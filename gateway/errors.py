@@ -6,6 +6,7 @@
     ├── InvalidAssertion      401     any reason to refuse the assertion; one public message
     ├── NoRoute               404     no route matches the request
     ├── RequestTooLarge       413     request body over the route's limit
+    ├── NotImplementedHere    501     a request that cannot be relayed as sent
     ├── UpstreamError         502     authorization server or upstream misbehaved
     ├── Unavailable           503     authorization server asked us to back off
     └── UpstreamTimeout       504     authorization server or upstream did not answer in time
@@ -71,6 +72,14 @@ class RequestTooLarge(GatewayError):
     status = 413
     error = "request_too_large"
     public_message = "the request body is larger than this route allows"
+
+
+class NotImplementedHere(GatewayError):
+    """A request the gateway cannot relay as sent (a transfer coding other than chunked)."""
+
+    status = 501
+    error = "not_implemented"
+    public_message = "the gateway cannot forward this request as sent"
 
 
 class UpstreamError(GatewayError):

@@ -28,7 +28,7 @@ from gateway.config import AuthorizationServer, Config, Route
 from gateway.errors import GatewayError, InvalidAssertion, NoRoute
 from gateway.metrics import Metrics
 from gateway.oauth.client import TokenClient
-from gateway.proxy.forward import Forwarder, request_target
+from gateway.proxy.forward import Forwarder, request_target, wants_websocket
 from gateway.routing import Router, routable_path
 from gateway.saml import (
     TrustPolicy,
@@ -89,9 +89,14 @@ class Runtime:
             maxsize=config.cache.max_entries, ttl=config.proxy.reexchange_interval
         )
         # Requests inside this runtime: a retired one closes its sessions only when idle.
+        # WebSockets are counted apart: HTTP timeouts do not bound them, so neither does
+        # the wait for them after a reload.
         self._active = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._websockets = 0
+        self._no_websockets = asyncio.Event()
+        self._no_websockets.set()
 
     async def start(self) -> None:
         await self.forwarder.start()
@@ -101,25 +106,37 @@ class Runtime:
         await self.token_client.close()
 
     @contextlib.contextmanager
-    def serving(self) -> Iterator[None]:
-        """Count a request as inside this runtime (see ``drained``)."""
-        self._active += 1
-        self._idle.clear()
+    def serving(self, *, websocket: bool = False) -> Iterator[None]:
+        """Count a request (or a WebSocket, for its whole life) as inside this runtime."""
+        if websocket:
+            self._websockets += 1
+            self._no_websockets.clear()
+        else:
+            self._active += 1
+            self._idle.clear()
         try:
             yield
         finally:
-            self._active -= 1
-            if not self._active:
-                self._idle.set()
+            if websocket:
+                self._websockets -= 1
+                if not self._websockets:
+                    self._no_websockets.set()
+            else:
+                self._active -= 1
+                if not self._active:
+                    self._idle.set()
 
     async def drained(self) -> None:
-        """Return once no request is inside, or when the longest any could take has passed."""
+        """Return once nothing is inside: HTTP requests are waited for as long as the
+        longest any could take; WebSockets until they end (a route's ``websocket_idle`` and
+        ``websocket_lifetime`` bound them, nothing else), so a reload never cuts one."""
         config = self.config
         longest = max(route.timeouts.total for route in config.routes) + max(
             server.retries.deadline for server in config.authorization_servers.values()
         )
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), longest)
+        await self._no_websockets.wait()
 
     def route_for(self, host: str | None, path: str, trace: Trace) -> Route:
         route = self.router.match(host, path)
@@ -155,7 +172,7 @@ class Runtime:
 
     async def proxy(self, request: web.BaseRequest, trace: Trace) -> web.StreamResponse:
         """The whole flow for one proxied request."""
-        with self.serving():
+        with self.serving(websocket=wants_websocket(request)):
             return await self._proxy(request, trace)
 
     async def _proxy(self, request: web.BaseRequest, trace: Trace) -> web.StreamResponse:
