@@ -1,6 +1,7 @@
-"""Command line: ``saml-gateway run | check-config | demo``.
+"""Command line: ``saml-gateway run | check-config | explain | init | demo``.
 
-Exit codes: 0 success, 1 runtime failure (e.g. a port in use), 2 configuration errors.
+Exit codes: 0 success, 1 runtime failure (e.g. a port in use) or a refused assertion
+(``explain``), 2 configuration errors or bad usage.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Coroutine
+from datetime import UTC, datetime
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -199,10 +202,75 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    from gateway.explain import explain, find_route, render_json, render_text
+
+    config = _load(args.config)
+    if config is None:
+        return 2
+    try:
+        route = find_route(config, args.route)
+    except LookupError as exc:
+        print(f"saml-gateway explain: {exc}", file=sys.stderr)
+        return 2
+    clock = "system clock"
+    now = datetime.now(UTC)
+    if args.at is not None:
+        try:
+            now = datetime.fromisoformat(args.at)
+        except ValueError:
+            print(f"saml-gateway explain: --at {args.at!r} is not ISO 8601", file=sys.stderr)
+            return 2
+        now = now if now.tzinfo is not None else now.replace(tzinfo=UTC)
+        clock = "--at"
+    try:
+        if args.file == "-":
+            if sys.stdin.isatty():
+                print("reading the assertion from stdin (end with Ctrl-D)", file=sys.stderr)
+            data = sys.stdin.buffer.read()
+        else:
+            data = Path(args.file).read_bytes()
+    except OSError as exc:
+        print(f"saml-gateway explain: cannot read {args.file!r}: {exc.strerror}", file=sys.stderr)
+        return 2
+    report = explain(config, route, data, now, clock=clock)
+    print(render_json(report) if args.json else render_text(report), end="")
+    return report.exit_code
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from gateway.starter import starter_config, variables
+
+    text = starter_config(args.profile)
+    if args.output in (None, "-"):
+        print(text, end="")
+        return 0
+    target = Path(args.output)
+    if target.exists() and not args.force:
+        print(f"saml-gateway init: {target} exists (--force to overwrite)", file=sys.stderr)
+        return 2
+    try:
+        target.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        print(f"saml-gateway init: cannot write {target}: {exc.strerror}", file=sys.stderr)
+        return 2
+    names = " ".join(variables(text))
+    print(f"wrote {target}; set {names}, then: saml-gateway check-config -c {target}")
+    return 0
+
+
+def _version() -> str:
+    try:
+        return f"saml-gateway {metadata.version('saml-oauth-gateway')}"
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "saml-gateway (not installed)"
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="saml-gateway", description="Swap SAML 2.0 assertions for OAuth access tokens."
     )
+    top.add_argument("-V", "--version", action="version", version=_version())
     sub = top.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the gateway")
     run.add_argument("-c", "--config", required=True, help="YAML configuration file")
@@ -213,6 +281,26 @@ def parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a configuration file and print it")
     check.add_argument("-c", "--config", required=True)
     check.set_defaults(func=cmd_check_config)
+    why = sub.add_parser(
+        "explain",
+        help="say why one assertion is accepted or refused, check by check",
+        description="Run the proxy's validation for one route over one assertion (base64, "
+        "base64url or XML; bare or in a samlp:Response) and print what each check expected "
+        "and found. Exit 0 accepted, 1 refused, 2 bad usage or config.",
+    )
+    why.add_argument("-c", "--config", required=True)
+    why.add_argument("--route", help="route name or path prefix (default: the first route)")
+    why.add_argument("--at", help="check the time conditions at this ISO 8601 instant")
+    why.add_argument("--json", action="store_true", help="print one JSON object")
+    why.add_argument("file", nargs="?", default="-", help="the assertion (default: - = stdin)")
+    why.set_defaults(func=cmd_explain)
+    from gateway.starter import PROFILES
+
+    init = sub.add_parser("init", help="write a commented starter configuration")
+    init.add_argument("--profile", required=True, choices=PROFILES, help="authorization server")
+    init.add_argument("-o", "--output", help="file to write (default: stdout)")
+    init.add_argument("--force", action="store_true", help="overwrite an existing file")
+    init.set_defaults(func=cmd_init)
     demo = sub.add_parser(
         "demo", help="run an IdP, an authorization server, an API and the gateway"
     )

@@ -45,13 +45,17 @@ class Evidence:
         self.checks.append(Check(name, False, expected, found, reason))
 
 
+def printable(value: str) -> str:
+    """A value from the document, safe for a log line: bounded, control characters escaped."""
+    text = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in value[:_SHOWN_LIMIT])
+    return text if len(value) <= _SHOWN_LIMIT else text + "…"
+
+
 def shown(value: str | None) -> str:
-    """A value from the document, safe to print: quoted, bounded, control characters escaped."""
+    """A value from the document, quoted for a sentence (``printable``, in quotes)."""
     if value is None:
         return "(none)"
-    cut = value[:_SHOWN_LIMIT]
-    text = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in cut)
-    return repr(text) if len(value) <= _SHOWN_LIMIT else repr(text) + "…"
+    return f"'{printable(value)}'"
 
 
 def instant_text(moment: datetime) -> str:

@@ -33,7 +33,14 @@ from signxml.verifier import SignatureConfiguration, VerifyResult, XMLVerifier
 
 from gateway.errors import InvalidAssertion
 from gateway.saml.assertion import Assertion
-from gateway.saml.evidence import Evidence, duration_text, instant_text, key_text, shown
+from gateway.saml.evidence import (
+    Evidence,
+    duration_text,
+    instant_text,
+    key_text,
+    printable,
+    shown,
+)
 from gateway.saml.extract import assertion_digest
 from gateway.saml.keys import PinnedKey, TrustPolicy
 from gateway.saml.xml import hardened_parser, parse_xml
@@ -228,7 +235,7 @@ def _check_signature(
     digest = _DIGEST_BY_URI.get(digest_el.get("Algorithm") or "")
     if digest not in _STRONG_DIGESTS and not (allow_sha1 and digest is DigestAlgorithm.SHA1):
         raise _reject("algorithm", check, f"digest method {_name(digest)}", allowed)
-    return f"{_name(method)}, digest {_name(digest)}"
+    return f"Reference #{printable(element_id)}, {_name(method)}, digest {_name(digest)}"
 
 
 def _check_transforms(reference: etree._Element, check: str) -> None:
@@ -603,7 +610,7 @@ def validate_assertion(
             evidence.passed(
                 "parse",
                 "well-formed XML without DOCTYPE",
-                f"<{shown(etree.QName(root).localname)[1:-1]}>, {len(raw)} bytes",
+                f"<{printable(etree.QName(root).localname)}>, {len(raw)} bytes",
             )
         assertion = _locate_assertion(root)
         return _validate(raw, root, assertion, policy, now, digest, evidence)
@@ -640,7 +647,11 @@ def _validate(
     algorithms = _check_signature(signature, assertion_id, policy.allow_sha1, "assertion")
     response_signature = _response_signature(root, policy.allow_sha1)
     if ev is not None:
-        where = "a bare saml:Assertion" if assertion is root else "a samlp:Response holding one"
+        where = (
+            "a bare saml:Assertion"
+            if assertion is root
+            else "a samlp:Response holding one saml:Assertion"
+        )
         signed_parts = "the assertion" + (" and the Response" if response_signature else "")
         ev.passed(
             "structure",
@@ -650,7 +661,7 @@ def _validate(
         ev.passed(
             "signature profile",
             f"one Reference to #ID, {_TRANSFORMS_WORDS}, SHA-256 or better",
-            f"Reference #{shown(assertion_id)[1:-1]}, {algorithms}",
+            algorithms,
         )
         if response_signature is not None:
             ev.passed(
