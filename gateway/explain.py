@@ -80,7 +80,7 @@ def find_route(config: Config, name: str | None) -> Route:
     if name is None:
         return config.routes[0]
     for route in config.routes:
-        if name in (route.name, route.label):
+        if name in (route.name, route.label, route.path_prefix):
             return route
     labels = ", ".join(repr(r.label) for r in config.routes)
     raise LookupError(f"no route named {name!r} (routes: {labels})")

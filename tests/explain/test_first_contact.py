@@ -1,0 +1,85 @@
+"""First contact: ``--version``, and ``init`` for every profile passing ``check-config``."""
+
+from __future__ import annotations
+
+import os
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from gateway.devkit.idp import DemoIdP
+from gateway.starter import CERTIFICATE_VARIABLE, PROFILES, variables
+
+from .conftest import cli
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "config" / "examples"
+
+
+@pytest.mark.parametrize("flag", ["--version", "-V"])
+def test_version(flag: str) -> None:
+    result = cli(flag)
+    assert result.code == 0
+    assert result.out.strip() == f"saml-gateway {metadata.version('saml-oauth-gateway')}"
+
+
+def test_every_example_is_a_profile() -> None:
+    assert sorted(PROFILES) == sorted(p.stem for p in EXAMPLES.glob("*.yaml"))
+
+
+def _values(tmp_path: Path, idp: DemoIdP) -> dict[str, str]:
+    key = tmp_path / "client-key.pem"
+    key.write_bytes(
+        ec.generate_private_key(ec.SECP256R1()).private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return {"PF_CLIENT_KEY_FILE": str(key), CERTIFICATE_VARIABLE: "idp-signing.pem"}
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_init_writes_a_starter_that_passes_check_config(
+    profile: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    idp = DemoIdP.generate("https://idp.example.com/saml")
+    idp.write_certificate(tmp_path / "idp-signing.pem")  # beside the config, as documented
+    target = tmp_path / "gateway.yaml"
+    written = cli("init", "--profile", profile, "-o", str(target))
+    assert written.code == 0, written.err
+    text = target.read_text()
+    assert text.startswith(f"# Starter configuration for {profile}")
+    assert "certs/idp-signing.pem" not in text  # never the example's placeholder key
+    names = variables(text)
+    assert CERTIFICATE_VARIABLE in names
+    assert all(name in written.out for name in names)
+    # before the variables are set, check-config names what is missing
+    for name in list(os.environ):
+        if name in names:
+            monkeypatch.delenv(name)
+    missing = cli("check-config", "-c", str(target))
+    assert missing.code == 2
+    assert f"environment variable '{CERTIFICATE_VARIABLE}' is not set" in missing.err
+    # once set, it passes
+    values = _values(tmp_path, idp)
+    for name in names:
+        monkeypatch.setenv(name, values.get(name, f"value-of-{name.lower()}"))
+    checked = cli("check-config", "-c", str(target))
+    assert checked.code == 0, checked.err
+    assert "OK" in checked.out
+
+
+def test_init_refuses_to_overwrite_and_prints_to_stdout(tmp_path: Path) -> None:
+    target = tmp_path / "gateway.yaml"
+    target.write_text("mine\n")
+    refused = cli("init", "--profile", "okta", "-o", str(target))
+    assert refused.code == 2 and "exists" in refused.err
+    assert target.read_text() == "mine\n"
+    assert cli("init", "--profile", "okta", "-o", str(target), "--force").code == 0
+    assert target.read_text().startswith("# Starter configuration for okta")
+    printed = cli("init", "--profile", "wso2")
+    assert printed.code == 0 and "authorization_servers:" in printed.out
+    assert cli("init", "--profile", "nope").code == 2
