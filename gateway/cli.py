@@ -1,7 +1,6 @@
-"""Command line: ``saml-gateway run | check-config | explain | init | demo``.
+"""Command line: ``saml-gateway run | check-config | demo``.
 
-Exit codes: 0 success, 1 runtime failure (e.g. a port in use) or a refused assertion
-(``explain``), 2 configuration errors or bad usage.
+Exit codes: 0 success, 1 runtime failure (e.g. a port in use), 2 configuration errors.
 """
 
 from __future__ import annotations
@@ -193,13 +192,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from gateway.demo import run_demo
-
-    setup_logging(args.log_format or "text", "warning")
-    with contextlib.suppress(KeyboardInterrupt):
-        return run_loop(run_demo(port=args.port, admin_port=args.admin_port, once=args.once))
-    return 0
+# ``explain`` (exit 1: the assertion is refused; 2: bad usage or config), ``init``, and
+# ``--version`` are the first-contact commands.
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -264,6 +258,15 @@ def _version() -> str:
         return f"saml-gateway {metadata.version('saml-oauth-gateway')}"
     except metadata.PackageNotFoundError:  # run from a source tree that was never installed
         return "saml-gateway (not installed)"
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gateway.demo import run_demo
+
+    setup_logging(args.log_format or "text", "warning")
+    with contextlib.suppress(KeyboardInterrupt):
+        return run_loop(run_demo(port=args.port, admin_port=args.admin_port, once=args.once))
+    return 0
 
 
 def parser() -> argparse.ArgumentParser:
