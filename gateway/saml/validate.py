@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import base64
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
@@ -204,9 +204,9 @@ def _only_signature(element: etree._Element, what: str) -> etree._Element:
 
 def _check_signature(
     signature: etree._Element, element_id: str, allow_sha1: bool, what: str
-) -> str:
+) -> Callable[[], str]:
     """The pinned profile of one signature over the element ``what`` whose ID is given;
-    returns its algorithms in words."""
+    returns a function that says what was found, in words."""
     signed_info = _one(signature, f"{{{_DS}}}SignedInfo", "ds:SignedInfo")
     c14n = _one(signed_info, f"{{{_DS}}}CanonicalizationMethod", "CanonicalizationMethod")
     check = "signature profile" if what == "assertion" else "Response signature profile"
@@ -235,7 +235,8 @@ def _check_signature(
     digest = _DIGEST_BY_URI.get(digest_el.get("Algorithm") or "")
     if digest not in _STRONG_DIGESTS and not (allow_sha1 and digest is DigestAlgorithm.SHA1):
         raise _reject("algorithm", check, f"digest method {_name(digest)}", allowed)
-    return f"Reference #{printable(element_id)}, {_name(method)}, digest {_name(digest)}"
+    # Words for explain are built by the caller only when it records evidence.
+    return lambda: f"Reference #{printable(element_id)}, {_name(method)}, digest {_name(digest)}"
 
 
 def _check_transforms(reference: etree._Element, check: str) -> None:
@@ -364,7 +365,7 @@ def _verify(
 
 def _response_signature(
     root: etree._Element, allow_sha1: bool
-) -> tuple[etree._Element, str] | None:
+) -> tuple[etree._Element, Callable[[], str]] | None:
     """The Response's own signature, profile-checked; None if it has none (or no Response)."""
     if root.tag != _RESPONSE or root.find(_SIGNATURE) is None:
         return None
@@ -661,13 +662,13 @@ def _validate(
         ev.passed(
             "signature profile",
             f"one Reference to #ID, {_TRANSFORMS_WORDS}, SHA-256 or better",
-            algorithms,
+            algorithms(),
         )
         if response_signature is not None:
             ev.passed(
                 "Response signature profile",
                 f"one Reference to the Response's #ID, {_TRANSFORMS_WORDS}",
-                response_signature[1],
+                response_signature[1](),
             )
     # Only the assertion is handed to signxml, so it cannot find a signature or resolve a
     # Reference anywhere else in the document. lxml keeps the in-scope namespace declarations
