@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from gateway.devkit.idp import DemoIdP
 from gateway.starter import CERTIFICATE_VARIABLE, PROFILES, variables
 
-from .conftest import cli
+from .conftest import ROOT, cli
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "config" / "examples"
 
@@ -83,3 +85,42 @@ def test_init_refuses_to_overwrite_and_prints_to_stdout(tmp_path: Path) -> None:
     printed = cli("init", "--profile", "wso2")
     assert printed.code == 0 and "authorization_servers:" in printed.out
     assert cli("init", "--profile", "nope").code == 2
+
+
+def test_readme_install_steps_pass_check_config_as_written() -> None:
+    """The install block's exports are all check-config needs: nothing else from the
+    environment (a newcomer's shell has none of our variables)."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Install and run", 1)[1]
+    block = section.split("```sh", 1)[1].split("```", 1)[0]
+    exports = dict(
+        line.split(None, 1)[1].split("#", 1)[0].strip().split("=", 1)
+        for line in block.splitlines()
+        if line.startswith("export ")
+    )
+    check = next(line for line in block.splitlines() if "check-config" in line)
+    argv = check.split("#", 1)[0].split()
+    assert argv[0] == ".venv/bin/saml-gateway"
+    environment = {"PATH": os.environ["PATH"], **exports}
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", *argv[1:]],
+        env=environment,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "OK" in done.stdout
+    without = subprocess.run(
+        [sys.executable, "-m", "gateway", *argv[1:]],
+        env={"PATH": os.environ["PATH"]},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert without.returncode == 2  # the export is what makes it pass
+    assert "GATEWAY_CLIENT_SECRET" in without.stderr
