@@ -55,18 +55,17 @@ class BadRequest(GatewayError):
 
 class InvalidAssertion(GatewayError):
     """Reasons: malformed, signature, wrapping, algorithm, expired, not_yet_valid, audience,
-    issuer, recipient, subject_confirmation, dtd, size, missing, replay, invalid_grant.
-
-    The validator also names the ``check`` that failed with what it ``expected`` and
-    ``found``; its ``detail`` is in the words of ``saml-gateway explain`` ("audience:
-    expected X, found Y"). It adds the assertion's ID and Issuer as
-    read before anything was verified (``None`` when they could not be read): all for the
-    log, never for the client. A missing assertion is told to the client as such.
-    """
+    issuer, recipient, subject_confirmation, dtd, size, missing, replay, invalid_grant."""
 
     status = 401
     error = "invalid_token"
     public_message = "the SAML assertion was not accepted"
+
+    # The validator also names the ``check`` that failed with what it ``expected`` and
+    # ``found``; its ``detail`` is in the words of ``saml-gateway explain`` ("audience:
+    # expected X, found Y"). It adds the assertion's ID and Issuer as read before anything
+    # was verified (None when they could not be read): all for the log, never the client.
+    # A missing assertion is told to the client as such.
 
     def __init__(
         self,
