@@ -150,7 +150,11 @@ def run(tmp_path: Path) -> Iterator[Run]:
         },
         base,
     ]
-    config["forward_auth"] = {"enabled": True, "path": "/auth"}
+    config["forward_auth"] = {
+        "enabled": True,
+        "path": "/auth",
+        "original_request_headers": {"uri": "X-Original-URI", "host": "Host"},
+    }
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     with Gateway.running(path, "--log-level", "debug") as gateway:
         yield Run(backstage, idp, parts, jwt_as, gateway, key_pem)
