@@ -124,3 +124,38 @@ def test_readme_install_steps_pass_check_config_as_written() -> None:
     )
     assert without.returncode == 2  # the export is what makes it pass
     assert "GATEWAY_CLIENT_SECRET" in without.stderr
+
+
+def test_allow_missing_env_warns_about_unset_variables_and_checks_the_rest(
+    tmp_path: Path,
+) -> None:
+    target = tmp_path / "gateway.yaml"
+    assert cli("init", "--profile", "pingfederate", "-o", str(target)).code == 0
+    names = variables(target.read_text())
+    environment = {k: v for k, v in os.environ.items() if k not in names}
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "check-config", "--allow-missing-env", "-c", str(target)],
+        env=environment,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    for name in names:
+        assert f"warning: environment variable '{name}' is not set" in done.stderr
+    assert f"OK apart from {len(names)} unset variable(s)" in done.stdout
+    # everything else is still checked: a real mistake is an error
+    target.write_text(target.read_text().replace("token_url: https://", "token_url: htp://", 1))
+    broken = subprocess.run(
+        [sys.executable, "-m", "gateway", "check-config", "--allow-missing-env", "-c", str(target)],
+        env=environment,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert broken.returncode == 2
+    assert "token_url" in broken.stderr and "not a URL" in broken.stderr
