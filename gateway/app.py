@@ -275,7 +275,10 @@ class GatewayServer:
                     "cache": trace.cache,
                     "assertion_id": trace.assertion_id,
                     "issuer": trace.issuer,
+                    "assertion_id_unverified": trace.assertion_id_unverified,
+                    "issuer_unverified": trace.issuer_unverified,
                     "reason": trace.reason,
+                    "detail": trace.detail,
                     "peer": request.remote,
                 }
             },

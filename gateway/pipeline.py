@@ -37,6 +37,7 @@ from gateway.saml import (
     extract_assertion,
     validate_assertion,
 )
+from gateway.saml.evidence import printable
 
 DEFAULT_REALM = "saml-gateway"
 
@@ -51,8 +52,12 @@ class Trace:
     cache: str = "-"
     assertion_id: str | None = None
     issuer: str | None = None
+    # A refused assertion's ID and Issuer as read before verification: evidence, not identity.
+    assertion_id_unverified: str | None = None
+    issuer_unverified: str | None = None
     upstream_seconds: float | None = None
     reason: str | None = None
+    detail: str | None = None  # the refusal in explain's words ("audience: expected X, ...")
     realm: str = DEFAULT_REALM  # for the 401 challenge: the route's, once it is known
 
 
@@ -225,6 +230,15 @@ def _cache_key(names: tuple[str, str], policy: TrustPolicy, server: Authorizatio
 
 
 def note_failure(trace: Trace, error: GatewayError, metrics: Metrics) -> None:
+    """What the access line says about a failed request: the reason word (also the metric's
+    label) and, for the client's mistakes, the detail an operator acts on. Server-side
+    failures keep their detail to their own log lines."""
     trace.reason = error.reason
+    if error.status < 500 and error.detail:
+        trace.detail = error.detail
     if isinstance(error, InvalidAssertion):
         metrics.validation_failures.labels(error.reason).inc()
+        if trace.assertion_id is None and error.unverified_id is not None:
+            trace.assertion_id_unverified = printable(error.unverified_id)
+        if trace.issuer is None and error.unverified_issuer is not None:
+            trace.issuer_unverified = printable(error.unverified_issuer)
