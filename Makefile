@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: all venv test lint typecheck unit demo bench bench-deps clean system-deps
+.PHONY: all venv test lint typecheck unit demo bench bench-deps clean system-deps lock
 
 all: test
 
@@ -20,8 +20,9 @@ $(STAMP): pyproject.toml | $(BIN)/python
 venv: $(STAMP)
 
 # Debian packages the integration tests drive for real (redis-server, nginx, xmlsec1, caddy
-# for config/forward-auth/Caddyfile, set-misc for nginx-cached-setmisc.conf, and tomcat10
-# as the liberal upstream of tests/attacks).
+# for config/forward-auth/Caddyfile, set-misc for nginx-cached-setmisc.conf, tomcat10 as the
+# liberal upstream of tests/attacks; podman with runc, and debootstrap for the image's
+# offline base, for tests/container).
 system-deps:
 	@missing=""; \
 	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
@@ -30,12 +31,25 @@ system-deps:
 	command -v caddy >/dev/null 2>&1 || missing="$$missing caddy"; \
 	[ -f /usr/lib/nginx/modules/ngx_http_set_misc_module.so ] || missing="$$missing libnginx-mod-http-set-misc"; \
 	[ -x /usr/share/tomcat10/bin/catalina.sh ] || missing="$$missing tomcat10"; \
+	command -v podman >/dev/null 2>&1 || missing="$$missing podman"; \
+	command -v runc >/dev/null 2>&1 || [ -x /usr/sbin/runc ] || missing="$$missing runc"; \
+	command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || missing="$$missing debootstrap"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing system packages:$$missing"; \
 		SUDO=""; [ "$$(id -u)" -eq 0 ] || SUDO=sudo; \
 		$$SUDO apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
+
+# The image's pinned dependencies with hashes: the runtime ones, the speed extra and the build
+# backend (pyproject.toml's build-system.requires, read from there), re-resolved to the newest
+# releases pyproject.toml allows, for every Python 3.11+ (a base image's patch release may
+# need other packages: redis wants async-timeout before 3.11.3).
+lock: venv
+	$(BIN)/python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"], sep="\n")' \
+		| $(BIN)/uv pip compile --quiet --upgrade --universal --python-version 3.11 --extra speed \
+			--generate-hashes --custom-compile-command "make lock" \
+			--output-file requirements.lock pyproject.toml -
 
 lint: venv
 	$(BIN)/ruff check gateway tests bench fuzz
@@ -71,4 +85,4 @@ bench: venv system-deps bench-deps
 	$(BIN)/python bench/forward_auth.py
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache build *.egg-info .cache

@@ -1,4 +1,4 @@
-"""Command line: ``saml-gateway run | check-config | demo``.
+"""Command line: ``saml-gateway run | check-config | demo | healthcheck``.
 
 Exit codes: 0 success, 1 runtime failure (e.g. a port in use), 2 configuration errors.
 """
@@ -315,6 +315,67 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_CONFIG = "/etc/saml-gateway/gateway.yaml"  # the container image's
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 60:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 60 seconds: {text}")
+    return value
+
+
+def cmd_healthcheck(args: argparse.Namespace) -> int:
+    """GET /readyz on the admin listener the config names: 0 ready, 1 not (for a container
+    HEALTHCHECK, where 2 is reserved). Only the ``admin`` section is read: the check is about
+    the running server, not about whether the rest of the file would load again."""
+    import http.client
+    import urllib.error
+    import urllib.request
+
+    from pydantic import ValidationError
+
+    from gateway.config import AdminListener
+
+    try:
+        data = yaml.safe_load(Path(args.config).read_text(encoding="utf-8"))
+        section = data.get("admin") if isinstance(data, dict) else None
+        admin = AdminListener.model_validate(section or {})
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        print(f"unhealthy: cannot read config file {args.config}: {why}", file=sys.stderr)
+        return 1
+    except yaml.YAMLError:
+        print(f"unhealthy: {args.config}: not valid YAML", file=sys.stderr)
+        return 1
+    except ValidationError as exc:
+        for error in exc.errors():
+            key = ".".join(["admin", *map(str, error["loc"])])
+            print(f"unhealthy: {args.config}: {key}: {error['msg']}", file=sys.stderr)
+        return 1
+    if not admin.enabled or admin.port == 0:
+        why = "disabled" if not admin.enabled else "on a random port (admin.port: 0)"
+        print(f"unhealthy: the admin listener is {why} in {args.config}", file=sys.stderr)
+        return 1
+    # A wildcard bind is reached on loopback; an IPv6 literal needs brackets in a URL.
+    wildcards = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}  # noqa: S104 - not a bind
+    host = wildcards.get(admin.host, admin.host)
+    url = f"http://{f'[{host}]' if ':' in host else host}:{admin.port}/readyz"
+    # No proxy: a proxy from the environment must not answer for this container's port.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=args.timeout) as response:
+            status = response.status
+    except urllib.error.HTTPError as exc:
+        status = exc.code
+    except (OSError, ValueError, http.client.HTTPException) as exc:  # refused, timed out, garbled
+        reason = getattr(exc, "reason", None) or exc
+        print(f"unhealthy: {url}: {reason}", file=sys.stderr)
+        return 1
+    print(f"{'healthy' if status == 200 else 'unhealthy'}: {url}: {status}")
+    return 0 if status == 200 else 1
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="saml-gateway", description="Swap SAML 2.0 assertions for OAuth access tokens."
@@ -365,6 +426,19 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--once", action="store_true", help="walk through the demo, then exit")
     demo.add_argument("--log-format", choices=("json", "text"))
     demo.set_defaults(func=cmd_demo)
+    health = sub.add_parser(
+        "healthcheck", help="exit 0 if the admin listener's /readyz answers 200, else 1"
+    )
+    health.add_argument(
+        "-c",
+        "--config",
+        default=os.environ.get("GATEWAY_CONFIG", DEFAULT_CONFIG),
+        help=f"the config the gateway runs with (default: $GATEWAY_CONFIG or {DEFAULT_CONFIG})",
+    )
+    health.add_argument(
+        "--timeout", type=_seconds, default=2.0, help="for the request, in seconds (default: 2)"
+    )
+    health.set_defaults(func=cmd_healthcheck)
     return top
 
 
