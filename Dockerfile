@@ -32,6 +32,8 @@ RUN python -m venv venv \
 
 COPY pyproject.toml README.md ./
 COPY gateway ./gateway
+# `saml-gateway init` reads its profiles through gateway/profiles, a link to these.
+COPY config/examples ./config/examples
 # The gateway itself, with the build backend from the lock and no index: nothing unpinned gets
 # in. `pip check` fails the build if the lock no longer satisfies pyproject.toml.
 # DL3013: this installs the local package; its dependencies are pinned in requirements.lock.

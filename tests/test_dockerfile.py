@@ -104,6 +104,7 @@ def test_build_context_is_only_what_the_image_needs() -> None:
         "README.md",
         "gateway",
         "config/container.yaml",
+        "config/examples",  # the profiles of `saml-gateway init`
     }
 
 

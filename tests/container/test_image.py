@@ -279,3 +279,23 @@ async def test_container_serves_checks_health_and_drains(
     assert draining < slow < messages.index("stopped")
     text = logs.stdout + logs.stderr
     assert CLIENT_SECRET not in text and auth.issued[-1] not in text
+
+
+def test_init_writes_a_starter_inside_the_image(podman: Podman, image: str) -> None:
+    # The profiles reach the image through gateway/profiles, a link into config/examples.
+    result = podman(
+        "run",
+        "--rm",
+        "--network",
+        "host",
+        *ULIMITS,
+        image,
+        "init",
+        "--profile",
+        "okta",
+        "-o",
+        "-",
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "authorization_servers:" in result.stdout
