@@ -10,13 +10,15 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -24,9 +26,19 @@ from gateway.config import Config, load_config
 from gateway.errors import ConfigError
 from gateway.logs import setup_logging
 
+if TYPE_CHECKING:
+    from gateway.cache.entry import SharedStore
+
 log = logging.getLogger("gateway")
 
 _STARTUP_SECONDS = 5.0  # a worker that exits sooner failed to start
+
+# What the supervisor hands each worker. The host store's sealing secret travels through an
+# inherited pipe (its descriptor number in the environment), never in the environment itself.
+WORKER_ENV = "SAML_GATEWAY_WORKER"  # the worker's slot, 1..N: its log lines carry it
+HOST_STORE_ENV = "SAML_GATEWAY_HOST_STORE"  # the token database the workers share
+HOST_STORE_KEY_FD_ENV = "SAML_GATEWAY_HOST_STORE_KEY_FD"
+METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's multiprocess mode
 
 
 def run_loop(main: Coroutine[Any, Any, int]) -> int:
@@ -41,11 +53,19 @@ def run_loop(main: Coroutine[Any, Any, int]) -> int:
         return runner.run(main)
 
 
-async def serve(config: Config, config_path: Path, *, reuse_port: bool = False) -> int:
+async def serve(
+    config: Config,
+    config_path: Path,
+    *,
+    reuse_port: bool = False,
+    host_store: SharedStore | None = None,
+) -> int:
     from gateway.app import GatewayServer
 
     try:
-        server = GatewayServer(config, config_path=config_path, reuse_port=reuse_port)
+        server = GatewayServer(
+            config, config_path=config_path, reuse_port=reuse_port, host_store=host_store
+        )
     except ConfigError as exc:  # e.g. a Redis encryption key too short to use
         _report(str(config_path), exc.problems)
         return 2
@@ -77,25 +97,73 @@ async def serve(config: Config, config_path: Path, *, reuse_port: bool = False) 
     return 0
 
 
-def supervise(config_path: Path, args: argparse.Namespace, workers: int) -> int:
+def supervise(
+    config_path: Path, args: argparse.Namespace, workers: int, *, share_tokens: bool = True
+) -> int:
     """``workers: N``: N processes share the listener port (SO_REUSEPORT); signals are relayed.
 
     A worker of the first generation that fails within its first seconds (a port in use,
     say) would only fail again: then every worker is stopped and its code returned. A
     worker that dies later is replaced, with a growing pause if replacements keep dying.
+
+    The workers of one run share a private runtime folder (0700, removed at exit): the
+    metrics of all of them (prometheus-client's multiprocess files) and, with
+    ``share_tokens`` (no Redis), the SQLite token store, sealed under a secret drawn here.
     """
+    runtime = Path(tempfile.mkdtemp(prefix="saml-gateway-", dir=_runtime_base()))
+    try:
+        return _supervise(config_path, args, workers, runtime, share_tokens)
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)
+
+
+def _runtime_base() -> str | None:
+    """$XDG_RUNTIME_DIR (a per-user tmpfs) when usable, else the system's temporary folder."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    usable = base and os.path.isdir(base) and os.access(base, os.W_OK | os.X_OK)
+    return base if usable else None
+
+
+def _supervise(
+    config_path: Path, args: argparse.Namespace, workers: int, runtime: Path, share_tokens: bool
+) -> int:
+    from prometheus_client.multiprocess import mark_process_dead
+
     command = [sys.executable, "-m", "gateway", "run", "-c", str(config_path), "--worker"]
     if args.log_format:
         command += ["--log-format", args.log_format]
     if args.log_level:
         command += ["--log-level", args.log_level]
+    metrics = runtime / "metrics"
+    metrics.mkdir()
+    env = {**os.environ, METRICS_ENV: str(metrics)}
+    secret = None
+    if share_tokens:
+        from gateway.cache.sqlite import create_database, new_secret
 
-    def spawn() -> tuple[subprocess.Popen[bytes], float]:
-        # The worker ignores SIGHUP until its own reload handler is in place.
-        child = subprocess.Popen(command, preexec_fn=_ignore_sighup)  # noqa: S603 - our own argv
+        env[HOST_STORE_ENV] = str(create_database(runtime))
+        secret = new_secret().encode()
+
+    def spawn(slot: int) -> tuple[subprocess.Popen[bytes], float]:
+        child_env = {**env, WORKER_ENV: str(slot + 1)}
+        inherited: tuple[int, ...] = ()
+        if secret is not None:
+            read_end, write_end = os.pipe()
+            os.write(write_end, secret)  # far below the pipe's buffer: never blocks
+            os.close(write_end)
+            child_env[HOST_STORE_KEY_FD_ENV] = str(read_end)
+            inherited = (read_end,)
+        try:
+            # The worker ignores SIGHUP until its own reload handler is in place.
+            child = subprocess.Popen(  # noqa: S603 - our own argv
+                command, preexec_fn=_ignore_sighup, env=child_env, pass_fds=inherited
+            )
+        finally:
+            for fd in inherited:
+                os.close(fd)
         return child, time.monotonic()
 
-    children = [spawn() for _ in range(workers)]
+    children = [spawn(slot) for slot in range(workers)]
     first_generation = [True] * workers
     pause = [0.0] * workers  # before the next replacement of that slot
     stopping = False
@@ -121,13 +189,15 @@ def supervise(config_path: Path, args: argparse.Namespace, workers: int) -> int:
                 for other, _ in children:
                     other.wait()
                 return _exit_status(code)
+            # its gauges stop counting (the "live" aggregates); its counters stay in the sums
+            mark_process_dead(child.pid, str(metrics))  # type: ignore[no-untyped-call]  # unannotated upstream
             pause[i] = min(max(pause[i] * 2, 1.0), 30.0) if quick else 0.0
             log.error(
                 "worker %d exited with %d; starting a new one in %.0f s", child.pid, code, pause[i]
             )
             time.sleep(pause[i])
             if not stopping:  # a stop may have come during the pause
-                children[i], first_generation[i] = spawn(), False
+                children[i], first_generation[i] = spawn(i), False
         if stopping and all(child.poll() is not None for child, _ in children):
             # A worker still starting when the stop came dies of the relayed signal: that
             # is the stop asked for, not a failure.
@@ -174,11 +244,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return 2
-    setup_logging(args.log_format or config.log.format, args.log_level or config.log.level)
+    slot = os.environ.get(WORKER_ENV, "") if args.worker else ""
+    worker = int(slot) if slot.isdigit() else None
+    log_format, log_level = args.log_format or config.log.format, args.log_level or config.log.level
+    setup_logging(log_format, log_level, worker=worker)
     path = Path(args.config)
     if config.workers > 1 and not args.worker:
-        return supervise(path, args, config.workers)
-    return run_loop(serve(config, path, reuse_port=args.worker))
+        share_tokens = config.cache.backend != "redis"
+        return supervise(path, args, config.workers, share_tokens=share_tokens)
+    host_store = _host_store(config) if args.worker else None
+    return run_loop(serve(config, path, reuse_port=args.worker, host_store=host_store))
+
+
+def _host_store(config: Config) -> SharedStore | None:
+    """The token store the supervisor made for its workers, or None (Redis, or no supervisor)."""
+    database, key_fd = os.environ.get(HOST_STORE_ENV), os.environ.pop(HOST_STORE_KEY_FD_ENV, None)
+    if database is None or key_fd is None:
+        return None
+    from gateway.cache.sqlite import SqliteTokenStore
+
+    with os.fdopen(int(key_fd), "rb") as pipe:
+        secret = pipe.read().decode()
+    # Wait for another worker's exchange as long as an exchange may take (retries included).
+    longest = max(server.retries.deadline for server in config.authorization_servers.values())
+    return SqliteTokenStore(Path(database), secret, lock_wait=longest + 1.0)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

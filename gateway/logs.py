@@ -24,6 +24,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        worker = getattr(record, "worker", None)
+        if worker is not None:
+            line["worker"] = worker
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
             line.update(fields)
@@ -39,6 +42,9 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
+        worker = getattr(record, "worker", None)
+        if worker is not None:
+            text += f" worker={worker}"
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict) and fields:
             text += " " + " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
@@ -59,7 +65,19 @@ class QuietParseErrors(logging.Filter):
         return True
 
 
-def setup_logging(fmt: str = "json", level: str = "info") -> None:
+class NameWorker(logging.Filter):
+    """Stamps every line with the worker that wrote it (``workers: N``)."""
+
+    def __init__(self, worker: int) -> None:
+        super().__init__()
+        self.worker = worker
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.worker
+        return True
+
+
+def setup_logging(fmt: str = "json", level: str = "info", *, worker: int | None = None) -> None:
     # One access line per request: skip what our formatters never print (the caller's
     # frame, thread, process and multiprocessing names), as the logging docs advise.
     logging.logThreads = False
@@ -68,6 +86,8 @@ def setup_logging(fmt: str = "json", level: str = "info") -> None:
     logging._srcfile = None  # the documented switch for "no caller lookup"
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    if worker is not None:
+        handler.addFilter(NameWorker(worker))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -1,0 +1,99 @@
+"""``workers: 4`` without Redis: one token cache, one exchange lock and one /metrics view for
+the whole host. Every request is its own connection, so the kernel spreads them over the
+workers; the tests check they did, or they could not fail."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import signal
+import sqlite3
+import stat
+
+from .conftest import WORKERS, Host, json_lines, metric, until
+
+
+def served_by(lines: list[dict[str, object]]) -> collections.Counter[object]:
+    """How many access lines each worker wrote."""
+    return collections.Counter(
+        line.get("worker") for line in lines if line.get("logger") == "gateway.access"
+    )
+
+
+async def test_a_burst_of_one_assertion_costs_one_exchange_and_metrics_add_up(
+    host: Host,
+) -> None:
+    gateway = host.start("--log-format", "json")
+    assertion = host.assertion()
+    statuses = await host.call_all(gateway, [assertion] * 200)
+    assert statuses == [200] * 200
+    assert host.auth.calls == 1
+    assert host.auth.refusals == []
+    assert await until(lambda: sum(served_by(json_lines(gateway)).values()) == 200)
+    workers = served_by(json_lines(gateway))
+    assert set(workers) <= set(range(1, WORKERS + 1))
+    assert len(workers) >= 2, workers  # the burst really was split over workers
+    # Each scrape is a new connection too, so several workers answer: every one of them
+    # reports the whole host.
+    for _ in range(8):
+        text = await host.scrape(gateway)
+        assert metric(text, "gateway_requests_total", route="api", status="200") == 200
+        assert metric(text, "gateway_exchanges_total", server="as", outcome="ok") == 1
+
+
+async def test_fifty_assertions_eight_requests_each_cost_fifty_exchanges(host: Host) -> None:
+    gateway = host.start()
+    assertions = [host.assertion(f"user{i}@example.test") for i in range(50)]
+    calls = [a for a in assertions for _ in range(8)]
+    statuses = await host.call_all(gateway, calls[::2] + calls[1::2])
+    assert statuses == [200] * 400
+    assert host.auth.calls == 50
+    assert sorted(host.auth.assertion_ids) == sorted(set(host.auth.assertion_ids))
+    text = await host.scrape(gateway)
+    assert metric(text, "gateway_requests_total", route="api", status="200") == 400
+
+    # the cache counters of every worker reach the shared files within a second
+    async def counted() -> float | None:
+        await asyncio.sleep(1.2)
+        page = await host.scrape(gateway)
+        return (metric(page, "gateway_cache_hits_total") or 0) + (
+            metric(page, "gateway_cache_misses_total") or 0
+        )
+
+    assert await counted() == 400
+
+
+async def test_a_one_time_use_server_never_sees_an_id_twice(host: Host) -> None:
+    gateway = host.start("--log-format", "text")
+    assertions = [host.assertion(f"once{i}@example.test") for i in range(10)]
+    for _ in range(3):  # waves: cold, then from the workers' memory or the host store
+        statuses = await host.call_all(gateway, [a for a in assertions for _ in range(12)])
+        assert statuses == [200] * 120
+    assert host.auth.refusals == []
+    assert host.auth.calls == 10
+    access = [line for line in gateway.logs().splitlines() if " gateway.access: " in line]
+    assert len(access) == 360
+    named = {line.rsplit(" worker=", 1)[1].split()[0] for line in access if " worker=" in line}
+    assert len([line for line in access if " worker=" in line]) == 360
+    assert named <= {str(n) for n in range(1, WORKERS + 1)} and len(named) >= 2
+
+
+async def test_the_runtime_folder_is_private_and_removed_at_exit(host: Host) -> None:
+    gateway = host.start()
+    folders = list((host.folder / "run").iterdir())
+    assert len(folders) == 1
+    runtime = folders[0]
+    assert stat.S_IMODE(runtime.stat().st_mode) == 0o700
+    assert (runtime / "tokens.sqlite3").is_file()
+    assertion = host.assertion("private@example.test")
+    assert await host.call_all(gateway, [assertion]) == [200]
+    token, assertion_id = host.auth.issued[0], host.auth.assertion_ids[0]
+    with contextlib.closing(sqlite3.connect(runtime / "tokens.sqlite3")) as db:
+        assert db.execute("SELECT count(*) FROM tokens").fetchone() == (1,)
+    stored = b"".join(p.read_bytes() for p in runtime.iterdir() if p.name.startswith("tokens"))
+    assert token.encode() not in stored and assertion_id.encode() not in stored
+    for process in (p for p in host.processes if p is gateway):
+        process.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(process.proc.wait, 15) == 0
+    assert not runtime.exists()
