@@ -265,9 +265,11 @@ def _host_store(config: Config) -> SharedStore | None:
 
     with os.fdopen(int(key_fd), "rb") as pipe:
         secret = pipe.read().decode()
-    # Wait for another worker's exchange as long as an exchange may take (retries included).
+    # A hold ends when the exchange does (retries included) or, if its worker died, when the
+    # lock expires: waiting that long never waits for nothing.
     longest = max(server.retries.deadline for server in config.authorization_servers.values())
-    return SqliteTokenStore(Path(database), secret, lock_wait=longest + 1.0)
+    lock_ttl = 10.0
+    return SqliteTokenStore(Path(database), secret, lock_ttl=lock_ttl, lock_wait=longest + lock_ttl)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

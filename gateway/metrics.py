@@ -15,10 +15,9 @@ counters reach the files once a second, and at once for the worker answering the
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
@@ -30,8 +29,9 @@ _SYNC_SECONDS = 1.0  # how often a worker copies its cache counters to the share
 
 
 def multiprocess() -> bool:
-    """Whether prometheus-client keeps values in shared files (its own switch)."""
-    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+    """Whether prometheus-client keeps values in shared files: it decided when it was first
+    imported (``PROMETHEUS_MULTIPROC_DIR`` set then), so ask it rather than the environment."""
+    return values.ValueClass is not values.MutexValue
 
 
 class _CacheCollector(Collector):

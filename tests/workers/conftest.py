@@ -10,6 +10,7 @@ import base64
 import json
 import signal
 import subprocess
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -63,6 +64,14 @@ class Host:
         )
         gateway = spawn_gateway(path, *args)
         self.processes.append(gateway)
+        # The admin port answers once one worker listens: wait for all of them, so that the
+        # kernel spreads the connections that follow over every worker.
+        workers = overrides.get("workers", WORKERS)
+        deadline = time.monotonic() + 30
+        while gateway.logs().count("gateway listening") < workers:
+            if time.monotonic() > deadline or gateway.proc.poll() is not None:
+                raise RuntimeError(f"the workers did not all start:\n{gateway.logs()}")
+            time.sleep(0.05)
         return gateway
 
     def assertion(self, subject: str = "alice@example.test") -> str:
