@@ -40,6 +40,15 @@ class SharedStore(Protocol):
 
     async def delete(self, profile: str, assertion_id: str) -> None: ...
 
+    async def bind_id(
+        self, profile: str, assertion_id: str, fingerprint: bytes, until: float
+    ) -> bytes | None:
+        """Record that ``assertion_id`` belongs to the signed assertion ``fingerprint`` until
+        ``until`` (time.time() seconds), unless a live binding exists. Returns the fingerprint
+        already bound (equal to ``fingerprint`` or not), or None when this call recorded it or
+        the store is down."""
+        ...
+
     def exchange_lock(self, profile: str, assertion_id: str) -> AbstractAsyncContextManager[bool]:
         """Cross-replica single-flight: yields True when this replica owns the exchange.
 
