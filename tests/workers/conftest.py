@@ -11,7 +11,7 @@ import json
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -120,7 +120,7 @@ def json_lines(gateway: Process) -> list[dict[str, Any]]:
     return lines
 
 
-async def until(check: Any, seconds: float = 10) -> bool:
+async def until(check: Callable[[], bool], seconds: float = 10) -> bool:
     """Poll ``check()`` (bounded) until it is true."""
     for _ in range(int(seconds / 0.1)):
         if check():
