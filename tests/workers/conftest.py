@@ -10,7 +10,7 @@ import base64
 import json
 import signal
 import subprocess
-import time
+import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,15 +19,16 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 from integration.conftest import (  # the fixtures are re-exported for this folder
     AUDIENCE,
     CLIENT_ID,
     CLIENT_SECRET,
     Process,
+    free_port,
     gateway_yaml,
     idp,
     processes,
-    spawn_gateway,
 )
 
 from gateway.devkit.authorization_server import FakeAuthorizationServer
@@ -54,7 +55,7 @@ class Host:
     processes: list[Process]
     session: aiohttp.ClientSession
 
-    def start(self, *args: str, **overrides: Any) -> Process:
+    async def start(self, *args: str, **overrides: Any) -> Process:
         path = gateway_yaml(
             self.folder,
             self.auth.token_url,
@@ -62,17 +63,32 @@ class Host:
             self.idp,
             **{"workers": WORKERS, "route": ROUTE, "lifecycle": QUICK_STOP, **overrides},
         )
-        gateway = spawn_gateway(path, *args)
-        self.processes.append(gateway)
-        # The admin port answers once one worker listens: wait for all of them, so that the
-        # kernel spreads the connections that follow over every worker.
-        workers = overrides.get("workers", WORKERS)
-        deadline = time.monotonic() + 30
-        while gateway.logs().count("gateway listening") < workers:
-            if time.monotonic() > deadline or gateway.proc.poll() is not None:
-                raise RuntimeError(f"the workers did not all start:\n{gateway.logs()}")
-            time.sleep(0.05)
-        return gateway
+        data = yaml.safe_load(path.read_text())
+        port, admin_port = free_port(), free_port()
+        data["listen"] = {"host": "127.0.0.1", "port": port}
+        data["admin"] = {"host": "127.0.0.1", "port": admin_port}
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        log = path.with_suffix(".log")
+        with log.open("w") as out:  # the child keeps its own copy of the descriptor
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "gateway", "run", "-c", str(path), *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        gateway = Process(proc, port, admin_port, log)
+        self.processes.append(gateway)  # from now on the teardown stops it, and its workers
+        # Wait for every worker, not only the first one listening, so that the kernel spreads
+        # the connections that follow over all of them. Generous: four workers import at
+        # once on a shared 2-core machine.
+        workers = data["workers"]
+        for _ in range(600):  # bounded: ~60 s
+            if gateway.logs().count("gateway listening") >= workers:
+                return gateway
+            if proc.poll() is not None:
+                break
+            await asyncio.sleep(0.1)
+        raise RuntimeError(f"the workers did not all start:\n{gateway.logs()}")
 
     def assertion(self, subject: str = "alice@example.test") -> str:
         raw = self.idp.issue(

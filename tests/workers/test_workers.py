@@ -30,7 +30,7 @@ def served_by(lines: list[dict[str, object]]) -> collections.Counter[object]:
 async def test_a_burst_of_one_assertion_costs_one_exchange_and_metrics_add_up(
     host: Host,
 ) -> None:
-    gateway = host.start("--log-format", "json")
+    gateway = await host.start("--log-format", "json")
     assertion = host.assertion()
     statuses = await host.call_all(gateway, [assertion] * 200)
     assert statuses == [200] * 200
@@ -49,7 +49,7 @@ async def test_a_burst_of_one_assertion_costs_one_exchange_and_metrics_add_up(
 
 
 async def test_fifty_assertions_eight_requests_each_cost_fifty_exchanges(host: Host) -> None:
-    gateway = host.start()
+    gateway = await host.start()
     assertions = [host.assertion(f"user{i}@example.test") for i in range(50)]
     calls = [a for a in assertions for _ in range(8)]
     statuses = await host.call_all(gateway, calls[::2] + calls[1::2])
@@ -72,7 +72,7 @@ async def test_fifty_assertions_eight_requests_each_cost_fifty_exchanges(host: H
 
 
 async def test_a_one_time_use_server_never_sees_an_id_twice(host: Host) -> None:
-    gateway = host.start("--log-format", "text")
+    gateway = await host.start("--log-format", "text")
     assertions = [host.assertion(f"once{i}@example.test") for i in range(10)]
     for _ in range(2):  # waves: cold, then from the workers' memory or the host store
         statuses = await host.call_all(gateway, [a for a in assertions for _ in range(12)])
@@ -91,7 +91,7 @@ async def test_a_one_time_use_server_never_sees_an_id_twice(host: Host) -> None:
 
 
 async def test_the_runtime_folder_is_private_and_removed_at_exit(host: Host) -> None:
-    gateway = host.start(workers=2)
+    gateway = await host.start(workers=2)
     folders = list((host.folder / "run").iterdir())
     assert len(folders) == 1
     runtime = folders[0]
@@ -124,7 +124,7 @@ async def test_with_redis_the_workers_use_it_and_make_no_store(host: Host, tmp_p
                 "active_key": "k1",
             },
         }
-        gateway = host.start(cache=cache, workers=2)
+        gateway = await host.start(cache=cache, workers=2)
         (runtime,) = (host.folder / "run").iterdir()
         assert not (runtime / "tokens.sqlite3").exists()
         assertion = host.assertion("redis@example.test")
