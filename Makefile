@@ -19,14 +19,17 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 venv: $(STAMP)
 
-# Debian packages the integration tests drive for real (redis-server, nginx, xmlsec1, and
-# set-misc for config/forward-auth/nginx-cached-setmisc.conf).
+# Debian packages the integration tests drive for real (redis-server, nginx, xmlsec1, caddy
+# for config/forward-auth/Caddyfile, set-misc for nginx-cached-setmisc.conf, and tomcat10
+# as the liberal upstream of tests/attacks).
 system-deps:
 	@missing=""; \
 	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
 	command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing="$$missing nginx"; \
 	command -v xmlsec1 >/dev/null 2>&1 || missing="$$missing xmlsec1"; \
+	command -v caddy >/dev/null 2>&1 || missing="$$missing caddy"; \
 	[ -f /usr/lib/nginx/modules/ngx_http_set_misc_module.so ] || missing="$$missing libnginx-mod-http-set-misc"; \
+	[ -x /usr/share/tomcat10/bin/catalina.sh ] || missing="$$missing tomcat10"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing system packages:$$missing"; \
 		SUDO=""; [ "$$(id -u)" -eq 0 ] || SUDO=sudo; \

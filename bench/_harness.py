@@ -158,6 +158,8 @@ def forward_auth_conf(name: str, port: int, gateway: str, upstream: str, cache: 
     }
     if "cached" in name:
         replacements["/var/cache/nginx/saml-auth"] = str(cache)
+        # The example's route "public" location serves the benchmark's /hello.
+        replacements["location ~ ^/public(/|$) {"] = "location ~ ^/hello(/|$) {"
     text: str = nginx_runner.example(name, replacements)
     return text
 
@@ -241,6 +243,7 @@ def gateway(
             "enabled": True,
             "path": AUTH_PATH,
             "listen": {"host": "127.0.0.1", "port": auth_port},
+            "front": "nginx",
         },
         assertion={"headers": [{"name": "X-SAML-Assertion"}]},
     )

@@ -156,6 +156,8 @@ class GatewayServer:
         host_store: SharedStore | None = None,
     ) -> None:
         self.config = config
+        # Listeners, workers and cache are set up once, from this; a reload does not change them.
+        self.started_config = config
         self.config_path = Path(config_path) if config_path else None
         self.reuse_port = reuse_port
         self.metrics = Metrics()
@@ -279,7 +281,7 @@ class GatewayServer:
     async def _forward_auth(
         self, request: web.BaseRequest, trace: Trace, settings: ForwardAuth
     ) -> web.StreamResponse:
-        original = original_request(request.headers, request.raw_path, settings.path)
+        original = original_request(request.method, request.headers, request.raw_path, settings)
         runtime = self.runtime
         route = runtime.route_for(original.host, original.path, trace)
         with runtime.serving():
@@ -406,7 +408,9 @@ class GatewayServer:
             )
             return False
         for key in ("listen", "admin", "workers", "cache", "forward_auth"):
-            if getattr(config, key) != getattr(self.config, key):
+            # Compared with what runs, not with the last file: a reload that puts back the
+            # running value has nothing to warn about.
+            if getattr(config, key) != getattr(self.started_config, key):
                 log.warning("config key %r changed: it takes effect at the next restart", key)
         await runtime.start()
         self._forget_changed_trust(runtime)

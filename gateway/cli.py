@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from gateway.config import Config, load_config
+from gateway.config import Config
 from gateway.errors import ConfigError
 from gateway.logs import setup_logging
 
@@ -223,15 +223,17 @@ def _report(source: str, problems: list[str]) -> None:
 
 
 def _load(path: str) -> Config | None:
-    """The configuration, with every file it names read and checked (certificates, metadata,
-    client keys, TLS files), so a bad one is a startup error naming its key."""
+    """The configuration after the preflight that ``check-config`` runs too: every key, and
+    every file it names (certificates, metadata, client keys, TLS files), so a bad one is a
+    startup error naming its key, all of them in one report."""
     from gateway.cache import TokenCache
     from gateway.metrics import Metrics
     from gateway.pipeline import Runtime
+    from gateway.preflight import preflight
 
     try:
-        config = load_config(path)
-        Runtime(config, TokenCache(config.cache), Metrics())  # opens no socket
+        config = preflight(path)
+        Runtime(config, TokenCache(config.cache), Metrics())  # what run builds; no socket
     except ConfigError as exc:
         _report(exc.source or path, exc.problems)
         return None

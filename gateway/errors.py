@@ -54,7 +54,7 @@ class BadRequest(GatewayError):
 
 class InvalidAssertion(GatewayError):
     """Reasons: malformed, signature, wrapping, algorithm, expired, not_yet_valid, audience,
-    issuer, recipient, subject_confirmation, dtd, size, missing, replay, invalid_grant."""
+    issuer, recipient, subject_confirmation, dtd, size, missing, replay, spent, invalid_grant."""
 
     status = 401
     error = "invalid_token"

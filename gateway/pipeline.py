@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from functools import partial
 
 from aiohttp import web
+from cachetools import TTLCache
 
 from gateway.cache import CachedToken, TokenCache
 from gateway.config import AuthorizationServer, Config, Route
@@ -82,6 +83,11 @@ class Runtime:
             config.authorization_servers, observer=metrics.observe_exchange
         )
         self.forwarder = Forwarder(config.proxy, config.routes)
+        # (cache key, assertion ID) of tokens the upstream refused lately: a refused token is
+        # dropped (and the assertion exchanged again) once per interval, not per request.
+        self._refused: TTLCache[tuple[str, str], bool] = TTLCache(
+            maxsize=config.cache.max_entries, ttl=config.proxy.reexchange_interval
+        )
         # Requests inside this runtime: a retired one closes its sessions only when idle.
         self._active = 0
         self._idle = asyncio.Event()
@@ -168,8 +174,13 @@ class Runtime:
         trace.upstream_seconds = result.upstream_seconds
         self.metrics.observe_upstream(route.label, result.upstream_seconds)
         if result.token_rejected:
-            # The upstream no longer accepts this token: the next request exchanges afresh.
-            await self.cache.purge(self.cache_key(route), entry.digest)
+            # The upstream no longer accepts this token: the next request exchanges afresh,
+            # but only once per interval, or a client could drive the exchange rate (by ID,
+            # so byte variants of the assertion count as one).
+            refused = (self.cache_key(route), entry.assertion_id)
+            if refused not in self._refused:
+                self._refused[refused] = True
+                await self.cache.purge(entry)
         return result.response
 
 

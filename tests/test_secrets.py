@@ -1,7 +1,8 @@
 """Secrets never leak: a broad run of traffic through a real gateway process logging at DEBUG,
-then no token, no assertion (nor any 40-character slice of one's base64), no client secret,
-no client-authentication JWT and no private key may appear in the logs, in /metrics or in
-any error response (body or headers).
+then no token, no assertion (nor any 40-character slice of one's base64, nor its decoded
+content: NameID, attribute values, the Issuer's and the Audience's elements as signed, any
+saml: or ds: markup), no client secret, no client-authentication JWT and no private key may
+appear in the logs, in /metrics or in any error response (body or headers).
 
 Where a token is meant to go (the upstream's view, a forward-auth 200), it is not looked at.
 """
@@ -10,11 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from secrets import token_hex
 from typing import Any
 
 import aiohttp
@@ -61,8 +66,10 @@ class Run:
     def assertion(self, recipient: str | None = None, **kw: Any) -> str:
         kw.setdefault("audience", AUDIENCE)
         kw.setdefault("now", datetime.now(UTC))
+        # Distinctive content, so that finding it in a log can only mean it leaked.
+        kw.setdefault("attributes", {"department": f"attr-{token_hex(8)}"})
         raw = self.idp.issue(
-            kw.pop("subject", "alice@example.test"),
+            kw.pop("subject", f"nameid-{token_hex(8)}@example.test"),
             recipient=recipient or self.parts.auth.token_url,
             **kw,
         )
@@ -143,7 +150,11 @@ def run(tmp_path: Path) -> Iterator[Run]:
         },
         base,
     ]
-    config["forward_auth"] = {"enabled": True, "path": "/auth"}
+    config["forward_auth"] = {
+        "enabled": True,
+        "path": "/auth",
+        "original_request_headers": {"uri": "X-Original-URI", "host": "Host"},
+    }
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     with Gateway.running(path, "--log-level", "debug") as gateway:
         yield Run(backstage, idp, parts, jwt_as, gateway, key_pem)
@@ -167,7 +178,7 @@ async def drive(run: Run) -> None:
 
         # Rejects: tampered, expired, wrong audience, replayed ID, not base64, missing.
         raw = bytearray(base64.b64decode(run.assertion()))
-        raw[raw.find(b"alice")] ^= 0x20
+        raw[raw.find(b"nameid-")] ^= 0x20
         run.secrets.assertions.append(bytes(raw))
         tampered = {"X-SAML-Assertion": base64.b64encode(bytes(raw)).decode()}
         past = datetime.now(UTC) - timedelta(hours=2)
@@ -175,7 +186,11 @@ async def drive(run: Run) -> None:
             tampered,
             {"X-SAML-Assertion": run.assertion(now=past, lifetime=60)},
             {"X-SAML-Assertion": run.assertion(audience="https://other.test")},
-            {"X-SAML-Assertion": run.assertion(assertion_id="_known-id-0001", subject="eve@x")},
+            {
+                "X-SAML-Assertion": run.assertion(
+                    assertion_id="_known-id-0001", subject=f"eve-{token_hex(8)}@x.test"
+                )
+            },
             {"X-SAML-Assertion": "not*base64*" + run.assertion()[:200]},
             {},
         ]
@@ -229,11 +244,38 @@ def windows(text: str, size: int) -> set[str]:
     return {text[i : i + size] for i in range(max(0, len(text) - size + 1))}
 
 
+# What an assertion says, as decoded XML: these texts are never logged in any form.
+_CONTENT = (
+    re.compile(rb"<saml:NameID[^>]*>([^<]+)<"),
+    re.compile(rb"<saml:AttributeValue[^>]*>([^<]+)<"),
+)
+# Issuer and audience values may be logged as values (the access log names the issuer),
+# never as the signed elements: ">value<" is how canonicalized XML shows them.
+_SIGNED_ELEMENTS = (
+    re.compile(rb"<saml:Issuer[^>]*>([^<]+)<"),
+    re.compile(rb"<saml:Audience[^>]*>([^<]+)<"),
+)
+_MARKUP = ("<saml:", "<ds:", "<samlp:")
+
+
+def decoded_content(raw: bytes) -> list[str]:
+    """The texts of ``raw`` that must not appear in a log, as they would appear there."""
+    texts = [m.decode() for pattern in _CONTENT for m in pattern.findall(raw)]
+    texts += [f">{m.decode()}<" for pattern in _SIGNED_ELEMENTS for m in pattern.findall(raw)]
+    return texts
+
+
 def leaks(haystack: str, run: Run) -> list[str]:
     """Names of the secrets found in ``haystack``."""
     found: list[str] = []
     seen = windows(haystack, WINDOW)
+    found.extend(f"XML markup {mark}" for mark in _MARKUP if mark in haystack)
     for i, raw in enumerate(run.secrets.assertions):
+        found.extend(
+            f"assertion {i} content {text[:16]}"
+            for text in decoded_content(raw)
+            if text in haystack
+        )
         for name, encoded in (
             ("base64", base64.b64encode(raw).decode()),
             ("base64url", base64.urlsafe_b64encode(raw).decode().rstrip("=")),
@@ -262,6 +304,9 @@ async def test_no_secret_in_logs_metrics_or_error_answers(run: Run) -> None:
     jwt = run.jwt_as.last_form.get("client_assertion", "")
     secrets.exact = [CLIENT_SECRET, basic, *key_lines, *jwt.split(".")[1:]]
     assert len(secrets.tokens) >= 4 and jwt, "the run did not exercise both token endpoints"
+    # Every assertion sent has a NameID, an attribute value, an Issuer and an Audience to
+    # look for.
+    assert all(len(decoded_content(raw)) == 4 for raw in secrets.assertions)
 
     logs = run.gateway.logs()
     # The run was logged, at debug level, request by request.
@@ -271,3 +316,47 @@ async def test_no_secret_in_logs_metrics_or_error_answers(run: Run) -> None:
     assert leaks(logs, run) == []
     for exposed in run.exposed:
         assert leaks(exposed, run) == [], exposed[:300]
+
+
+_LOG_PROBE = """
+import logging, sys
+from gateway.logs import setup_logging
+setup_logging("json", sys.argv[1])
+for name in ("gateway", "signxml", "signxml.processor", "lxml", "aiohttp.client",
+             "aiohttp.server", "aiohttp.internal", "aiohttp.web", "redis.connection", "urllib3"):
+    for level in (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR):
+        logging.getLogger(name).log(level, "probe %s %s", name, logging.getLevelName(level))
+"""
+
+
+@pytest.mark.parametrize("level", ["debug", "info", "warning", "error"])
+def test_document_loggers_stay_at_warning_whatever_the_level(level: str) -> None:
+    """What the real ``setup_logging`` lets through: the gateway's own loggers follow the
+    level, the libraries that log document content never go below WARNING."""
+    probe = subprocess.run(
+        [sys.executable, "-c", _LOG_PROBE, level],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    printed = {
+        (line["msg"].split()[1], line["level"])
+        for line in map(json.loads, probe.stderr.split("\n")[:-1])
+    }
+    order = ["debug", "info", "warning", "error"]
+    wanted = order[order.index(level) :]
+    assert {lvl for name, lvl in printed if name == "gateway"} == set(wanted)
+    floor = order[max(order.index(level), order.index("warning")) :]
+    for name in (
+        "signxml",
+        "signxml.processor",
+        "lxml",
+        "aiohttp.client",
+        "aiohttp.server",
+        "aiohttp.internal",
+        "aiohttp.web",
+        "redis.connection",
+        "urllib3",
+    ):
+        assert {lvl for n, lvl in printed if n == name} == set(floor), name

@@ -180,7 +180,8 @@ class Forwarder:
         """Forward ``request`` to ``route``'s upstream with ``token``; stream the answer back.
 
         ``strip`` names the headers that carried the assertion; ``stamp`` holds headers the
-        gateway adds to the answer (its X-Request-ID), whatever the upstream said. Raises
+        gateway adds to the answer (its X-Request-ID), whatever the upstream said; its
+        X-Request-ID also replaces the client's on the request sent upstream. Raises
         ``RequestTooLarge``, ``UpstreamError`` or ``UpstreamTimeout`` when nothing has been
         sent to the client yet.
         """
@@ -199,6 +200,8 @@ class Forwarder:
             trusted_proxies=self._trusted,
             preserve_host=route.preserve_host,
             upstream_host=plan.upstream_host,
+            # The upstream's logs then name the request as ours and the client's answer do.
+            request_id=stamp.get("X-Request-ID"),
         )
         url = upstream_url(
             route.upstream, request_target(request), route.path_prefix, route.strip_prefix

@@ -4,8 +4,11 @@ Rules this module owns (each check below names the attack it stops):
 - Exactly one ``saml:Assertion`` in the whole document, either the root or the only
   assertion child of a ``samlp:Response``; the assertion itself carries the signature.
 - The signature is pinned: a direct child of that assertion, one Reference to ``#<its ID>``,
-  only enveloped + exclusive-c14n transforms, no ``ds:Object``, allowed algorithms only;
-  verified by signxml against the pinned keys only.
+  transforms exactly [enveloped-signature, exclusive c14n], no ``ds:Object``, allowed
+  algorithms only; verified by signxml against the pinned keys only.
+- A ``samlp:Response`` that carries its own signature must pass the same profile (Reference
+  to ``#<Response ID>``) and verify with the same keys: a broken signature anywhere in the
+  document is evidence of tampering, even where it covers nothing we read.
 - Every claim is read from the subtree signxml returns as signed, after checking it is the
   presented assertion.
 - Pure: no I/O, no clock; ``now`` is an argument. Every failure is ``InvalidAssertion``
@@ -15,6 +18,7 @@ Rules this module owns (each check below names the attack it stops):
 from __future__ import annotations
 
 import base64
+import hashlib
 import re
 from collections.abc import Iterable
 from dataclasses import replace
@@ -54,6 +58,9 @@ _SUCCESS = "urn:oasis:names:tc:SAML:2.0:status:Success"
 _EXC_C14N = CanonicalizationMethod.EXCLUSIVE_XML_CANONICALIZATION_1_0.value
 _ENVELOPED = "http://www.w3.org/2000/09/xmldsig#enveloped-signature"
 _ALLOWED_TRANSFORMS = frozenset({_ENVELOPED, _EXC_C14N})
+_TRANSFORMS = f"{{{_DS}}}Transforms"
+_TRANSFORM = f"{{{_DS}}}Transform"
+_INCLUSIVE_NAMESPACES = f"{{{_EXC_C14N}}}InclusiveNamespaces"
 # Attribute names signxml treats as IDs when it resolves a Reference: all must be unique.
 _ID_NAMES = frozenset({"ID", "Id", "id", "{http://www.w3.org/XML/1998/namespace}id"})
 
@@ -148,16 +155,20 @@ def _one(element: etree._Element, path: str, what: str) -> etree._Element:
     return found[0]
 
 
-def _check_signature(
-    assertion: etree._Element, assertion_id: str, allow_sha1: bool
-) -> etree._Element:
-    """The assertion's pinned signature; returns its element."""
-    signatures = assertion.findall(_SIGNATURE)
+def _only_signature(element: etree._Element, what: str) -> etree._Element:
+    """The one ds:Signature child of ``element`` (signxml would take the first of several)."""
+    signatures = element.findall(_SIGNATURE)
     if not signatures:
-        raise _reject("signature", "the assertion is not signed")
+        raise _reject("signature", f"the {what} is not signed")
     if len(signatures) > 1:
-        raise _reject("wrapping", "the assertion carries several signatures")
-    signature = signatures[0]
+        raise _reject("wrapping", f"the {what} carries several signatures")
+    return signatures[0]
+
+
+def _check_signature(
+    signature: etree._Element, element_id: str, allow_sha1: bool, what: str
+) -> None:
+    """The pinned profile of one signature over the element ``what`` whose ID is given."""
     signed_info = _one(signature, f"{{{_DS}}}SignedInfo", "ds:SignedInfo")
     c14n = _one(signed_info, f"{{{_DS}}}CanonicalizationMethod", "CanonicalizationMethod")
     if c14n.get("Algorithm") != _EXC_C14N:
@@ -170,18 +181,52 @@ def _check_signature(
     if len(references) != 1:
         raise _reject("wrapping", f"expected one Reference, found {len(references)}")
     reference = references[0]
-    # The one Reference must point at this very assertion, or a valid signature over some
+    # The one Reference must point at this very element, or a valid signature over some
     # other element would vouch for claims it never covered.
-    if reference.get("URI") != "#" + assertion_id:
-        raise _reject("wrapping", "the Reference does not point at the assertion")
-    for transform in reference.iterfind(f"{{{_DS}}}Transforms/{{{_DS}}}Transform"):
-        if transform.get("Algorithm") not in _ALLOWED_TRANSFORMS:
-            raise _reject("algorithm", "transform other than enveloped and exclusive c14n")
+    if reference.get("URI") != "#" + element_id:
+        raise _reject("wrapping", f"the Reference does not point at the {what}")
+    _check_transforms(reference)
     digest_el = _one(reference, f"{{{_DS}}}DigestMethod", "DigestMethod")
     digest = _DIGEST_BY_URI.get(digest_el.get("Algorithm") or "")
     if digest not in _STRONG_DIGESTS and not (allow_sha1 and digest is DigestAlgorithm.SHA1):
         raise _reject("algorithm", f"digest method not allowed: {_name(digest)}")
-    return signature
+
+
+def _check_transforms(reference: etree._Element) -> None:
+    """Exactly [enveloped-signature, exclusive c14n], checked before anything is verified.
+
+    signxml runs the enveloped transform first whatever its position, runs each c14n it
+    finds, and skips algorithms it does not know (an XPath filter is silently not applied),
+    so a list it accepts can mean something else to the authorization server's verifier.
+    [enveloped-signature] alone is refused too: XML-DSig then digests with inclusive c14n
+    (signxml: c14n 1.1), which SAML core 5.4.3 asks to avoid, and no IdP we know sends it.
+    """
+    containers = reference.findall(_TRANSFORMS)
+    if len(containers) != 1:
+        # none: the digest would cover the signature itself; several: signxml reads the first
+        raise _reject("wrapping", f"expected one Transforms, found {len(containers)}")
+    steps = list(containers[0])  # comments and PIs were dropped at parse time
+    if any(step.tag != _TRANSFORM for step in steps):
+        raise _reject("wrapping", "Transforms holds something other than ds:Transform")
+    algorithms = [step.get("Algorithm") for step in steps]
+    if any(algorithm not in _ALLOWED_TRANSFORMS for algorithm in algorithms):
+        raise _reject("algorithm", "transform other than enveloped and exclusive c14n")
+    if algorithms == [_ENVELOPED]:
+        raise _reject("algorithm", "no exclusive c14n transform (inclusive c14n implied)")
+    if algorithms != [_ENVELOPED, _EXC_C14N]:
+        raise _reject("wrapping", "transforms are not exactly enveloped, then exclusive c14n")
+    enveloped, exclusive = steps
+    if len(enveloped):
+        raise _reject("wrapping", "the enveloped-signature transform takes no parameters")
+    # exc-c14n takes one optional parameter: InclusiveNamespaces PrefixList (Okta sends it).
+    parameters = list(exclusive)
+    if parameters and (
+        len(parameters) != 1
+        or parameters[0].tag != _INCLUSIVE_NAMESPACES
+        or len(parameters[0])
+        or set(parameters[0].attrib) != {"PrefixList"}
+    ):
+        raise _reject("wrapping", "exclusive c14n parameters other than InclusiveNamespaces")
 
 
 def _name(algorithm: SignatureMethod | DigestAlgorithm | None) -> str:
@@ -257,6 +302,34 @@ def _verify(
             raise _reject("signature", "signed content is not XML")
         return signed
     raise _reject("signature", last)
+
+
+def _response_signature(root: etree._Element, allow_sha1: bool) -> etree._Element | None:
+    """The Response's own signature, profile-checked; None if it has none (or no Response)."""
+    if root.tag != _RESPONSE or root.find(_SIGNATURE) is None:
+        return None
+    signature = _only_signature(root, "Response")
+    response_id = root.get("ID")
+    if not response_id:
+        raise _reject("malformed", "the signed Response has no ID")
+    _check_signature(signature, response_id, allow_sha1, "Response")
+    return signature
+
+
+def _verify_response(
+    raw: bytes,
+    root: etree._Element,
+    signature: etree._Element,
+    policy: TrustPolicy,
+    now: datetime,
+) -> None:
+    """The Response's signature must hold too, though we read nothing it alone covers."""
+    try:
+        signed = _verify(raw, signature, policy, now)
+    except InvalidAssertion as exc:
+        raise _reject(exc.reason, f"the Response's signature: {exc.detail}") from None
+    if signed.tag != _RESPONSE or signed.get("ID") != root.get("ID"):
+        raise _reject("wrapping", "the Response's signature covers another element")
 
 
 # --- claims, read from the signed subtree only ----------------------------------------
@@ -397,7 +470,9 @@ def validate_assertion(
     if assertion.get("Version") != "2.0":
         raise _reject("malformed", "the assertion is not SAML 2.0")
     _check_structure(root, assertion)
-    signature = _check_signature(assertion, assertion_id, policy.allow_sha1)
+    signature = _only_signature(assertion, "assertion")
+    _check_signature(signature, assertion_id, policy.allow_sha1, "assertion")
+    response_signature = _response_signature(root, policy.allow_sha1)
     # Only the assertion is handed to signxml, so it cannot find a signature or resolve a
     # Reference anywhere else in the document. lxml keeps the in-scope namespace declarations
     # and exclusive c14n ignores unused ones, so these bytes stand alone, signature valid.
@@ -406,6 +481,8 @@ def validate_assertion(
     # What signxml vouches for must be the assertion we located, not some other element.
     if signed.tag != _ASSERTION or signed.get("ID") != assertion_id:
         raise _reject("wrapping", "the signed element is not the presented assertion")
+    if response_signature is not None:
+        _verify_response(raw, root, response_signature, policy, now)
     issuer, subject, audiences, recipient, limit = _claims(signed, policy, now)
     return Assertion(
         id=assertion_id,
@@ -419,4 +496,9 @@ def validate_assertion(
         # RFC 7522 2.1: the grant carries a single Assertion, not the Response around it
         # (whose Issuer, Status and Destination no signature we checked covers).
         raw=raw if assertion is root else assertion_xml,
+        # What was signed, in canonical form: the same for every byte variant.
+        fingerprint=hashlib.sha256(
+            etree.tostring(signed, method="c14n", exclusive=True, with_comments=False)
+        ).digest(),
+        clock_skew=policy.clock_skew,
     )

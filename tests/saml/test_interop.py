@@ -90,3 +90,29 @@ def test_vector_gets_the_manifest_verdict(vector: dict[str, Any]) -> None:
         result.not_on_or_after,
     )
     assert alone.raw == result.raw
+
+
+def _vector(name: str) -> dict[str, Any]:
+    return next(v for v in _vectors() if v["name"] == name)
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        # gosaml2's OneLogin scenario 15: IssueInstant changed after signing
+        (b'IssueInstant="2016-07-25T23:20:14.859Z"', b'IssueInstant="2016-07-25T23:20:15.859Z"'),
+        (b'Destination="http://localhost:8080/v1/_saml_callback"', b'Destination="http://x/"'),
+    ],
+    ids=["issue-instant", "destination"],
+)
+def test_real_response_signature_altered_after_signing_is_refused(old: bytes, new: bytes) -> None:
+    # Okta signs both the Response and the assertion; the assertion is left intact here.
+    vector = _vector("okta_both_signed")
+    raw = (INTEROP / vector["file"]).read_bytes()
+    # the first occurrence is on the Response element, before the assertion begins
+    assert -1 < raw.find(old) < raw.find(b"Assertion ")
+    tampered = raw.replace(old, new, 1)
+    with pytest.raises(InvalidAssertion) as caught:
+        validate_assertion(tampered, _policy(vector), _instant(vector["verify_at"]))
+    assert caught.value.reason == "signature"
+    assert "Response" in caught.value.detail
