@@ -38,6 +38,7 @@ _STARTUP_SECONDS = 5.0  # a worker that exits sooner failed to start
 WORKER_ENV = "SAML_GATEWAY_WORKER"  # the worker's slot, 1..N: its log lines carry it
 HOST_STORE_ENV = "SAML_GATEWAY_HOST_STORE"  # the token database the workers share
 HOST_STORE_KEY_FD_ENV = "SAML_GATEWAY_HOST_STORE_KEY_FD"
+LISTENING_FD_ENV = "SAML_GATEWAY_LISTENING_FD"  # a pipe the worker writes to once it listens
 METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's multiprocess mode
 
 
@@ -75,6 +76,7 @@ async def serve(
         log.error("cannot listen: %s", exc.strerror or exc)
         await server.close()
         return 1
+    _tell_supervisor_listening()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     reloads: set[asyncio.Task[bool]] = set()
@@ -97,14 +99,25 @@ async def serve(
     return 0
 
 
+def _tell_supervisor_listening() -> None:
+    fd = os.environ.pop(LISTENING_FD_ENV, None)
+    if fd is None or not fd.isdigit():
+        return
+    with contextlib.suppress(OSError):  # a supervisor gone away has nothing to learn
+        os.write(int(fd), b"1")
+        os.close(int(fd))
+
+
 def supervise(
     config_path: Path, args: argparse.Namespace, workers: int, *, share_tokens: bool = True
 ) -> int:
     """``workers: N``: N processes share the listener port (SO_REUSEPORT); signals are relayed.
 
-    A worker of the first generation that fails within its first seconds (a port in use,
-    say) would only fail again: then every worker is stopped and its code returned. A
-    worker that dies later is replaced, with a growing pause if replacements keep dying.
+    A worker of the first generation that exits before it listens (a port in use, say)
+    would only fail again: then every worker is stopped and its code returned. Each worker
+    says when it listens (a byte on a pipe), so a slow start on a loaded host is not taken
+    for a crash, nor a crash for a failed start. A worker that dies later is replaced, with
+    a growing pause if replacements keep dying within their first seconds.
 
     The workers of one run share a private runtime folder (0700, removed at exit): the
     metrics of all of them (prometheus-client's multiprocess files) and, with
@@ -144,15 +157,27 @@ def _supervise(
         env[HOST_STORE_ENV] = str(create_database(runtime))
         secret = new_secret().encode()
 
+    listening_pipes: list[int] = []  # read ends, by slot
+    listening = [False] * workers
+
     def spawn(slot: int) -> tuple[subprocess.Popen[bytes], float]:
         child_env = {**env, WORKER_ENV: str(slot + 1)}
-        inherited: tuple[int, ...] = ()
+        told, tell = os.pipe()
+        os.set_blocking(told, False)
+        if slot < len(listening_pipes):
+            os.close(listening_pipes[slot])
+            listening_pipes[slot] = told
+        else:
+            listening_pipes.append(told)
+        listening[slot] = False
+        child_env[LISTENING_FD_ENV] = str(tell)
+        inherited: tuple[int, ...] = (tell,)
         if secret is not None:
             read_end, write_end = os.pipe()
             os.write(write_end, secret)  # far below the pipe's buffer: never blocks
             os.close(write_end)
             child_env[HOST_STORE_KEY_FD_ENV] = str(read_end)
-            inherited = (read_end,)
+            inherited += (read_end,)
         try:
             # The worker ignores SIGHUP until its own reload handler is in place.
             child = subprocess.Popen(  # noqa: S603 - our own argv
@@ -162,6 +187,13 @@ def _supervise(
             for fd in inherited:
                 os.close(fd)
         return child, time.monotonic()
+
+    def heard(slot: int) -> bool:
+        """Whether the worker in ``slot`` has said it listens (reads without waiting)."""
+        if not listening[slot]:
+            with contextlib.suppress(BlockingIOError):
+                listening[slot] = os.read(listening_pipes[slot], 1) == b"1"
+        return listening[slot]
 
     children = [spawn(slot) for slot in range(workers)]
     first_generation = [True] * workers
@@ -183,7 +215,7 @@ def _supervise(
             if code is None or stopping:
                 continue
             quick = time.monotonic() - started < _STARTUP_SECONDS
-            if quick and first_generation[i]:
+            if first_generation[i] and not heard(i):
                 log.error("worker %d failed at start (exit %d); stopping", child.pid, code)
                 relay(signal.SIGTERM, None)
                 for other, _ in children:
