@@ -109,10 +109,11 @@ def _immediate(db: sqlite3.Connection) -> Iterator[None]:
     db.execute("BEGIN IMMEDIATE")
     try:
         yield
+        db.execute("COMMIT")
     except BaseException:
-        db.execute("ROLLBACK")
+        if db.in_transaction:  # never leave the connection inside a transaction
+            db.execute("ROLLBACK")
         raise
-    db.execute("COMMIT")
 
 
 class SqliteTokenStore:
