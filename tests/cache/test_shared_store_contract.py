@@ -133,11 +133,6 @@ def entry(
     )
 
 
-def needs_bind_id(backend: Backend) -> None:
-    if not hasattr(RedisTokenStore, "bind_id") and backend.kind == "redis":
-        pytest.skip("RedisTokenStore.bind_id comes with the replay-binding change")
-
-
 # --- entries ---------------------------------------------------------------------------------
 
 
@@ -279,7 +274,6 @@ async def test_the_lock_of_a_holder_that_died_expires(backend: Backend) -> None:
 
 
 async def test_the_first_binding_of_an_id_wins_on_every_store(backend: Backend) -> None:
-    needs_bind_id(backend)
     a, b = backend.make(), backend.make()
     until = time.time() + 60
     assert await a.bind_id("okta", "_contract", b"first", until) is None
@@ -290,7 +284,6 @@ async def test_the_first_binding_of_an_id_wins_on_every_store(backend: Backend) 
 
 
 async def test_a_binding_ends_at_its_time(backend: Backend) -> None:
-    needs_bind_id(backend)
     a, b = backend.make(), backend.make()
     assert await a.bind_id("okta", "_contract", b"first", time.time() + 0.3) is None
     await asyncio.sleep(0.5)
@@ -301,7 +294,6 @@ async def test_a_binding_ends_at_its_time(backend: Backend) -> None:
 
 
 async def test_concurrent_bindings_have_exactly_one_winner(backend: Backend) -> None:
-    needs_bind_id(backend)
     stores = [backend.make() for _ in range(3)]
     until = time.time() + 60
     fingerprints = [secrets.token_bytes(32) for _ in range(12)]
@@ -328,8 +320,7 @@ async def test_a_dead_store_behaves_like_an_empty_one(backend: Backend) -> None:
         await store.delete("okta", "_contract")
         async with store.exchange_lock("okta", "_contract") as owned:
             assert owned is True  # nobody can deliver through it: go yourself
-        if hasattr(store, "bind_id"):
-            assert await store.bind_id("okta", "_contract", b"f", time.time() + 60) is None
+        assert await store.bind_id("okta", "_contract", b"f", time.time() + 60) is None
 
 
 # --- two token caches (two workers) on one store ---------------------------------------------
