@@ -304,6 +304,10 @@ class RouteTimeouts(_Frozen):
     connect: Seconds = 5
     read: Seconds = 60
     total: Seconds = 300
+    # A WebSocket is bounded by these alone (HTTP timeouts and reloads do not end it):
+    # closed (1001) after this long without a message either way / this long in all.
+    websocket_idle: Seconds | None = None
+    websocket_lifetime: Seconds | None = None
 
 
 class UpstreamTls(_Frozen):

@@ -59,7 +59,7 @@ async def test_missing_assertion_is_401_with_challenge(stack: Stack) -> None:
         body = await r.json()
     assert body == {
         "error": "invalid_token",
-        "error_description": "the SAML assertion was not accepted",
+        "error_description": "no SAML assertion in the request",
         "request_id": "abc-123",
     }
     assert stack.auth.calls == 0
