@@ -36,6 +36,7 @@ from gateway.metrics import Metrics
 from gateway.pipeline import Runtime, Trace, note_failure
 
 if TYPE_CHECKING:
+    from gateway.cache.entry import SharedStore
     from gateway.cache.redis import RedisTokenStore
 
 log = logging.getLogger("gateway")
@@ -169,6 +170,7 @@ class GatewayServer:
         *,
         config_path: str | Path | None = None,
         reuse_port: bool = False,
+        host_store: SharedStore | None = None,
     ) -> None:
         self.config = config
         # Listeners, workers and cache are set up once, from this; a reload does not change them.
@@ -177,10 +179,13 @@ class GatewayServer:
         self.reuse_port = reuse_port
         self.metrics = Metrics()
         self.shared = self._shared_store(config)
+        # The workers of one host share tokens through the supervisor's store, unless Redis
+        # does it for every replica already.
+        self.host_store = host_store if self.shared is None else None
         self.cache = TokenCache(
             config.cache,
-            shared=self.shared,
-            shared_wait=config.cache.redis.lock_wait if config.cache.redis else 0.0,
+            shared=self.shared or self.host_store,
+            shared_wait=self._shared_wait(config),
         )
         self.metrics.watch_cache(lambda: self.cache)
         self.runtime = Runtime(config, self.cache, self.metrics)
@@ -200,6 +205,15 @@ class GatewayServer:
         from gateway.cache.redis import RedisTokenStore  # only deployments with Redis load it
 
         return RedisTokenStore(config.cache.redis, on_state=self.metrics.observe_redis)
+
+    def _shared_wait(self, config: Config) -> float:
+        if self.shared is not None and config.cache.redis is not None:
+            return config.cache.redis.lock_wait
+        if self.host_store is not None:
+            from gateway.cache.sqlite import RESULT_WAIT
+
+            return RESULT_WAIT
+        return 0.0
 
     # --- HTTP ------------------------------------------------------------------------------
 
@@ -488,4 +502,6 @@ class GatewayServer:
         await self.cache.close()
         if self.shared is not None:
             await self.shared.close()
+        if self.host_store is not None:
+            await self.host_store.close()
         log.info("stopped")

@@ -10,15 +10,17 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Coroutine
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -26,9 +28,20 @@ from gateway.config import Config
 from gateway.errors import ConfigError
 from gateway.logs import setup_logging
 
+if TYPE_CHECKING:
+    from gateway.cache.entry import SharedStore
+
 log = logging.getLogger("gateway")
 
 _STARTUP_SECONDS = 5.0  # a worker that exits sooner failed to start
+
+# What the supervisor hands each worker. The host store's sealing secret travels through an
+# inherited pipe (its descriptor number in the environment), never in the environment itself.
+WORKER_ENV = "SAML_GATEWAY_WORKER"  # the worker's slot, 1..N: its log lines carry it
+HOST_STORE_ENV = "SAML_GATEWAY_HOST_STORE"  # the token database the workers share
+HOST_STORE_KEY_FD_ENV = "SAML_GATEWAY_HOST_STORE_KEY_FD"
+LISTENING_FD_ENV = "SAML_GATEWAY_LISTENING_FD"  # a pipe the worker writes to once it listens
+METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's multiprocess mode
 
 
 def run_loop(main: Coroutine[Any, Any, int]) -> int:
@@ -43,11 +56,19 @@ def run_loop(main: Coroutine[Any, Any, int]) -> int:
         return runner.run(main)
 
 
-async def serve(config: Config, config_path: Path, *, reuse_port: bool = False) -> int:
+async def serve(
+    config: Config,
+    config_path: Path,
+    *,
+    reuse_port: bool = False,
+    host_store: SharedStore | None = None,
+) -> int:
     from gateway.app import GatewayServer
 
     try:
-        server = GatewayServer(config, config_path=config_path, reuse_port=reuse_port)
+        server = GatewayServer(
+            config, config_path=config_path, reuse_port=reuse_port, host_store=host_store
+        )
     except ConfigError as exc:  # e.g. a Redis encryption key too short to use
         _report(str(config_path), exc.problems)
         return 2
@@ -57,6 +78,7 @@ async def serve(config: Config, config_path: Path, *, reuse_port: bool = False) 
         log.error("cannot listen: %s", exc.strerror or exc)
         await server.close()
         return 1
+    _tell_supervisor_listening()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     reloads: set[asyncio.Task[bool]] = set()
@@ -79,25 +101,103 @@ async def serve(config: Config, config_path: Path, *, reuse_port: bool = False) 
     return 0
 
 
-def supervise(config_path: Path, args: argparse.Namespace, workers: int) -> int:
+def _tell_supervisor_listening() -> None:
+    fd = os.environ.pop(LISTENING_FD_ENV, None)
+    if fd is None or not fd.isdigit():
+        return
+    with contextlib.suppress(OSError):  # a supervisor gone away has nothing to learn
+        os.write(int(fd), b"1")
+        os.close(int(fd))
+
+
+def supervise(
+    config_path: Path, args: argparse.Namespace, workers: int, *, share_tokens: bool = True
+) -> int:
     """``workers: N``: N processes share the listener port (SO_REUSEPORT); signals are relayed.
 
-    A worker of the first generation that fails within its first seconds (a port in use,
-    say) would only fail again: then every worker is stopped and its code returned. A
-    worker that dies later is replaced, with a growing pause if replacements keep dying.
+    A worker of the first generation that exits before it listens (a port in use, say)
+    would only fail again: then every worker is stopped and its code returned. Each worker
+    says when it listens (a byte on a pipe), so a slow start on a loaded host is not taken
+    for a crash, nor a crash for a failed start. A worker that dies later is replaced, with
+    a growing pause if replacements keep dying within their first seconds.
+
+    The workers of one run share a private runtime folder (0700, removed at exit): the
+    metrics of all of them (prometheus-client's multiprocess files) and, with
+    ``share_tokens`` (no Redis), the SQLite token store, sealed under a secret drawn here.
     """
+    runtime = Path(tempfile.mkdtemp(prefix="saml-gateway-", dir=_runtime_base()))
+    try:
+        return _supervise(config_path, args, workers, runtime, share_tokens)
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)
+
+
+def _runtime_base() -> str | None:
+    """$XDG_RUNTIME_DIR (a per-user tmpfs) when usable, else the system's temporary folder."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    usable = base and os.path.isdir(base) and os.access(base, os.W_OK | os.X_OK)
+    return base if usable else None
+
+
+def _supervise(
+    config_path: Path, args: argparse.Namespace, workers: int, runtime: Path, share_tokens: bool
+) -> int:
+    from prometheus_client.multiprocess import mark_process_dead
+
     command = [sys.executable, "-m", "gateway", "run", "-c", str(config_path), "--worker"]
     if args.log_format:
         command += ["--log-format", args.log_format]
     if args.log_level:
         command += ["--log-level", args.log_level]
+    metrics = runtime / "metrics"
+    metrics.mkdir()
+    env = {**os.environ, METRICS_ENV: str(metrics)}
+    secret = None
+    if share_tokens:
+        from gateway.cache.sqlite import create_database, new_secret
 
-    def spawn() -> tuple[subprocess.Popen[bytes], float]:
-        # The worker ignores SIGHUP until its own reload handler is in place.
-        child = subprocess.Popen(command, preexec_fn=_ignore_sighup)  # noqa: S603 - our own argv
+        env[HOST_STORE_ENV] = str(create_database(runtime))
+        secret = new_secret().encode()
+
+    listening_pipes: list[int] = []  # read ends, by slot
+    listening = [False] * workers
+
+    def spawn(slot: int) -> tuple[subprocess.Popen[bytes], float]:
+        child_env = {**env, WORKER_ENV: str(slot + 1)}
+        told, tell = os.pipe()
+        os.set_blocking(told, False)
+        if slot < len(listening_pipes):
+            os.close(listening_pipes[slot])
+            listening_pipes[slot] = told
+        else:
+            listening_pipes.append(told)
+        listening[slot] = False
+        child_env[LISTENING_FD_ENV] = str(tell)
+        inherited: tuple[int, ...] = (tell,)
+        if secret is not None:
+            read_end, write_end = os.pipe()
+            os.write(write_end, secret)  # far below the pipe's buffer: never blocks
+            os.close(write_end)
+            child_env[HOST_STORE_KEY_FD_ENV] = str(read_end)
+            inherited += (read_end,)
+        try:
+            # The worker ignores SIGHUP until its own reload handler is in place.
+            child = subprocess.Popen(  # noqa: S603 - our own argv
+                command, preexec_fn=_ignore_sighup, env=child_env, pass_fds=inherited
+            )
+        finally:
+            for fd in inherited:
+                os.close(fd)
         return child, time.monotonic()
 
-    children = [spawn() for _ in range(workers)]
+    def heard(slot: int) -> bool:
+        """Whether the worker in ``slot`` has said it listens (reads without waiting)."""
+        if not listening[slot]:
+            with contextlib.suppress(BlockingIOError):
+                listening[slot] = os.read(listening_pipes[slot], 1) == b"1"
+        return listening[slot]
+
+    children = [spawn(slot) for slot in range(workers)]
     first_generation = [True] * workers
     pause = [0.0] * workers  # before the next replacement of that slot
     stopping = False
@@ -117,19 +217,21 @@ def supervise(config_path: Path, args: argparse.Namespace, workers: int) -> int:
             if code is None or stopping:
                 continue
             quick = time.monotonic() - started < _STARTUP_SECONDS
-            if quick and first_generation[i]:
+            if first_generation[i] and not heard(i):
                 log.error("worker %d failed at start (exit %d); stopping", child.pid, code)
                 relay(signal.SIGTERM, None)
                 for other, _ in children:
                     other.wait()
                 return _exit_status(code)
+            # its gauges stop counting (the "live" aggregates); its counters stay in the sums
+            mark_process_dead(child.pid, str(metrics))  # type: ignore[no-untyped-call]  # unannotated upstream
             pause[i] = min(max(pause[i] * 2, 1.0), 30.0) if quick else 0.0
             log.error(
                 "worker %d exited with %d; starting a new one in %.0f s", child.pid, code, pause[i]
             )
             time.sleep(pause[i])
             if not stopping:  # a stop may have come during the pause
-                children[i], first_generation[i] = spawn(), False
+                children[i], first_generation[i] = spawn(i), False
         if stopping and all(child.poll() is not None for child, _ in children):
             # A worker still starting when the stop came dies of the relayed signal: that
             # is the stop asked for, not a failure.
@@ -178,11 +280,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return 2
-    setup_logging(args.log_format or config.log.format, args.log_level or config.log.level)
+    slot = os.environ.get(WORKER_ENV, "") if args.worker else ""
+    worker = int(slot) if slot.isdigit() else None
+    log_format, log_level = args.log_format or config.log.format, args.log_level or config.log.level
+    setup_logging(log_format, log_level, worker=worker)
     path = Path(args.config)
     if config.workers > 1 and not args.worker:
-        return supervise(path, args, config.workers)
-    return run_loop(serve(config, path, reuse_port=args.worker))
+        share_tokens = config.cache.backend != "redis"
+        return supervise(path, args, config.workers, share_tokens=share_tokens)
+    host_store = _host_store(config) if args.worker else None
+    return run_loop(serve(config, path, reuse_port=args.worker, host_store=host_store))
+
+
+def _host_store(config: Config) -> SharedStore | None:
+    """The token store the supervisor made for its workers, or None (Redis, or no supervisor)."""
+    database, key_fd = os.environ.get(HOST_STORE_ENV), os.environ.pop(HOST_STORE_KEY_FD_ENV, None)
+    if database is None or key_fd is None:
+        return None
+    from gateway.cache.sqlite import SqliteTokenStore
+
+    with os.fdopen(int(key_fd), "rb") as pipe:
+        secret = pipe.read().decode()
+    # A hold ends when the exchange does (retries included) or, if its worker died, when the
+    # lock expires: waiting that long never waits for nothing.
+    longest = max(server.retries.deadline for server in config.authorization_servers.values())
+    lock_ttl = 10.0
+    return SqliteTokenStore(Path(database), secret, lock_ttl=lock_ttl, lock_wait=longest + lock_ttl)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

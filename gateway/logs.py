@@ -25,6 +25,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        worker = getattr(record, "worker", None)
+        if worker is not None:
+            line["worker"] = worker
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
             line.update(fields)
@@ -74,6 +77,9 @@ class TextFormatter(logging.Formatter):
         record.message = self._message(record)
         record.asctime = self.formatTime(record, self.datefmt)
         text = self.formatMessage(record)
+        worker = getattr(record, "worker", None)
+        if worker is not None:
+            text += f" worker={worker}"
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict) and fields:
             text += " " + " ".join(
@@ -110,7 +116,19 @@ class QuietParseErrors(logging.Filter):
         return True
 
 
-def setup_logging(fmt: str = "json", level: str = "info") -> None:
+class NameWorker(logging.Filter):
+    """Stamps every line with the worker that wrote it (``workers: N``)."""
+
+    def __init__(self, worker: int) -> None:
+        super().__init__()
+        self.worker = worker
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.worker
+        return True
+
+
+def setup_logging(fmt: str = "json", level: str = "info", *, worker: int | None = None) -> None:
     # One access line per request: skip what our formatters never print (the caller's
     # frame, thread, process and multiprocessing names), as the logging docs advise.
     logging.logThreads = False
@@ -119,6 +137,8 @@ def setup_logging(fmt: str = "json", level: str = "info") -> None:
     logging._srcfile = None  # the documented switch for "no caller lookup"
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    if worker is not None:
+        handler.addFilter(NameWorker(worker))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

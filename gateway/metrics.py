@@ -1,18 +1,37 @@
 """Prometheus metrics, one registry per process (never the global one, so tests can run
 several gateways in one process). Cache counters are read at scrape time, so the hot path
-pays nothing for them."""
+pays nothing for them.
+
+``workers: N``: the supervisor sets ``PROMETHEUS_MULTIPROC_DIR`` for its workers, so
+prometheus-client keeps every value in per-process files there, and whichever worker answers
+a scrape reports the whole host. Counters and histograms are sums over every worker of the
+run (a replaced worker's counts stay in). Gauges: ``gateway_cache_size`` and
+``gateway_singleflight_waiters`` are sums over the live workers (each worker's LRU holds its
+own copy of a token, so a token two workers hold counts twice); ``gateway_redis_up`` is the
+minimum over the live workers (1 only while every worker's Redis answers). The cache's own
+counters reach the files once a second, and at once for the worker answering the scrape.
+"""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from gateway.cache import TokenCache
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_SYNC_SECONDS = 1.0  # how often a worker copies its cache counters to the shared files
+
+
+def multiprocess() -> bool:
+    """Whether prometheus-client keeps values in shared files: it decided when it was first
+    imported (``PROMETHEUS_MULTIPROC_DIR`` set then), so ask it rather than the environment."""
+    return values.ValueClass is not values.MutexValue
 
 
 class _CacheCollector(Collector):
@@ -45,6 +64,58 @@ class _CacheCollector(Collector):
             "Requests waiting on an exchange another request started",
             value=cache.waiters,
         )
+
+
+class _CacheFiles:
+    """Multiprocess mode: copies what ``_CacheCollector`` reads into prometheus-client's
+    files (counters by their increase since the last copy, gauges as they are)."""
+
+    def __init__(self, source: _CacheCollector) -> None:
+        self._source = source
+        self._counters: dict[str, Counter] = {}
+        self._gauges: dict[str, Gauge] = {}
+        self._copied: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+
+    def sync(self) -> None:
+        for family in self._source.collect():
+            for sample in family.samples:
+                names = sorted(sample.labels)
+                values = [sample.labels[name] for name in names]
+                if family.type == "counter" and sample.name.endswith("_total"):
+                    counter = self._counters.get(family.name)
+                    if counter is None:
+                        counter = Counter(family.name, family.documentation, names, registry=None)
+                        self._counters[family.name] = counter
+                    key = (family.name, tuple(sorted(sample.labels.items())))
+                    increase = sample.value - self._copied.get(key, 0.0)
+                    self._copied[key] = sample.value
+                    if increase > 0:  # a smaller value is a new cache: nothing to add
+                        (counter.labels(*values) if names else counter).inc(increase)
+                elif family.type == "gauge":
+                    gauge = self._gauges.get(family.name)
+                    if gauge is None:
+                        gauge = Gauge(
+                            family.name,
+                            family.documentation,
+                            names,
+                            registry=None,
+                            multiprocess_mode="livesum",
+                        )
+                        self._gauges[family.name] = gauge
+                    (gauge.labels(*values) if names else gauge).set(sample.value)
+
+    def every(self, seconds: float) -> None:
+        """Copy now and then every ``seconds`` on the running loop (none: at scrapes only)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+
+        def tick() -> None:
+            self.sync()
+            loop.call_later(seconds, tick)
+
+        loop.call_later(seconds, tick)
 
 
 class Metrics:
@@ -92,6 +163,7 @@ class Metrics:
         self.reloads = Counter(
             "gateway_config_reloads", "Config reloads by result", ["result"], registry=r
         )
+        self._cache_files: _CacheFiles | None = None
 
     # Label lookups cost a few µs each; the hot path keeps the children it has used.
     def observe_request(self, route: str, status: int, seconds: float) -> None:
@@ -112,7 +184,12 @@ class Metrics:
         histogram.observe(seconds)
 
     def watch_cache(self, cache: Callable[[], TokenCache]) -> None:
-        self.registry.register(_CacheCollector(cache))
+        collector = _CacheCollector(cache)
+        if multiprocess():
+            self._cache_files = _CacheFiles(collector)
+            self._cache_files.every(_SYNC_SECONDS)
+        else:
+            self.registry.register(collector)
 
     def observe_exchange(self, server: str, outcome: str, seconds: float) -> None:
         self.exchanges.labels(server, outcome).inc()
@@ -121,9 +198,18 @@ class Metrics:
     def observe_redis(self, up: bool) -> None:
         if self.redis_up is None:
             self.redis_up = Gauge(
-                "gateway_redis_up", "1 while the shared Redis store answers", registry=self.registry
+                "gateway_redis_up",
+                "1 while the shared Redis store answers",
+                registry=self.registry,
+                multiprocess_mode="livemin",
             )
         self.redis_up.set(1 if up else 0)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if not multiprocess():
+            return generate_latest(self.registry)
+        if self._cache_files is not None:
+            self._cache_files.sync()
+        host = CollectorRegistry()  # a fresh one per scrape, as prometheus-client advises
+        MultiProcessCollector(host)  # type: ignore[no-untyped-call]  # unannotated upstream
+        return generate_latest(host)
