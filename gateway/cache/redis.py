@@ -339,6 +339,11 @@ def parse_multi_host_url(url: str, default_port: int) -> MultiHostUrl:
     return MultiHostUrl(tuple(hosts), path, username, password)
 
 
+def _url_password(url: str) -> str | None:
+    userinfo, at, _ = urlsplit(url).netloc.rpartition("@")
+    return unquote(userinfo.partition(":")[2]) or None if at else None
+
+
 def _public_url(url: str) -> str:
     parts = urlsplit(url)
     if "@" not in parts.netloc:
@@ -365,6 +370,31 @@ class _SentinelMaster(Redis):
             await sentinel.aclose()
 
 
+def uses_tls(settings: RedisSettings) -> bool:
+    """Whether the data connections (the master, the cluster nodes) speak TLS: always for
+    ``rediss://``; for sentinel and cluster URLs, which have no TLS scheme of their own,
+    when ``ca_file`` or ``cert_file`` is set. ``redis://`` with either is a config error."""
+    scheme = urlsplit(settings.url).scheme
+    return scheme == "rediss" or (
+        scheme in ("redis+sentinel", "redis+cluster")
+        and (settings.ca_file is not None or settings.cert_file is not None)
+    )
+
+
+def tls_options(settings: RedisSettings) -> dict[str, Any]:
+    """redis-py's TLS keywords, the same for every URL kind: the server's certificate is
+    verified against ``ca_file`` (system CAs without it) and must name the host connected
+    to; ``cert_file``/``key_file`` answer a server that asks for a client certificate."""
+    return {
+        "ssl": True,
+        "ssl_cert_reqs": "required",
+        "ssl_check_hostname": True,
+        "ssl_ca_certs": settings.ca_file,
+        "ssl_certfile": settings.cert_file,
+        "ssl_keyfile": settings.key_file,
+    }
+
+
 def connect_redis(settings: RedisSettings) -> RedisClient:
     """A redis-py asyncio client for any URL kind this gateway accepts (see module doc).
 
@@ -378,15 +408,16 @@ def connect_redis(settings: RedisSettings) -> RedisClient:
         "socket_connect_timeout": settings.timeout,
         "decode_responses": False,
     }
-    tls: dict[str, Any] = {"ssl": True, "ssl_ca_certs": settings.ca_file}
+    tls = tls_options(settings)
     if scheme in ("redis", "rediss", "unix"):
         extra = dict(common, retry=_one_retry())
         url = settings.url
         if password is not None:
             extra["password"] = password
             url = _without_password(url)  # from_url lets the URL's password win otherwise
-        if scheme == "rediss" and settings.ca_file:
-            extra["ssl_ca_certs"] = settings.ca_file
+        if scheme == "rediss":
+            tls.pop("ssl")  # the scheme says it; from_url refuses the key with it
+            extra.update(tls)
         return Redis.from_url(url, **extra)
     if scheme == "redis+sentinel":
         target = parse_multi_host_url(settings.url, default_port=26379)
@@ -407,7 +438,7 @@ def connect_redis(settings: RedisSettings) -> RedisClient:
             list(target.hosts), sentinel_kwargs=sentinel_kwargs, retry=_one_retry()
         )
         master_kwargs = dict(common, db=db, password=password)
-        if settings.ca_file:
+        if uses_tls(settings):
             master_kwargs.update(tls)
         client: Redis = sentinel.master_for(
             target.path[0], redis_class=_SentinelMaster, **master_kwargs
@@ -418,7 +449,7 @@ def connect_redis(settings: RedisSettings) -> RedisClient:
         if target.path:
             raise ConfigError(["cache.redis.url: a cluster URL has no path (no database)"])
         kwargs = dict(common, username=target.username, password=password or target.password)
-        if settings.ca_file:
+        if uses_tls(settings):
             kwargs.update(tls)
         return RedisCluster(
             startup_nodes=[ClusterNode(host, port) for host, port in target.hosts],
@@ -464,6 +495,15 @@ class RedisTokenStore:
         self._prefix = settings.key_prefix
         self._timeout = settings.timeout
         self._lock_ttl_ms = max(1, int(settings.lock_ttl * 1000))
+        # Passwords that an exception's message could repeat (a URL, an AUTH argument).
+        self._secrets = [
+            p
+            for p in (
+                settings.password.get_secret_value() if settings.password else None,
+                _url_password(settings.url),
+            )
+            if p
+        ]
         self._up: bool | None = None  # unknown until the first call answers
         self._retry_at = 0.0
 
@@ -591,12 +631,21 @@ class RedisTokenStore:
     def _failed(self, op: str, exc: BaseException) -> None:
         self._retry_at = self._clock() + self._retry_interval
         if self._up is not False:
-            kind = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
             self._set_state(
                 False,
-                f"redis store is down ({op}: {kind}); serving without it, "
+                f"redis store is down ({op}: {self._cause(exc)}); serving without it, "
                 f"retrying every {self._retry_interval:g} s",
             )
+
+    def _cause(self, exc: BaseException) -> str:
+        """What went wrong, for the log: the exception's own words (a refused connection, a
+        certificate that does not verify, a name mismatch), never a password."""
+        if isinstance(exc, TimeoutError) and not str(exc):
+            return "timed out"
+        text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text[:300]
 
     def _set_state(self, up: bool, message: str) -> None:
         self._up = up
