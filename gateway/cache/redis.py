@@ -5,9 +5,12 @@ Rules this module owns:
 - **A dead store behaves like an empty one.** Every call is bounded by ``settings.timeout``
   (``asyncio.timeout`` around each command, plus socket timeouts and no client-side retries)
   and never raises for a store fault. The store keeps one state, up or down, logs one line
-  per change (logger ``gateway.cache.redis``) and tells ``on_state``. While down it retries
-  at most once per ``retry_interval`` (one caller probes, the others return at once), so a
-  dead Redis costs requests nothing and recovery is automatic.
+  per change (logger ``gateway.cache.redis``), naming the cause (the exception's message,
+  passwords masked), and tells ``on_state``. While down it retries after 50 ms, then
+  backs off by doubling to once per ``retry_interval`` (one caller probes, the others
+  return at once), so a dead Redis costs requests nothing and a blip is over quickly.
+- **Health is a write and a read** (``ping``: a probe key set and read back), so a cluster
+  that refuses keys, or a Sentinel master that is gone or demoted, reads as down.
 - **Tokens are encrypted at rest** with AES-256-GCM. Each configured secret
   (``encryption_keys``: key ID → secret string) is stretched into a 256-bit key with
   HKDF-SHA256, so any high-entropy string works (``openssl rand -base64 32`` is a good
@@ -96,6 +99,11 @@ _FAULTS = (RedisError, RedisClusterException, OSError, TimeoutError)
 def _one_retry() -> Retry:
     return Retry(NoBackoff(), 1)  # a fresh one per client: redis-py mutates Retry objects
 
+
+# While down, the first retry comes this soon (seconds), then each wait doubles up to
+# retry_interval.
+_FIRST_RETRY = 0.05
+_PROBE_TTL_MS = 10_000  # a probe key outlives no replica that stopped probing for long
 
 # the lock call's fault default: tells "Redis did not answer" from "taken" (None)
 _STORE_DOWN: object = object()
@@ -506,6 +514,9 @@ class RedisTokenStore:
         ]
         self._up: bool | None = None  # unknown until the first call answers
         self._retry_at = 0.0
+        self._backoff = min(_FIRST_RETRY, retry_interval)
+        # one probe key per store, so replicas probing at once never read each other's
+        self._probe_name = self._prefix.encode() + b"h:" + secrets.token_hex(8).encode()
 
     def __repr__(self) -> str:
         return f"RedisTokenStore(url={_public_url(self._settings.url)!r}, healthy={self.healthy})"
@@ -516,7 +527,18 @@ class RedisTokenStore:
         return self._up is True
 
     async def ping(self) -> bool:
-        return bool(await self._call("ping", self._client.ping, False))
+        """Whether keys can be written and read now: a probe key set and read back. A PING
+        would be answered by a cluster node while the cluster refuses keys, or by a Sentinel
+        master since demoted to a read-only replica."""
+        nonce = secrets.token_hex(8).encode()
+
+        async def probe() -> bool:
+            await self._client.set(self._probe_name, nonce, px=_PROBE_TTL_MS)
+            if await self._client.get(self._probe_name) != nonce:
+                raise RedisError("the probe key did not read back what was written")
+            return True
+
+        return await self._call("probe", probe, False)
 
     async def get(self, profile: str, assertion_id: str) -> CachedToken | None:
         name = entry_name(self._prefix, profile, assertion_id)
@@ -617,7 +639,7 @@ class RedisTokenStore:
             if now < self._retry_at:
                 return default
             # this caller probes; the others keep returning at once until it answers
-            self._retry_at = now + self._retry_interval
+            self._retry_at = now + self._backoff
         try:
             async with asyncio.timeout(self._timeout):
                 result = await command()
@@ -625,16 +647,21 @@ class RedisTokenStore:
             self._failed(op, exc)
             return default
         if self._up is not True:
+            self._backoff = min(_FIRST_RETRY, self._retry_interval)
             self._set_state(True, "redis store is up")
         return result
 
     def _failed(self, op: str, exc: BaseException) -> None:
-        self._retry_at = self._clock() + self._retry_interval
+        # A blip (a restart, a failover) is over in well under a second: retry soon, then
+        # less and less often, never less than once per retry_interval.
+        self._retry_at = self._clock() + self._backoff
+        retry_in = self._backoff
+        self._backoff = min(self._backoff * 2, self._retry_interval)
         if self._up is not False:
             self._set_state(
                 False,
                 f"redis store is down ({op}: {self._cause(exc)}); serving without it, "
-                f"retrying every {self._retry_interval:g} s",
+                f"retrying in {retry_in:g} s, backing off to every {self._retry_interval:g} s",
             )
 
     def _cause(self, exc: BaseException) -> str:
