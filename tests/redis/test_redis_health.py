@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from conftest import KEY_1, FakeClock, make_entry
 
 from gateway.cache.redis import RedisTokenStore
 from gateway.config import RedisSettings
@@ -27,12 +26,13 @@ from gateway.devkit.redis_server import (
 )
 
 HANG_GUARD = 30  # seconds: a broken store must not hang the suite
+SEALING_KEY = "health-test-secret-0123456789abcdef"
 
 
 def settings(url: str, **overrides: Any) -> RedisSettings:
     values: dict[str, Any] = {
         "url": url,
-        "encryption_keys": {"k1": KEY_1},
+        "encryption_keys": {"k1": SEALING_KEY},
         "active_key": "k1",
         "timeout": 1.0,
     }
@@ -93,7 +93,7 @@ async def probe_holder(nodes: list[RedisServer]) -> int:
 
 
 async def test_a_failed_cluster_reads_as_down_although_nodes_answer_ping(
-    cluster: list[RedisServer], fake_clock: FakeClock, caplog: pytest.LogCaptureFixture
+    cluster: list[RedisServer], fake_clock: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="gateway.cache.redis")
     url = ",".join(f"127.0.0.1:{n.port}" for n in cluster)
@@ -152,7 +152,7 @@ async def role(server: RedisServer) -> str:
 
 
 async def test_sentinel_health_follows_the_current_master(
-    redis_binary: None, tmp_path: Path, fake_clock: FakeClock
+    redis_binary: None, tmp_path: Path, fake_clock: Any, entry_factory: Callable[[], Any]
 ) -> None:
     """After a failover the demoted master still answers PING on the pooled connection; the
     probe is a write, so it finds the new master, and what the store writes lands there."""
@@ -200,7 +200,7 @@ async def test_sentinel_health_follows_the_current_master(
                     assert await raw_first.ping() is True  # PING would call it healthy
                 fake_clock.advance(2)
                 assert await store.ping() is True
-                entry = make_entry()
+                entry = entry_factory()
                 await store.put(entry)
                 assert await role(second) == "master"
                 async with aioredis.Redis.from_url(second.url) as raw_second:

@@ -18,17 +18,19 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 import yaml
-from conftest import KEY_1, make_entry
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from gateway.cache.entry import CachedToken
 from gateway.cache.redis import RedisTokenStore, connect_redis
 from gateway.config import RedisSettings
 from gateway.devkit.redis_server import RedisServer, free_port, redis_server_binary
 from gateway.errors import ConfigError
 from gateway.preflight import preflight
+
+SEALING_KEY = "tls-test-secret-0123456789abcdef"
 
 
 @dataclass(frozen=True)
@@ -148,7 +150,7 @@ def tls_redis(tmp_path: Path, pki: Pki) -> Iterator[TlsRedis]:
 def _settings(url: str, **tls: Any) -> RedisSettings:
     values: dict[str, Any] = {
         "url": url,
-        "encryption_keys": {"k1": KEY_1},
+        "encryption_keys": {"k1": SEALING_KEY},
         "active_key": "k1",
         "timeout": 2.0,
     }
@@ -156,11 +158,10 @@ def _settings(url: str, **tls: Any) -> RedisSettings:
     return RedisSettings.model_validate(values)
 
 
-async def _store_roundtrip(settings: RedisSettings) -> tuple[bool, bool]:
+async def _store_roundtrip(settings: RedisSettings, entry: CachedToken) -> tuple[bool, bool]:
     """(healthy after a ping, whether the entry it stored came back)."""
     store = RedisTokenStore(settings)
     try:
-        entry = make_entry()
         healthy = await store.ping()
         await store.put(entry)
         return healthy, (await store.get(entry.profile, entry.assertion_id)) == entry
@@ -169,7 +170,7 @@ async def _store_roundtrip(settings: RedisSettings) -> tuple[bool, bool]:
 
 
 async def test_mutual_tls_stores_and_reads_through_the_tls_port(
-    tls_redis: TlsRedis, pki: Pki
+    tls_redis: TlsRedis, pki: Pki, entry_factory: Callable[[], CachedToken]
 ) -> None:
     settings = _settings(
         f"rediss://127.0.0.1:{tls_redis.tls_port}/0",
@@ -177,7 +178,7 @@ async def test_mutual_tls_stores_and_reads_through_the_tls_port(
         cert_file=pki.client_cert,
         key_file=pki.client_key,
     )
-    assert await _store_roundtrip(settings) == (True, True)
+    assert await _store_roundtrip(settings, entry_factory()) == (True, True)
     raw = aioredis.Redis.from_url(tls_redis.server.url)
     try:
         # what reached the server: one sealed entry under the store's prefix
@@ -232,11 +233,15 @@ REFUSALS: dict[str, tuple[Refusal, tuple[str, ...]]] = {
 
 @pytest.mark.parametrize("case", sorted(REFUSALS))
 async def test_refused_tls_is_down_and_logged_with_its_cause(
-    case: str, tls_redis: TlsRedis, pki: Pki, caplog: pytest.LogCaptureFixture
+    case: str,
+    tls_redis: TlsRedis,
+    pki: Pki,
+    caplog: pytest.LogCaptureFixture,
+    entry_factory: Callable[[], CachedToken],
 ) -> None:
     make_settings, causes = REFUSALS[case]
     caplog.set_level(logging.WARNING, logger="gateway.cache.redis")
-    healthy, served = await _store_roundtrip(make_settings(tls_redis, pki))
+    healthy, served = await _store_roundtrip(make_settings(tls_redis, pki), entry_factory())
     assert (healthy, served) == (False, False)
     down = [r.getMessage() for r in caplog.records if "redis store is down" in r.getMessage()]
     assert len(down) == 1, down
@@ -294,7 +299,7 @@ def test_tls_settings_that_would_be_ignored_are_config_errors(
 
     files = {"ca": pki.ca, "crt": pki.client_cert, "key": pki.client_key}
     redis = {k: (str(files[v]) if k.endswith("_file") else v) for k, v in values.items()}
-    redis.update({"encryption_keys": {"k1": KEY_1}, "active_key": "k1"})
+    redis.update({"encryption_keys": {"k1": SEALING_KEY}, "active_key": "k1"})
     with pytest.raises(ConfigError) as caught:
         parse_config({"cache": {"backend": "redis", "redis": redis}}, pki.ca.parent, "t.yaml")
     assert any(p.startswith(f"cache.redis.{key}:") for p in caught.value.problems), (
@@ -323,7 +328,7 @@ def _config_with_redis(folder: Path, redis: dict[str, Any]) -> Path:
         ],
         "cache": {
             "backend": "redis",
-            "redis": {"encryption_keys": {"k1": KEY_1}, "active_key": "k1", **redis},
+            "redis": {"encryption_keys": {"k1": SEALING_KEY}, "active_key": "k1", **redis},
         },
     }
     path = folder / "gateway.yaml"
