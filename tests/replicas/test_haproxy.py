@@ -1,6 +1,7 @@
 """Two gateway replicas sharing one real redis-server behind a real HAProxy running the
 repository's example (``config/haproxy/haproxy.cfg``): one exchange per assertion for a
-burst of large assertions, and a replica SIGKILLed under a bounded load fails no request.
+burst of large assertions, a replica SIGKILLed under a bounded load fails no request, and
+a reply lost on its way back is resent for a GET but never for a POST.
 
 The figures (requests, HAProxy's retries and redispatches) are printed for the record
 (``pytest -s``); what is asserted is behaviour: statuses, exchanges, who served.
@@ -18,15 +19,21 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import pytest
-from integration.conftest import Process
 
 from gateway.devkit.redis_server import free_port
 
 from .conftest import Cluster
 
-StartHAProxy = Callable[[Process, Process], "HAProxy"]
+
+class Replica(Protocol):
+    port: int
+    admin_port: int
+
+
+StartHAProxy = Callable[[Replica, Replica], "HAProxy"]
 
 CONFIG = Path(__file__).resolve().parents[2] / "config" / "haproxy" / "haproxy.cfg"
 BIG = "g" * 15000  # an attribute that makes the header ~25 KB: over HAProxy's default buffer
@@ -77,7 +84,7 @@ def start_haproxy(tmp_path: Path) -> Iterator[StartHAProxy]:
         pytest.skip("haproxy is not installed (make system-deps)")
     started: list[subprocess.Popen[bytes]] = []
 
-    def start(a: Process, b: Process) -> HAProxy:
+    def start(a: Replica, b: Replica) -> HAProxy:
         port = free_port()
         stats = tmp_path / "haproxy.sock"
         extra = tmp_path / "stats.cfg"
@@ -199,3 +206,72 @@ async def test_a_replica_killed_under_load_fails_no_request(
     assert (
         int(stats["replicas/gateway1"]["stot"]) + int(stats["replicas/gateway2"]["stot"]) >= total
     )
+
+
+@dataclass
+class DeadEnd:
+    """A replica that reads each request and hangs up without a reply (as one killed while
+    the request was in flight), and whose /readyz says ready: what HAProxy may resend."""
+
+    port: int = 0
+    admin_port: int = 0
+    methods: list[str] | None = None
+
+    async def start(self) -> list[asyncio.Server]:
+        self.methods = []
+
+        async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert self.methods is not None
+            self.methods.append(head.split(b" ", 1)[0].decode())
+            writer.close()
+
+        async def ready(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            await writer.drain()
+            writer.close()
+
+        servers = [
+            await asyncio.start_server(swallow, "127.0.0.1", 0),
+            await asyncio.start_server(ready, "127.0.0.1", 0),
+        ]
+        self.port = servers[0].sockets[0].getsockname()[1]
+        self.admin_port = servers[1].sockets[0].getsockname()[1]
+        return servers
+
+
+async def status_of(proxy: HAProxy, method: str) -> int:
+    """One request on its own connection, as a plain HTTP/1.1 client writes it."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    body = b"x" if method == "POST" else b""
+    writer.write(
+        f"{method} /echo HTTP/1.1\r\nHost: gateway\r\nContent-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n".encode()
+        + body
+    )
+    await writer.drain()
+    status_line = await reader.readline()
+    writer.close()
+    return int(status_line.split()[1])
+
+
+async def test_a_lost_reply_is_resent_only_for_idempotent_methods(
+    start_haproxy: StartHAProxy,
+) -> None:
+    first, second = DeadEnd(), DeadEnd()
+    servers = [*(await first.start()), *(await second.start())]
+    try:
+        proxy = await asyncio.to_thread(start_haproxy, first, second)
+        seen: dict[str, int] = {}
+        for method in ("GET", "POST"):
+            before = len(first.methods or []) + len(second.methods or [])
+            async with asyncio.timeout(30):
+                assert await status_of(proxy, method) == 502
+            seen[method] = len(first.methods or []) + len(second.methods or []) - before
+    finally:
+        for server in servers:
+            server.close()
+    # the GET went out again (to both replicas, by redispatch); the POST exactly once
+    assert seen["GET"] > 1
+    assert seen["POST"] == 1
