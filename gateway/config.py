@@ -427,6 +427,9 @@ class RedisSettings(_Frozen):
     url: str
     password: SecretStr | None = None
     ca_file: FilePath | None = None
+    # A client certificate for a Redis that asks for one (its default `tls-auth-clients yes`).
+    cert_file: FilePath | None = None
+    key_file: FilePath | None = Field(None, validate_default=True)
     encryption_keys: Mapping[str, SecretStr] = Field(min_length=1)
     active_key: str
     timeout: Seconds = 0.25
@@ -451,6 +454,29 @@ class RedisSettings(_Frozen):
         problems = redis_hosts(value)[1]
         if problems:
             raise ValueError("\n".join(problems))
+        return value
+
+    @field_validator("key_file")
+    @classmethod
+    def _tls_files_fit_the_url(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # On the last TLS key, so it reads the URL and the other two (a key that failed its
+        # own check is absent from info.data and judged by nothing here).
+        if "cert_file" in info.data:
+            if info.data["cert_file"] is not None and value is None:
+                raise ValueError("needed with cert_file (the client certificate's private key)")
+            if info.data["cert_file"] is None and value is not None:
+                raise ValueError(_at_sibling("cert_file", "needed with key_file (mutual TLS)"))
+        url = info.data.get("url")
+        scheme = urlsplit(url).scheme if url is not None else None
+        if scheme in ("redis", "unix"):
+            # TLS files beside a clear-text URL would be ignored while the traffic goes in
+            # clear, so the file is refused rather than half obeyed.
+            given = dict(info.data, key_file=value)
+            for key in ("ca_file", "cert_file", "key_file"):
+                if given.get(key) is not None:
+                    raise ValueError(
+                        _at_sibling(key, f"TLS settings need rediss://, not {scheme}://")
+                    )
         return value
 
     @field_serializer("url", when_used="json")
@@ -499,7 +525,9 @@ class RedisSettings(_Frozen):
             return allowed
         # Sentinels are always spoken to in clear; the master and cluster nodes over TLS
         # when ca_file is set.
-        tls = scheme != "redis" and info.data.get("ca_file") is not None
+        tls = scheme != "redis" and (
+            info.data.get("ca_file") is not None or info.data.get("cert_file") is not None
+        )
         url_password = bool(_url_password(url))
         in_clear = (url_password and (scheme == "redis+sentinel" or not tls)) or (
             info.data.get("password") is not None and not tls
@@ -841,6 +869,7 @@ class ConfigParts:
     identity_providers: dict[str, IdentityProvider] = field(default_factory=dict)
     authorization_servers: dict[str, AuthorizationServer] = field(default_factory=dict)
     routes: dict[int, Route] = field(default_factory=dict)  # by index in the file
+    redis: RedisSettings | None = None
 
     @classmethod
     def of(cls, config: Config) -> ConfigParts:
@@ -848,6 +877,7 @@ class ConfigParts:
             dict(config.identity_providers),
             dict(config.authorization_servers),
             dict(enumerate(config.routes)),
+            config.cache.redis,
         )
 
     @classmethod
@@ -860,7 +890,11 @@ class ConfigParts:
             _valid(IdentityProvider, resolved.get("identity_providers")),
             _valid(AuthorizationServer, resolved.get("authorization_servers")),
             _valid(Route, dict(enumerate(routes)) if isinstance(routes, list) else None),
+            _valid(CacheSettings, {"cache": resolved.get("cache")}).get("cache", _NO_CACHE).redis,
         )
+
+
+_NO_CACHE = CacheSettings()
 
 
 _Model = TypeVar("_Model", bound=BaseModel)

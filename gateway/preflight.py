@@ -13,12 +13,14 @@ Rules this module owns:
 from __future__ import annotations
 
 import os
+import ssl
 
 from gateway.config import (
     AssertionSettings,
     AuthorizationServer,
     Config,
     ConfigParts,
+    RedisSettings,
     parse_config,
     read_config_file,
 )
@@ -71,4 +73,28 @@ def file_problems(parts: ConfigParts) -> list[str]:
                 tls_context(route.tls, f"routes[{i}].tls")
             except ConfigError as exc:
                 problems += exc.problems
+    if parts.redis is not None:
+        problems += redis_tls_problems(parts.redis)
+    return problems
+
+
+def redis_tls_problems(redis: RedisSettings) -> list[str]:
+    """The Redis TLS files as the client will load them: a CA bundle that holds no
+    certificate, or a client certificate and key that are not a pair, fail here and not at
+    the first connection (where the store would only log them and run without Redis)."""
+    context = ssl.create_default_context()
+    problems = []
+    if redis.ca_file is not None:
+        try:
+            context.load_verify_locations(cafile=redis.ca_file)
+        except ssl.SSLError as exc:
+            problems.append(f"cache.redis.ca_file: not a PEM CA bundle ({exc.reason or exc})")
+    if redis.cert_file is not None and redis.key_file is not None:
+        try:
+            context.load_cert_chain(redis.cert_file, redis.key_file)
+        except ssl.SSLError as exc:
+            problems.append(
+                "cache.redis.cert_file: the certificate and key_file do not load as a pair "
+                f"({exc.reason or exc})"
+            )
     return problems

@@ -30,7 +30,10 @@ Rules this module owns:
   at most ``shared_wait`` seconds and then exchanges itself. Before exchanging it binds the
   ID in the store, and after a successful exchange it stores an "exchanged" record beside
   the token (under a derived ID no SAML ID can take), so every replica knows the assertion
-  is spent. A shared entry for another signed assertion is never served.
+  is spent. A shared entry for another signed assertion is never served. When the
+  exchange fails, the holder records that for a few seconds (another derived ID), so
+  the replicas waiting on it stop at once: refusing too on ``invalid_grant``, trying
+  themselves otherwise.
 - No I/O of its own and no aiohttp/redis import: the clock, the random source, the exchange
   and the shared store are handed in.
 """
@@ -66,6 +69,11 @@ _MAX_VARIANTS = 4
 # Suffix of the ID under which the shared store records "exchanged": a NUL is never in an
 # xs:ID, so no assertion can collide with it.
 _EXCHANGED = "\x00exchanged"
+# Suffix of the ID under which a lock holder whose exchange failed says so, for this long
+# (seconds): the replicas waiting on it stop at once instead of after ``shared_wait``. Short,
+# because a later attempt may well succeed.
+_FAILED = "\x00failed"
+_FAILED_TTL = 3.0
 
 
 class _Lru(LRUCache[K, V]):
@@ -201,13 +209,17 @@ class TokenCache:
         exchanged once more. True when it was dropped (False: already dropped or replaced)."""
         profile = entry.profile
         binding = self._bindings.get((profile, entry.assertion_id))
-        if binding is None or binding.entry is not entry:
-            return False
-        binding.spent = False  # one more exchange for this assertion
-        self._drop_token(binding)
+        if binding is not None and binding.entry is not None and binding.entry is not entry:
+            return False  # replaced by a newer token, which the store may hold: keep both
+        # Whether or not this replica still holds it (evicted, expired here, or read from
+        # the store by a replica that restarted), the shared copy is that refused token.
         if self._shared is not None:
             await self._shared.delete(profile, entry.assertion_id)
             await self._shared.delete(profile, entry.assertion_id + _EXCHANGED)
+        if binding is None or (binding.entry is None and not binding.spent):
+            return False
+        binding.spent = False  # one more exchange for this assertion
+        self._drop_token(binding)
         return True
 
     def forget_profile(self, profile: str) -> int:
@@ -348,7 +360,11 @@ class TokenCache:
                 raise _refused(
                     "spent", "assertion already exchanged and its token is no longer served"
                 )
-        entry = await self._exchange(profile, assertion, exchange)
+        try:
+            entry = await self._exchange(profile, assertion, exchange)
+        except Exception as exc:
+            await self._publish_failure(shared, profile, assertion, exc)
+            raise
         if entry.expires_at > self._clock():
             await shared.put(entry)
         if until > self._clock():
@@ -363,6 +379,24 @@ class TokenCache:
                 )
             )
         return entry
+
+    async def _publish_failure(
+        self, shared: SharedStore, profile: str, assertion: Assertion, exc: Exception
+    ) -> None:
+        """Tell the replicas waiting on this exchange that it failed, and whether with
+        ``invalid_grant`` (then they refuse too; anything else they may try themselves)."""
+        refused = isinstance(exc, InvalidAssertion) and exc.reason == "invalid_grant"
+        await shared.put(
+            CachedToken(
+                profile=profile,
+                assertion_id=assertion.id + _FAILED,
+                digest=b"",
+                token=Token(access_token="", expires_in=0.0),
+                expires_at=self._clock() + _FAILED_TTL,
+                issuer="invalid_grant" if refused else "failed",  # a marker has no issuer
+                fingerprint=_signed(assertion),
+            )
+        )
 
     async def _exchange(
         self, profile: str, assertion: Assertion, exchange: Exchange
@@ -452,6 +486,15 @@ class TokenCache:
             entry = await self._from_shared(shared, profile, assertion)
             if entry is not None:
                 return entry
+            failed = await shared.get(profile, assertion.id + _FAILED)
+            if failed is not None and failed.fingerprint == _signed(assertion):
+                if failed.issuer == "invalid_grant":
+                    # the AS refused this very assertion a moment ago: not asked again
+                    if self._settings.negative_ttl > 0:
+                        until = self._clock() + self._settings.negative_ttl
+                        self._negative[(profile, assertion.id)] = until
+                    raise _refused("invalid_grant", "refused on another replica; not asked again")
+                return None  # the holder gave up: nothing to wait for, try ourselves
             left = deadline - loop.time()
             if left <= 0:
                 return None

@@ -5,9 +5,12 @@ Rules this module owns:
 - **A dead store behaves like an empty one.** Every call is bounded by ``settings.timeout``
   (``asyncio.timeout`` around each command, plus socket timeouts and no client-side retries)
   and never raises for a store fault. The store keeps one state, up or down, logs one line
-  per change (logger ``gateway.cache.redis``) and tells ``on_state``. While down it retries
-  at most once per ``retry_interval`` (one caller probes, the others return at once), so a
-  dead Redis costs requests nothing and recovery is automatic.
+  per change (logger ``gateway.cache.redis``), naming the cause (the exception's message,
+  passwords masked), and tells ``on_state``. While down it retries after 50 ms, then
+  backs off by doubling to once per ``retry_interval`` (one caller probes, the others
+  return at once), so a dead Redis costs requests nothing and a blip is over quickly.
+- **Health is a write and a read** (``ping``: a probe key set and read back), so a cluster
+  that refuses keys, or a Sentinel master that is gone or demoted, reads as down.
 - **Tokens are encrypted at rest** with AES-256-GCM. Each configured secret
   (``encryption_keys``: key ID → secret string) is stretched into a 256-bit key with
   HKDF-SHA256, so any high-entropy string works (``openssl rand -base64 32`` is a good
@@ -96,6 +99,11 @@ _FAULTS = (RedisError, RedisClusterException, OSError, TimeoutError)
 def _one_retry() -> Retry:
     return Retry(NoBackoff(), 1)  # a fresh one per client: redis-py mutates Retry objects
 
+
+# While down, the first retry comes this soon (seconds), then each wait doubles up to
+# retry_interval.
+_FIRST_RETRY = 0.05
+_PROBE_TTL_MS = 10_000  # a probe key outlives no replica that stopped probing for long
 
 # the lock call's fault default: tells "Redis did not answer" from "taken" (None)
 _STORE_DOWN: object = object()
@@ -339,6 +347,11 @@ def parse_multi_host_url(url: str, default_port: int) -> MultiHostUrl:
     return MultiHostUrl(tuple(hosts), path, username, password)
 
 
+def _url_password(url: str) -> str | None:
+    userinfo, at, _ = urlsplit(url).netloc.rpartition("@")
+    return unquote(userinfo.partition(":")[2]) or None if at else None
+
+
 def _public_url(url: str) -> str:
     parts = urlsplit(url)
     if "@" not in parts.netloc:
@@ -365,6 +378,31 @@ class _SentinelMaster(Redis):
             await sentinel.aclose()
 
 
+def uses_tls(settings: RedisSettings) -> bool:
+    """Whether the data connections (the master, the cluster nodes) speak TLS: always for
+    ``rediss://``; for sentinel and cluster URLs, which have no TLS scheme of their own,
+    when ``ca_file`` or ``cert_file`` is set. ``redis://`` with either is a config error."""
+    scheme = urlsplit(settings.url).scheme
+    return scheme == "rediss" or (
+        scheme in ("redis+sentinel", "redis+cluster")
+        and (settings.ca_file is not None or settings.cert_file is not None)
+    )
+
+
+def tls_options(settings: RedisSettings) -> dict[str, Any]:
+    """redis-py's TLS keywords, the same for every URL kind: the server's certificate is
+    verified against ``ca_file`` (system CAs without it) and must name the host connected
+    to; ``cert_file``/``key_file`` answer a server that asks for a client certificate."""
+    return {
+        "ssl": True,
+        "ssl_cert_reqs": "required",
+        "ssl_check_hostname": True,
+        "ssl_ca_certs": settings.ca_file,
+        "ssl_certfile": settings.cert_file,
+        "ssl_keyfile": settings.key_file,
+    }
+
+
 def connect_redis(settings: RedisSettings) -> RedisClient:
     """A redis-py asyncio client for any URL kind this gateway accepts (see module doc).
 
@@ -378,15 +416,16 @@ def connect_redis(settings: RedisSettings) -> RedisClient:
         "socket_connect_timeout": settings.timeout,
         "decode_responses": False,
     }
-    tls: dict[str, Any] = {"ssl": True, "ssl_ca_certs": settings.ca_file}
+    tls = tls_options(settings)
     if scheme in ("redis", "rediss", "unix"):
         extra = dict(common, retry=_one_retry())
         url = settings.url
         if password is not None:
             extra["password"] = password
             url = _without_password(url)  # from_url lets the URL's password win otherwise
-        if scheme == "rediss" and settings.ca_file:
-            extra["ssl_ca_certs"] = settings.ca_file
+        if scheme == "rediss":
+            tls.pop("ssl")  # the scheme says it; from_url refuses the key with it
+            extra.update(tls)
         return Redis.from_url(url, **extra)
     if scheme == "redis+sentinel":
         target = parse_multi_host_url(settings.url, default_port=26379)
@@ -407,7 +446,7 @@ def connect_redis(settings: RedisSettings) -> RedisClient:
             list(target.hosts), sentinel_kwargs=sentinel_kwargs, retry=_one_retry()
         )
         master_kwargs = dict(common, db=db, password=password)
-        if settings.ca_file:
+        if uses_tls(settings):
             master_kwargs.update(tls)
         client: Redis = sentinel.master_for(
             target.path[0], redis_class=_SentinelMaster, **master_kwargs
@@ -418,7 +457,7 @@ def connect_redis(settings: RedisSettings) -> RedisClient:
         if target.path:
             raise ConfigError(["cache.redis.url: a cluster URL has no path (no database)"])
         kwargs = dict(common, username=target.username, password=password or target.password)
-        if settings.ca_file:
+        if uses_tls(settings):
             kwargs.update(tls)
         return RedisCluster(
             startup_nodes=[ClusterNode(host, port) for host, port in target.hosts],
@@ -464,8 +503,20 @@ class RedisTokenStore:
         self._prefix = settings.key_prefix
         self._timeout = settings.timeout
         self._lock_ttl_ms = max(1, int(settings.lock_ttl * 1000))
+        # Passwords that an exception's message could repeat (a URL, an AUTH argument).
+        self._secrets = [
+            p
+            for p in (
+                settings.password.get_secret_value() if settings.password else None,
+                _url_password(settings.url),
+            )
+            if p
+        ]
         self._up: bool | None = None  # unknown until the first call answers
         self._retry_at = 0.0
+        self._backoff = min(_FIRST_RETRY, retry_interval)
+        # one probe key per store, so replicas probing at once never read each other's
+        self._probe_name = self._prefix.encode() + b"h:" + secrets.token_hex(8).encode()
 
     def __repr__(self) -> str:
         return f"RedisTokenStore(url={_public_url(self._settings.url)!r}, healthy={self.healthy})"
@@ -476,7 +527,18 @@ class RedisTokenStore:
         return self._up is True
 
     async def ping(self) -> bool:
-        return bool(await self._call("ping", self._client.ping, False))
+        """Whether keys can be written and read now: a probe key set and read back. A PING
+        would be answered by a cluster node while the cluster refuses keys, or by a Sentinel
+        master since demoted to a read-only replica."""
+        nonce = secrets.token_hex(8).encode()
+
+        async def probe() -> bool:
+            await self._client.set(self._probe_name, nonce, px=_PROBE_TTL_MS)
+            if await self._client.get(self._probe_name) != nonce:
+                raise RedisError("the probe key did not read back what was written")
+            return True
+
+        return await self._call("probe", probe, False)
 
     async def get(self, profile: str, assertion_id: str) -> CachedToken | None:
         name = entry_name(self._prefix, profile, assertion_id)
@@ -577,7 +639,7 @@ class RedisTokenStore:
             if now < self._retry_at:
                 return default
             # this caller probes; the others keep returning at once until it answers
-            self._retry_at = now + self._retry_interval
+            self._retry_at = now + self._backoff
         try:
             async with asyncio.timeout(self._timeout):
                 result = await command()
@@ -585,18 +647,32 @@ class RedisTokenStore:
             self._failed(op, exc)
             return default
         if self._up is not True:
+            self._backoff = min(_FIRST_RETRY, self._retry_interval)
             self._set_state(True, "redis store is up")
         return result
 
     def _failed(self, op: str, exc: BaseException) -> None:
-        self._retry_at = self._clock() + self._retry_interval
+        # A blip (a restart, a failover) is over in well under a second: retry soon, then
+        # less and less often, never less than once per retry_interval.
+        self._retry_at = self._clock() + self._backoff
+        retry_in = self._backoff
+        self._backoff = min(self._backoff * 2, self._retry_interval)
         if self._up is not False:
-            kind = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
             self._set_state(
                 False,
-                f"redis store is down ({op}: {kind}); serving without it, "
-                f"retrying every {self._retry_interval:g} s",
+                f"redis store is down ({op}: {self._cause(exc)}); serving without it, "
+                f"retrying in {retry_in:g} s, backing off to every {self._retry_interval:g} s",
             )
+
+    def _cause(self, exc: BaseException) -> str:
+        """What went wrong, for the log: the exception's own words (a refused connection, a
+        certificate that does not verify, a name mismatch), never a password."""
+        if isinstance(exc, TimeoutError) and not str(exc):
+            return "timed out"
+        text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text[:300]
 
     def _set_state(self, up: bool, message: str) -> None:
         self._up = up

@@ -95,13 +95,13 @@ async def test_inside_the_backoff_window_calls_do_not_touch_redis(
         redis_server.start()
         async with aioredis.Redis.from_url(redis_server.url) as raw:
             before = await connections_received(raw)
-            fake_clock.advance(0.5)
+            fake_clock.advance(0.04)  # the first retry is 0.05 s after the failure
             for _ in range(20):
                 await store.put(entry)
                 assert await store.get(entry.profile, entry.assertion_id) is None
             assert await connections_received(raw) == before
             assert await raw.dbsize() == 0  # the puts were skipped, not queued
-            fake_clock.advance(0.6)
+            fake_clock.advance(0.02)
             await store.put(entry)
             assert await store.get(entry.profile, entry.assertion_id) == entry
             assert await connections_received(raw) > before
@@ -162,7 +162,8 @@ async def test_unresponsive_redis_is_cut_off_by_the_timeout(
         assert await store.get(entry.profile, entry.assertion_id) == entry
     lines = state_lines(caplog)
     assert (
-        lines[0] == "redis store is down (get: timed out); serving without it, retrying every 1 s"
+        lines[0] == "redis store is down (get: timed out); serving without it, "
+        "retrying in 0.05 s, backing off to every 1 s"
     )
     assert lines[1:] == ["redis store is up"]
 
@@ -216,3 +217,42 @@ async def test_store_with_a_password(
         finally:
             await good.close()
             await bad.close()
+
+
+async def test_retries_back_off_from_50_ms_to_the_retry_interval(
+    make_store: StoreFactory,
+    settings_for: Callable[..., RedisSettings],
+    entry_factory: EntryFactory,
+    fake_clock: Any,  # conftest.FakeClock
+) -> None:
+    """After a connection error the first retry comes 50 ms later, each next one twice as
+    late, up to ``retry_interval``; counted at a real socket that accepts and hangs up."""
+    accepted = 0
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    store = make_store(settings_for(url=f"redis://127.0.0.1:{port}/0"), clock=fake_clock)
+    entry = entry_factory()
+    try:
+        async with asyncio.timeout(HANG_GUARD):
+            assert await store.get(entry.profile, entry.assertion_id) is None
+            windows = []
+            for expected in (0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0):
+                before = accepted
+                fake_clock.advance(expected - 0.01)
+                assert await store.get(entry.profile, entry.assertion_id) is None
+                inside = accepted - before
+                fake_clock.advance(0.02)
+                assert await store.get(entry.profile, entry.assertion_id) is None
+                await asyncio.sleep(0)  # let the server count the connection
+                windows.append((expected, inside, accepted - before > 0))
+        assert windows == [(w, 0, True) for w in (0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0)]
+        assert not store.healthy
+    finally:
+        server.close()
+        await server.wait_closed()
