@@ -22,7 +22,8 @@ venv: $(STAMP)
 # Debian packages the integration tests drive for real (redis-server, nginx, xmlsec1, caddy
 # for config/forward-auth/Caddyfile, set-misc for nginx-cached-setmisc.conf, tomcat10 as the
 # liberal upstream of tests/attacks; podman with runc, and debootstrap for the image's
-# offline base, for tests/container).
+# offline base, for tests/container); prometheus (the server and promtool) for
+# tests/observability.
 system-deps:
 	@missing=""; \
 	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
@@ -35,6 +36,7 @@ system-deps:
 	command -v podman >/dev/null 2>&1 || missing="$$missing podman"; \
 	command -v runc >/dev/null 2>&1 || [ -x /usr/sbin/runc ] || missing="$$missing runc"; \
 	command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || missing="$$missing debootstrap"; \
+	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing system packages:$$missing"; \
 		SUDO=""; [ "$$(id -u)" -eq 0 ] || SUDO=sudo; \
