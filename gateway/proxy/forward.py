@@ -188,6 +188,7 @@ class Forwarder:
         token: str,
         strip: frozenset[str],
         stamp: Mapping[str, str] = _NO_STAMP,
+        trace_headers: Mapping[str, str] = _NO_STAMP,
     ) -> ForwardResult:
         """Forward ``request`` to ``route``'s upstream with ``token``; stream the answer back.
 
@@ -195,7 +196,8 @@ class Forwarder:
         gateway adds to the answer (its X-Request-ID), whatever the upstream said; its
         X-Request-ID also replaces the client's on the request sent upstream. Raises
         ``RequestTooLarge``, ``UpstreamError`` or ``UpstreamTimeout`` when nothing has been
-        sent to the client yet.
+        sent to the client yet. ``trace_headers`` (tracing on: the gateway's ``traceparent``)
+        replace the client's.
         """
         session = self._session
         if session is None:
@@ -215,6 +217,9 @@ class Forwarder:
             # The upstream's logs then name the request as ours and the client's answer do.
             request_id=stamp.get("X-Request-ID"),
         )
+        if trace_headers:
+            headers.popall("tracestate", None)  # the client's belongs to the client's trace
+            headers.update(trace_headers)
         url = upstream_url(
             route.upstream, request_target(request), route.path_prefix, route.strip_prefix
         )
