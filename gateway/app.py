@@ -235,7 +235,7 @@ class GatewayServer:
         async def handle(request: web.BaseRequest) -> web.StreamResponse:
             trace = Trace(request_id(request.headers.get("X-Request-ID")))
             if tracing is not None:
-                tracing.start_request(request, trace)
+                tracing.start_request(request, trace, self.runtime.forwarder.trusted_proxies)
             status = 500
             try:
                 if auth_path is not None and _within(request.path, auth_path):
@@ -441,7 +441,7 @@ class GatewayServer:
                 extra={"fields": {"problems": exc.problems, "file": str(self.config_path)}},
             )
             return False
-        for key in ("listen", "admin", "workers", "cache", "forward_auth"):
+        for key in ("listen", "admin", "workers", "cache", "forward_auth", "telemetry"):
             # Compared with what runs, not with the last file: a reload that puts back the
             # running value has nothing to warn about.
             if getattr(config, key) != getattr(self.started_config, key):

@@ -17,14 +17,13 @@ test per hook.
 
 from __future__ import annotations
 
-import ipaddress
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from gateway.config import Config
 from gateway.errors import ConfigError, GatewayError
-from gateway.proxy.headers import peer_is_trusted
+from gateway.proxy.headers import IPNetwork, peer_is_trusted
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -61,9 +60,6 @@ class Tracing:
         self._server_kind = trace.SpanKind.SERVER
         self._client_kind = trace.SpanKind.CLIENT
         self._propagator = TraceContextTextMapPropagator()
-        self._trusted = tuple(
-            ipaddress.ip_network(cidr, strict=False) for cidr in config.proxy.trusted_proxies
-        )
         self._provider = TracerProvider(
             resource=Resource.create({"service.name": settings.service_name}),
             sampler=ParentBased(TraceIdRatioBased(settings.sample_ratio)),
@@ -82,12 +78,13 @@ class Tracing:
 
     # --- the request's span --------------------------------------------------------------
 
-    def start_request(self, request: web.BaseRequest, trace: Trace) -> None:
-        """Open the request's span and make it current for the rest of the handler."""
+    def start_request(
+        self, request: web.BaseRequest, trace: Trace, trusted: Sequence[IPNetwork]
+    ) -> None:
+        """Open the request's span and make it current for the rest of the handler;
+        ``trusted`` is the running config's ``proxy.trusted_proxies``."""
         parent = None
-        if "traceparent" in request.headers and peer_is_trusted(
-            request.remote or "", self._trusted
-        ):
+        if "traceparent" in request.headers and peer_is_trusted(request.remote or "", trusted):
             parent = self._propagator.extract(
                 {"traceparent": request.headers.getone("traceparent")}
             )

@@ -136,6 +136,7 @@ class Forwarder:
         self._trusted: tuple[IPNetwork, ...] = tuple(
             ipaddress.ip_network(cidr, strict=False) for cidr in proxy.trusted_proxies
         )
+        self.trusted_proxies = self._trusted  # also whose traceparent tracing continues
         # One TLS context per distinct setting, built now so bad files fail at startup.
         self._tls: dict[UpstreamTls, ssl.SSLContext] = {}
         self._plans: dict[int, _RoutePlan] = {}

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from aiohttp import web
 from integration.conftest import (  # the fixtures are re-exported for this folder
     CLIENT_SECRET,
@@ -246,7 +247,16 @@ async def test_an_untrusted_peers_traceparent_starts_a_new_trace(
         tampered = {"X-SAML-Assertion": base64.b64encode(raw).decode()}
         async with stack.session.get(f"{stack.url}/hello", headers=tampered) as r:
             assert r.status == 401
-        spans = await exported(stack, receiver, 6)
+        spans = list(await exported(stack, receiver, 6))
+        # A reload that trusts this peer: its traceparent is continued from then on.
+        data = yaml.safe_load(stack.config_path.read_text())
+        data["proxy"]["trusted_proxies"] = ["127.0.0.1/32"]
+        stack.config_path.write_text(yaml.safe_dump(data))
+        assert await stack.server.reload()
+        headers = {**stack.assertion(), "traceparent": traceparent(inbound_trace, inbound_parent)}
+        async with stack.session.get(f"{stack.url}/echo/x", headers=headers) as r:
+            assert r.status == 200
+        after = (await exported(stack, receiver, 10))[6:]
     finally:
         await stack.session.close()
         await stack.server.close()
@@ -267,6 +277,9 @@ async def test_an_untrusted_peers_traceparent_starts_a_new_trace(
     assert [attributes(s)["gateway.reason"] for s in validation] == ["signature"]
     assert not [s for s in spans if s.name == "token exchange" and s.trace_id == refused.trace_id]
     assert "mallory@example.test" not in every_text(spans, receiver.resources)
+    (continued,) = [s for s in after if s.name == "GET api"]
+    assert continued.trace_id.hex() == inbound_trace
+    assert continued.parent_span_id.hex() == inbound_parent
 
 
 async def test_tracing_off_leaves_the_clients_traceparent_alone(stack: Stack) -> None:
