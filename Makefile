@@ -20,7 +20,8 @@ $(STAMP): pyproject.toml | $(BIN)/python
 venv: $(STAMP)
 
 # Debian packages the integration tests drive for real (redis-server, nginx, xmlsec1, caddy
-# for config/forward-auth/Caddyfile, and set-misc for nginx-cached-setmisc.conf).
+# for config/forward-auth/Caddyfile, set-misc for nginx-cached-setmisc.conf, and the Lua
+# module, which brings lua-resty-core, for nginx-lua.conf).
 system-deps:
 	@missing=""; \
 	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
@@ -28,6 +29,7 @@ system-deps:
 	command -v xmlsec1 >/dev/null 2>&1 || missing="$$missing xmlsec1"; \
 	command -v caddy >/dev/null 2>&1 || missing="$$missing caddy"; \
 	[ -f /usr/lib/nginx/modules/ngx_http_set_misc_module.so ] || missing="$$missing libnginx-mod-http-set-misc"; \
+	[ -f /usr/lib/nginx/modules/ngx_http_lua_module.so ] || missing="$$missing libnginx-mod-http-lua"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing system packages:$$missing"; \
 		SUDO=""; [ "$$(id -u)" -eq 0 ] || SUDO=sudo; \
