@@ -20,8 +20,9 @@ $(STAMP): pyproject.toml | $(BIN)/python
 venv: $(STAMP)
 
 # Debian packages the integration tests drive for real (redis-server, nginx, xmlsec1, caddy
-# for config/forward-auth/Caddyfile, set-misc for nginx-cached-setmisc.conf, and the Lua
-# module, which brings lua-resty-core, for nginx-lua.conf).
+# for config/forward-auth/Caddyfile, set-misc for nginx-cached-setmisc.conf, the Lua module,
+# which brings lua-resty-core, for nginx-lua.conf, and tomcat10 as the liberal upstream of
+# tests/attacks).
 system-deps:
 	@missing=""; \
 	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
@@ -30,6 +31,7 @@ system-deps:
 	command -v caddy >/dev/null 2>&1 || missing="$$missing caddy"; \
 	[ -f /usr/lib/nginx/modules/ngx_http_set_misc_module.so ] || missing="$$missing libnginx-mod-http-set-misc"; \
 	[ -f /usr/lib/nginx/modules/ngx_http_lua_module.so ] || missing="$$missing libnginx-mod-http-lua"; \
+	[ -x /usr/share/tomcat10/bin/catalina.sh ] || missing="$$missing tomcat10"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing system packages:$$missing"; \
 		SUDO=""; [ "$$(id -u)" -eq 0 ] || SUDO=sudo; \

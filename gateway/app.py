@@ -7,6 +7,9 @@ Lifecycle rules:
 - SIGHUP: the config file is read again; a file that fails to load is reported and the
   running configuration stays. Listener addresses, workers and cache settings need a restart.
 - The token cache outlives reloads, so a reload never costs a re-exchange.
+- A reload sends new requests to the new configuration; the retired one finishes its HTTP
+  requests (for as long as its timeouts allow) and keeps its WebSockets until they end,
+  bounded only by their route's ``websocket_idle``/``websocket_lifetime``.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
+from aiohttp import StreamReader, web
 
 from gateway.cache import TokenCache
 from gateway.config import Config, ForwardAuth, load_config
@@ -77,28 +80,42 @@ class _Connection(web.RequestHandler):
 
     - A request aiohttp cannot even parse is answered by aiohttp itself, quoting the bad
       line back, and that line may be the assertion header: answer with our JSON error.
-    - Header lines may be long (a signed assertion), so a request head is bounded as a
-      whole (``head_limit`` bytes, against aiohttp's 100 lines of that length), and a
-      client that opens a connection and never finishes its first head is cut after
-      ``FIRST_HEAD_SECONDS`` (later heads are bounded by the keep-alive timeout).
+    - Header lines may be long (a signed assertion), so every request head on the
+      connection is bounded as a whole (``head_limit`` bytes, against aiohttp's 100 lines
+      of that length), pipelined or not: the bytes of a head sent while an earlier request
+      is still in the handler count too. A client that opens a connection and never
+      finishes its first head is cut after ``FIRST_HEAD_SECONDS`` (later heads are bounded
+      by the keep-alive timeout).
     """
 
     FIRST_HEAD_SECONDS = 15.0
     head_limit = 256 * 1024
     _head_deadline: asyncio.TimerHandle | None = None
-    _head_bytes = 0
+    _head_bytes = 0  # bytes of the request head being received, so far
+    _head_tail = b""  # the last bytes of that head, for an end split across two reads
+    # The body of the newest request parsed, while the parser reads it: bytes meanwhile are
+    # body bytes; once it has ended (at once for a request without one), head bytes again.
+    _body: StreamReader | None = None
 
     def data_received(self, data: bytes) -> None:
-        requests = self._request_count
-        # Bytes that arrive while no request is being handled belong to a request head.
-        awaiting_head = requests == 0 or (self._waiter is not None and not self._waiter.done())
-        super().data_received(data)
-        if self._request_count != requests:
-            self._head_bytes = 0
-        elif awaiting_head:
-            self._head_bytes += len(data)
-            if self._head_bytes > self.head_limit:
+        in_head = not self._upgraded and (self._body is None or self._body.is_eof())
+        if in_head and self._head_bytes + len(data) > self.head_limit:
+            # This read may end the head and go on with a body: only up to the head's end
+            # counts now (what comes after a head that ends here is at most one read).
+            end = (self._head_tail + data).find(b"\r\n\r\n")
+            part = len(data) if end < 0 else end + 4 - len(self._head_tail)
+            if self._head_bytes + part > self.head_limit:
+                # Nothing of this head reaches the parser, so it can never be handled.
                 self.force_close()
+                return
+        requests = self._request_count
+        super().data_received(data)
+        if self._request_count != requests:  # a head ended in this read
+            self._head_bytes, self._head_tail = 0, b""
+            self._body = self._messages[-1][1] if self._messages else None
+        elif in_head:
+            self._head_bytes += len(data)
+            self._head_tail = (self._head_tail + data)[-3:]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -154,6 +171,8 @@ class GatewayServer:
         reuse_port: bool = False,
     ) -> None:
         self.config = config
+        # Listeners, workers and cache are set up once, from this; a reload does not change them.
+        self.started_config = config
         self.config_path = Path(config_path) if config_path else None
         self.reuse_port = reuse_port
         self.metrics = Metrics()
@@ -256,7 +275,10 @@ class GatewayServer:
                     "cache": trace.cache,
                     "assertion_id": trace.assertion_id,
                     "issuer": trace.issuer,
+                    "assertion_id_unverified": trace.assertion_id_unverified,
+                    "issuer_unverified": trace.issuer_unverified,
                     "reason": trace.reason,
+                    "detail": trace.detail,
                     "peer": request.remote,
                 }
             },
@@ -288,6 +310,10 @@ class GatewayServer:
             max_line_size=header_limit,
             max_field_size=header_limit,
             max_headers=config.proxy.max_headers,
+            # Bodies are relayed as sent: a decoded body would reach the upstream still
+            # labelled with its Content-Encoding and Content-Length, and the body limit
+            # would count inflated bytes instead of the bytes on the wire.
+            auto_decompress=False,
         )
         # A whole head: one assertion-sized line, and 64 KiB for all the other headers.
         server.head_limit = header_limit + 64 * 1024
@@ -392,7 +418,9 @@ class GatewayServer:
             )
             return False
         for key in ("listen", "admin", "workers", "cache", "forward_auth"):
-            if getattr(config, key) != getattr(self.config, key):
+            # Compared with what runs, not with the last file: a reload that puts back the
+            # running value has nothing to warn about.
+            if getattr(config, key) != getattr(self.started_config, key):
                 log.warning("config key %r changed: it takes effect at the next restart", key)
         await runtime.start()
         self._forget_changed_trust(runtime)
@@ -423,6 +451,7 @@ class GatewayServer:
 
     @staticmethod
     async def _retire(runtime: Runtime) -> None:
+        # Closing its client session would cut its WebSockets: only once they have ended.
         try:
             await runtime.drained()
         finally:  # also at shutdown, when the wait is cancelled: its sessions must close

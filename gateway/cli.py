@@ -15,12 +15,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Coroutine
+from datetime import UTC, datetime
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from gateway.config import Config, load_config
+from gateway.config import Config
 from gateway.errors import ConfigError
 from gateway.logs import setup_logging
 
@@ -153,15 +155,17 @@ def _report(source: str, problems: list[str]) -> None:
 
 
 def _load(path: str) -> Config | None:
-    """The configuration, with every file it names read and checked (certificates, metadata,
-    client keys, TLS files), so a bad one is a startup error naming its key."""
+    """The configuration after the preflight that ``check-config`` runs too: every key, and
+    every file it names (certificates, metadata, client keys, TLS files), so a bad one is a
+    startup error naming its key, all of them in one report."""
     from gateway.cache import TokenCache
     from gateway.metrics import Metrics
     from gateway.pipeline import Runtime
+    from gateway.preflight import preflight
 
     try:
-        config = load_config(path)
-        Runtime(config, TokenCache(config.cache), Metrics())  # opens no socket
+        config = preflight(path)
+        Runtime(config, TokenCache(config.cache), Metrics())  # what run builds; no socket
     except ConfigError as exc:
         _report(exc.source or path, exc.problems)
         return None
@@ -182,12 +186,124 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    if args.allow_missing_env:
+        return _check_template(args.config)
     config = _load(args.config)
     if config is None:
         return 2
     print(f"# {args.config}: OK (secrets redacted)")
     print(yaml.safe_dump(config.redacted(), sort_keys=False), end="")
     return 0
+
+
+# ``explain`` (exit 1: the assertion is refused; 2: bad usage or config), ``init``, and
+# ``--version`` are the first-contact commands.
+
+
+def _check_template(path: str) -> int:
+    """``check-config --allow-missing-env``: a file whose ``${VAR}``s are not all set yet.
+
+    Each unset variable gets a stand-in value for the one check, and is reported as a
+    warning, with every problem its stand-in caused; all other problems are errors as usual.
+    """
+    from gateway.cache import TokenCache
+    from gateway.metrics import Metrics
+    from gateway.pipeline import Runtime
+    from gateway.preflight import preflight
+    from gateway.starter import variables
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        text = ""  # the preflight reports it
+    # Long enough for the length rules (sealing keys), and recognisable in a problem.
+    stand_ins = {name: f"unset-{name}-" + "x" * 32 for name in variables(text)}
+    stand_ins = {name: value for name, value in stand_ins.items() if name not in os.environ}
+    os.environ.update(stand_ins)
+    try:
+        config = preflight(path)
+        Runtime(config, TokenCache(config.cache), Metrics())  # what run builds; no socket
+        problems: list[str] = []
+    except ConfigError as exc:
+        problems = exc.problems
+    finally:
+        for name in stand_ins:
+            del os.environ[name]
+    waiting = [p for p in problems if any(value in p for value in stand_ins.values())]
+    for name in stand_ins:
+        print(f"warning: environment variable {name!r} is not set", file=sys.stderr)
+    for problem in waiting:
+        print(f"warning: checked once the variable is set: {problem}", file=sys.stderr)
+    errors = [p for p in problems if p not in waiting]
+    if errors:
+        _report(path, errors)
+        return 2
+    print(f"# {path}: OK apart from {len(stand_ins)} unset variable(s)")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from gateway.explain import explain, find_route, render_json, render_text
+
+    config = _load(args.config)
+    if config is None:
+        return 2
+    try:
+        route = find_route(config, args.route)
+    except LookupError as exc:
+        print(f"saml-gateway explain: {exc}", file=sys.stderr)
+        return 2
+    clock = "system clock"
+    now = datetime.now(UTC)
+    if args.at is not None:
+        try:
+            now = datetime.fromisoformat(args.at)
+        except ValueError:
+            print(f"saml-gateway explain: --at {args.at!r} is not ISO 8601", file=sys.stderr)
+            return 2
+        now = now if now.tzinfo is not None else now.replace(tzinfo=UTC)
+        clock = "--at"
+    try:
+        if args.file == "-":
+            if sys.stdin.isatty():
+                print("reading the assertion from stdin (end with Ctrl-D)", file=sys.stderr)
+            data = sys.stdin.buffer.read()
+        else:
+            data = Path(args.file).read_bytes()
+    except OSError as exc:
+        print(f"saml-gateway explain: cannot read {args.file!r}: {exc.strerror}", file=sys.stderr)
+        return 2
+    report = explain(config, route, data, now, clock=clock)
+    print(render_json(report) if args.json else render_text(report), end="")
+    return report.exit_code
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from gateway.starter import starter_config, variables
+
+    text = starter_config(args.profile)
+    if args.output in (None, "-"):
+        print(text, end="")
+        return 0
+    target = Path(args.output)
+    if target.exists() and not args.force:
+        print(f"saml-gateway init: {target} exists (--force to overwrite)", file=sys.stderr)
+        return 2
+    try:
+        target.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        print(f"saml-gateway init: cannot write {target}: {exc.strerror}", file=sys.stderr)
+        return 2
+    names = " ".join(variables(text))
+    print(f"wrote {target}; set {names}, then: saml-gateway check-config -c {target}")
+    return 0
+
+
+def _version() -> str:
+    try:
+        return f"saml-gateway {metadata.version('saml-oauth-gateway')}"
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "saml-gateway (not installed)"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -203,6 +319,7 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="saml-gateway", description="Swap SAML 2.0 assertions for OAuth access tokens."
     )
+    top.add_argument("-V", "--version", action="version", version=_version())
     sub = top.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the gateway")
     run.add_argument("-c", "--config", required=True, help="YAML configuration file")
@@ -212,7 +329,32 @@ def parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
     check = sub.add_parser("check-config", help="validate a configuration file and print it")
     check.add_argument("-c", "--config", required=True)
+    check.add_argument(
+        "--allow-missing-env",
+        action="store_true",
+        help="report unset ${VAR}s as warnings and check the rest",
+    )
     check.set_defaults(func=cmd_check_config)
+    why = sub.add_parser(
+        "explain",
+        help="say why one assertion is accepted or refused, check by check",
+        description="Run the proxy's validation for one route over one assertion (base64, "
+        "base64url or XML; bare or in a samlp:Response) and print what each check expected "
+        "and found. Exit 0 accepted, 1 refused, 2 bad usage or config.",
+    )
+    why.add_argument("-c", "--config", required=True)
+    why.add_argument("--route", help="route name or path prefix (default: the first route)")
+    why.add_argument("--at", help="check the time conditions at this ISO 8601 instant")
+    why.add_argument("--json", action="store_true", help="print one JSON object")
+    why.add_argument("file", nargs="?", default="-", help="the assertion (default: - = stdin)")
+    why.set_defaults(func=cmd_explain)
+    from gateway.starter import PROFILES
+
+    init = sub.add_parser("init", help="write a commented starter configuration")
+    init.add_argument("--profile", required=True, choices=PROFILES, help="authorization server")
+    init.add_argument("-o", "--output", help="file to write (default: stdout)")
+    init.add_argument("--force", action="store_true", help="overwrite an existing file")
+    init.set_defaults(func=cmd_init)
     demo = sub.add_parser(
         "demo", help="run an IdP, an authorization server, an API and the gateway"
     )

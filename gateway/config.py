@@ -14,9 +14,10 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
@@ -27,6 +28,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_serializer,
     field_validator,
     model_validator,
@@ -58,6 +60,29 @@ def _url_path(value: str) -> str:
     if not value.startswith("/"):
         raise ValueError(f"must start with '/': {value!r}")
     return value
+
+
+def is_loopback_host(host: str) -> bool:
+    """A host name that can only mean this machine (RFC 6761 ``localhost``, 127/8, ``::1``)."""
+    host = host.strip("[]").rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _at(key: str, message: str) -> str:
+    """A problem about ``key`` under the key being validated (a mapping's entry, say):
+    ``parse_config`` appends it to the error's path."""
+    return f"@{key}: {message}"
+
+
+def _at_sibling(key: str, message: str) -> str:
+    """A problem that a rule checked on one key reports about another key of the same model
+    (the rule sits on the last of the keys it reads, so ``info.data`` holds the others)."""
+    return f"@^{key}: {message}"
 
 
 HttpUrl = Annotated[str, AfterValidator(_http_url)]
@@ -149,6 +174,27 @@ class Retries(_Frozen):
     deadline: Seconds = 15
 
 
+# Headers the gateway sets on a token request itself, and hop-by-hop ones (RFC 9110 §7.6.1).
+GATEWAY_HEADERS = frozenset(
+    {
+        "authorization",
+        "content-type",
+        "content-length",
+        "accept",
+        "host",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "upgrade",
+        "proxy-authorization",
+    }
+)
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 §5.6.2
+_HEADER_VALUE = re.compile(r"[\x20-\x7e]*")
+
+
 class AuthorizationServer(_Frozen):
     """An OAuth token endpoint that accepts the RFC 7522 SAML 2.0 bearer grant."""
 
@@ -168,11 +214,74 @@ class AuthorizationServer(_Frozen):
     retries: Retries = Retries()
     default_expires_in: Seconds = 3600
     max_response_bytes: int = Field(64 * 1024, gt=0)
+    # Plain http:// to a host other than this one sends the client secret and the assertion
+    # in clear (RFC 6749 §3.2 requires TLS); only a lab may want that.
+    allow_insecure_http: bool = Field(False, validate_default=True)
+    # How client_secret_basic encodes the pair: "form" (RFC 6749 §2.3.1, the default) or
+    # "raw" (SAP NetWeaver ABAP, whose documentation never says it decodes the pair).
+    basic_auth_encoding: Literal["form", "raw"] = "form"
+    # client_id also in the form, next to Basic (SAP NetWeaver's own client sample does this,
+    # and SOAUTH2 can require it to match the assertion's client_id attribute).
+    client_id_in_body: bool = False
+    # Static extra headers on the token request (X-CF-ENCODED-CREDENTIALS for UAA/XSUAA).
+    headers: Mapping[str, SecretStr] = Field(default_factory=dict)
 
     @field_validator("scope", mode="before")
     @classmethod
     def _split_scope(cls, value: Any) -> Any:
         return value.split() if isinstance(value, str) else value
+
+    # Each rule below reads only the keys declared before its own (``info.data``), so it is
+    # checked even when another key of this server is wrong: one report lists both.
+    @field_validator("allow_insecure_http")
+    @classmethod
+    def _no_clear_text(cls, allowed: bool, info: ValidationInfo) -> bool:
+        parts = urlsplit(info.data.get("token_url") or "")
+        if parts.scheme == "http" and not allowed and not is_loopback_host(parts.hostname or ""):
+            raise ValueError(
+                _at_sibling(
+                    "token_url",
+                    f"http:// to {parts.hostname!r} would send the client credentials and the "
+                    "assertion in clear text; use https:// (allow_insecure_http: true is for "
+                    "labs)",
+                )
+            )
+        return allowed
+
+    @field_validator("basic_auth_encoding")
+    @classmethod
+    def _encoding_fits(cls, value: str, info: ValidationInfo) -> str:
+        client_auth = info.data.get("client_auth")
+        if value == "raw" and client_auth not in (None, "client_secret_basic"):
+            raise ValueError(f"only applies to client_secret_basic, not {client_auth!r}")
+        if value == "raw" and ":" in (info.data.get("client_id") or ""):
+            # RFC 7617 §2: the user-id ends at the first colon; only "form" can carry one.
+            raise ValueError("'raw' cannot carry the ':' in client_id; use 'form'")
+        return value
+
+    @field_validator("client_id_in_body")
+    @classmethod
+    def _only_next_to_basic(cls, value: bool, info: ValidationInfo) -> bool:
+        client_auth = info.data.get("client_auth")
+        if value and client_auth not in (None, "client_secret_basic"):
+            raise ValueError(f"only applies to client_secret_basic, not {client_auth!r}")
+        return value
+
+    @field_validator("headers")
+    @classmethod
+    def _headers_are_ours_to_add(cls, value: Mapping[str, SecretStr]) -> Mapping[str, SecretStr]:
+        problems = []
+        for name, text in value.items():
+            if not _TOKEN.fullmatch(name):
+                problems.append(_at(name, "not a valid header name"))
+            elif name.lower() in GATEWAY_HEADERS:
+                problems.append(_at(name, "the gateway sets this header itself"))
+            elif not _HEADER_VALUE.fullmatch(text.get_secret_value()):
+                # A CR or LF would let a value add headers of its own.
+                problems.append(_at(name, "value must be visible ASCII and spaces"))
+        if problems:
+            raise ValueError("\n".join(problems))
+        return value
 
     @model_validator(mode="after")
     def _auth_is_complete(self) -> AuthorizationServer:
@@ -195,6 +304,10 @@ class RouteTimeouts(_Frozen):
     connect: Seconds = 5
     read: Seconds = 60
     total: Seconds = 300
+    # A WebSocket is bounded by these alone (HTTP timeouts and reloads do not end it):
+    # closed (1001) after this long without a message either way / this long in all.
+    websocket_idle: Seconds | None = None
+    websocket_lifetime: Seconds | None = None
 
 
 class UpstreamTls(_Frozen):
@@ -223,6 +336,10 @@ class Route(_Frozen):
     max_body_size: int = Field(10 * 1024 * 1024, ge=0)
     tls: UpstreamTls = UpstreamTls()
     realm: str | None = None
+    # Spellings a strict upstream and a liberal one read as different paths (see
+    # gateway/routing.py): refused unless the route's upstream is known to read them alike.
+    allow_path_parameters: bool = False
+    allow_encoded_slashes: bool = False
 
     @property
     def label(self) -> str:
@@ -250,6 +367,62 @@ def redact_url_password(url: str) -> str:
     return f"{scheme}://{user}:{_MASK}@{hosts}{rest[end:]}"
 
 
+MIN_SEALING_SECRET_CHARS = 16
+
+
+def _url_password(url: str) -> str:
+    rest = url.partition("://")[2]
+    end = min((i for i in (rest.find(c) for c in "/?#") if i != -1), default=len(rest))
+    userinfo, at, _ = rest[:end].rpartition("@")
+    return userinfo.partition(":")[2] if at else ""
+
+
+def redis_hosts(url: str) -> tuple[list[str], list[str]]:
+    """The host names a Redis URL names, and what is wrong with its shape (the rules that
+    ``gateway.cache.redis.connect_redis`` applies when it builds the client)."""
+    parts = urlsplit(url)
+    shown = redact_url_password(url)
+    if parts.scheme == "unix":
+        return [], []
+    if parts.scheme in ("redis", "rediss"):
+        try:
+            host, port = parts.hostname, parts.port
+        except ValueError:
+            return [], [f"bad port in {shown!r}"]
+        database = parts.path.strip("/")
+        if not host:
+            return [], [f"no host in {shown!r}"]
+        if database and not database.isdigit():
+            return [host], [f"the database must be a number, got {database!r}"]
+        return [host], [] if port != 0 else [f"bad port in {shown!r}"]
+    rest = url.partition("://")[2]
+    end = min((i for i in (rest.find(c) for c in "/?#") if i != -1), default=len(rest))
+    netloc, path = rest[:end].rpartition("@")[2], [p for p in parts.path.split("/") if p]
+    hosts, problems = [], []
+    for item in netloc.split(","):
+        if item.startswith("["):
+            host, _, port_text = item[1:].partition("]")
+            port_text = port_text.removeprefix(":")
+        else:
+            host, _, port_text = item.rpartition(":") if ":" in item else (item, "", "")
+        if not host:
+            problems.append(f"empty host in {shown!r}")
+        elif port_text and not (port_text.isdigit() and 0 < int(port_text) < 65536):
+            problems.append(f"bad port in {shown!r}")
+        else:
+            hosts.append(host)
+    if parts.scheme == "redis+sentinel":
+        if not 1 <= len(path) <= 2:
+            problems.append(
+                f"expected redis+sentinel://host:port[,host:port]/service_name[/db], got {shown!r}"
+            )
+        elif len(path) == 2 and not path[1].isdigit():
+            problems.append(f"the database must be a number, got {path[1]!r}")
+    elif path:  # redis+cluster
+        problems.append("a cluster URL has no path (no database)")
+    return hosts, problems
+
+
 class RedisSettings(_Frozen):
     url: str
     password: SecretStr | None = None
@@ -261,6 +434,8 @@ class RedisSettings(_Frozen):
     lock_wait: Seconds = 5
     required_for_readiness: bool = False
     key_prefix: str = "samlgw:"
+    # A password sent without TLS to a host other than this one travels in clear.
+    allow_insecure: bool = Field(False, validate_default=True)
 
     @field_validator("url")
     @classmethod
@@ -273,6 +448,9 @@ class RedisSettings(_Frozen):
             "redis+cluster",
         ):
             raise ValueError(f"not a Redis URL: {redact_url_password(value)!r}")
+        problems = redis_hosts(value)[1]
+        if problems:
+            raise ValueError("\n".join(problems))
         return value
 
     @field_serializer("url", when_used="json")
@@ -280,11 +458,61 @@ class RedisSettings(_Frozen):
         # check-config prints model_dump(mode="json"): the URL password must not show there.
         return redact_url_password(value)
 
-    @model_validator(mode="after")
-    def _active_key_known(self) -> RedisSettings:
-        if self.active_key not in self.encryption_keys:
-            raise ValueError(f"active_key {self.active_key!r} is not in 'encryption_keys'")
-        return self
+    @field_validator("encryption_keys")
+    @classmethod
+    def _usable_sealing_keys(cls, value: Mapping[str, SecretStr]) -> Mapping[str, SecretStr]:
+        # The rules of gateway.cache.redis.EntrySealer, here so check-config finds them.
+        problems = []
+        for key_id, secret in value.items():
+            if not 0 < len(key_id.encode()) <= 255:
+                problems.append(_at(key_id, "key IDs are 1 to 255 bytes"))
+            elif len(secret.get_secret_value()) < MIN_SEALING_SECRET_CHARS:
+                problems.append(
+                    _at(
+                        key_id,
+                        f"secret is too short ({MIN_SEALING_SECRET_CHARS}+ characters; "
+                        "e.g. `openssl rand -base64 32`)",
+                    )
+                )
+        if problems:
+            raise ValueError("\n".join(problems))
+        return value
+
+    @field_validator("active_key")
+    @classmethod
+    def _active_key_known(cls, value: str, info: ValidationInfo) -> str:
+        keys = info.data.get("encryption_keys")  # absent when it is itself wrong
+        if keys is not None and value not in keys:
+            raise ValueError(f"{value!r} is not in 'encryption_keys'")
+        return value
+
+    @field_validator("allow_insecure")
+    @classmethod
+    def _no_clear_text_password(cls, allowed: bool, info: ValidationInfo) -> bool:
+        # On the last key it reads, so it is checked even when another key is wrong.
+        url = info.data.get("url")
+        if allowed or url is None:
+            return allowed
+        scheme = urlsplit(url).scheme
+        remote = [h for h in redis_hosts(url)[0] if not is_loopback_host(h)]
+        if scheme in ("rediss", "unix") or not remote:
+            return allowed
+        # Sentinels are always spoken to in clear; the master and cluster nodes over TLS
+        # when ca_file is set.
+        tls = scheme != "redis" and info.data.get("ca_file") is not None
+        url_password = bool(_url_password(url))
+        in_clear = (url_password and (scheme == "redis+sentinel" or not tls)) or (
+            info.data.get("password") is not None and not tls
+        )
+        if in_clear:
+            raise ValueError(
+                _at_sibling(
+                    "url",
+                    f"a password would travel to {remote[0]!r} without TLS; use rediss:// (or "
+                    "ca_file with sentinel and cluster URLs), or set allow_insecure: true",
+                )
+            )
+        return allowed
 
 
 class CacheSettings(_Frozen):
@@ -315,6 +543,9 @@ class ProxySettings(_Frozen):
     trusted_proxies: tuple[Annotated[str, AfterValidator(_network)], ...] = ()
     max_header_size: int = Field(64 * 1024, ge=8190)
     max_headers: int = Field(100, gt=0)
+    # After an upstream 401 invalid_token, exchange that assertion again at most this often:
+    # otherwise every request of a client the upstream refuses costs an exchange.
+    reexchange_interval: float = Field(30, ge=0)
 
 
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -392,20 +623,8 @@ class Config(_Frozen):
 
     @model_validator(mode="after")
     def _references_exist(self) -> Config:
-        problems = [] if self.routes else ["routes: at least one route is needed"]
-        for i, route in enumerate(self.routes):
-            if route.identity_provider not in self.identity_providers:
-                known = ", ".join(sorted(self.identity_providers))
-                problems.append(
-                    f"routes[{i}].identity_provider: unknown identity provider "
-                    f"{route.identity_provider!r} (known: {known})"
-                )
-            if route.authorization_server not in self.authorization_servers:
-                known = ", ".join(sorted(self.authorization_servers))
-                problems.append(
-                    f"routes[{i}].authorization_server: unknown authorization server "
-                    f"{route.authorization_server!r} (known: {known})"
-                )
+        routes = [(r.identity_provider, r.authorization_server) for r in self.routes]
+        problems = reference_problems(routes, self.identity_providers, self.authorization_servers)
         if problems:
             raise ConfigError(problems)
         return self
@@ -413,6 +632,27 @@ class Config(_Frozen):
     def redacted(self) -> dict[str, Any]:
         """The effective configuration as plain data, with every secret masked."""
         return self.model_dump(mode="json")
+
+
+def reference_problems(
+    routes: Sequence[tuple[object, object]],
+    identity_providers: Mapping[str, object] | None,
+    authorization_servers: Mapping[str, object] | None,
+) -> list[str]:
+    """Routes naming an identity provider or authorization server that is not defined.
+
+    Also run on the raw data when other keys fail validation (``None``: that section is
+    itself broken, so its names are not checked)."""
+    problems = [] if routes else ["routes: at least one route is needed"]
+    for i, (idp, server) in enumerate(routes):
+        for key, name, known, kind in (
+            ("identity_provider", idp, identity_providers, "identity provider"),
+            ("authorization_server", server, authorization_servers, "authorization server"),
+        ):
+            if known is not None and isinstance(name, str) and name not in known:
+                listed = ", ".join(sorted(known))
+                problems.append(f"routes[{i}].{key}: unknown {kind} {name!r} (known: {listed})")
+    return problems
 
 
 # --- loading ---------------------------------------------------------------------------
@@ -428,21 +668,31 @@ def _path(loc: tuple[int | str, ...]) -> str:
     return out or "(top level)"
 
 
-def _resolve(node: Any, loc: tuple[int | str, ...], base: Path, problems: list[str]) -> Any:
-    """Resolve ``${ENV}`` / ``${file:path}`` references and make file paths absolute."""
+def _resolve(
+    node: Any,
+    loc: tuple[int | str, ...],
+    base: Path,
+    problems: list[str],
+    unresolved: set[tuple[int | str, ...]] | None = None,
+) -> Any:
+    """Resolve ``${ENV}`` / ``${file:path}`` references and make file paths absolute.
+
+    A reference that cannot be resolved is a problem, is left as written and its key goes
+    into ``unresolved``, so validation goes on and reports the file's other problems too.
+    """
     if isinstance(node, dict):
         out = {}
         for key, value in node.items():
             if not isinstance(key, str):
                 problems.append(f"{_path(loc)}: keys must be strings, got {key!r}")
                 continue
-            value = _resolve(value, (*loc, key), base, problems)
+            value = _resolve(value, (*loc, key), base, problems, unresolved)
             if key in _PATH_KEYS:
                 value = _absolute_paths(value, base)
             out[key] = value
         return out
     if isinstance(node, list):
-        return [_resolve(v, (*loc, i), base, problems) for i, v in enumerate(node)]
+        return [_resolve(v, (*loc, i), base, problems, unresolved) for i, v in enumerate(node)]
     if isinstance(node, str) and "${" in node:
 
         def substitute(match: re.Match[str]) -> str:
@@ -455,11 +705,13 @@ def _resolve(node: Any, loc: tuple[int | str, ...], base: Path, problems: list[s
                     problems.append(
                         f"{_path(loc)}: cannot read secret file {name!r}: {exc.strerror}"
                     )
-                    return ""
-            if name not in os.environ:
+            elif name in os.environ:
+                return os.environ[name]
+            else:
                 problems.append(f"{_path(loc)}: environment variable {name!r} is not set")
-                return ""
-            return os.environ[name]
+            if unresolved is not None:
+                unresolved.add(loc)
+            return match.group(0)
 
         return _REFERENCE.sub(substitute, node)
     return node
@@ -473,37 +725,95 @@ def _absolute_paths(value: Any, base: Path) -> Any:
     return value
 
 
-def _message(error: Mapping[str, Any]) -> str:
+def _messages(error: Mapping[str, Any]) -> list[tuple[tuple[int | str, ...], str]]:
+    """(key path, message) pairs of one pydantic error; a validator may report several,
+    one a line, each ``@key: message`` naming a key under the error's own path."""
+    loc = tuple(error["loc"])
+    if error["type"] == "extra_forbidden":
+        return [(loc, "unknown key")]
+    if error["type"] == "missing":
+        return [(loc, "required key is missing")]
     msg = str(error["msg"])
     for prefix in ("Value error, ", "Assertion failed, "):
         msg = msg.removeprefix(prefix)
-    if error["type"] == "extra_forbidden":
-        msg = "unknown key"
-    elif error["type"] == "missing":
-        msg = "required key is missing"
-    return msg
+    out: list[tuple[tuple[int | str, ...], str]] = []
+    for line in msg.split("\n"):
+        key, colon, rest = line.removeprefix("@^").removeprefix("@").partition(": ")
+        if line.startswith("@^") and colon:
+            out.append(((*loc[:-1], key), rest))
+        elif line.startswith("@") and colon:
+            out.append(((*loc, key), rest))
+        else:
+            out.append((loc, line))
+    return out
+
+
+def _within(loc: tuple[int | str, ...], roots: set[tuple[int | str, ...]]) -> bool:
+    return any(loc[: len(root)] == root for root in roots)
 
 
 def parse_config(data: Any, base: Path, source: str = "") -> Config:
-    """Validate already-parsed YAML data; raise ``ConfigError`` naming every bad key."""
+    """Validate already-parsed YAML data; raise ``ConfigError`` naming every bad key.
+
+    Every problem is found in one pass: unset references, every key that fails validation
+    and routes naming what is not defined. A key whose reference could not be resolved is
+    reported once, for the reference (its placeholder value would only fail again).
+    """
     if not isinstance(data, dict):
         raise ConfigError(["(top level): expected a mapping of settings"], source)
     problems: list[str] = []
-    resolved = _resolve(data, (), base, problems)
-    if problems:
-        raise ConfigError(problems, source)
+    unresolved: set[tuple[int | str, ...]] = set()
+    resolved = _resolve(data, (), base, problems, unresolved)
     try:
-        return Config.model_validate(resolved)
+        config = Config.model_validate(resolved)
     except ValidationError as exc:
-        raise ConfigError(
-            [f"{_path(tuple(e['loc']))}: {_message(e)}" for e in exc.errors()], source
-        ) from None
+        problems += _problems(exc, unresolved)
+        problems += _raw_reference_problems(resolved)
     except ConfigError as exc:
-        raise ConfigError(exc.problems, source) from None
+        problems += exc.problems
+    else:
+        if not problems:
+            return config
+    raise ConfigError(problems, source)
+
+
+def _problems(exc: ValidationError, ignored: set[tuple[int | str, ...]]) -> list[str]:
+    """The problems of a validation error, but those at or under an ``ignored`` path."""
+    return [
+        f"{_path(loc)}: {msg}"
+        for error in exc.errors()
+        for loc, msg in _messages(error)
+        if not _within(loc, ignored)
+    ]
+
+
+def _raw_reference_problems(data: Mapping[str, Any]) -> list[str]:
+    """``reference_problems`` on data that did not validate, as far as it can be read."""
+    routes = data.get("routes")
+    if not isinstance(routes, list):
+        return []  # validation said what is wrong with it
+
+    def names(key: str) -> Mapping[str, object] | None:
+        section = data.get(key)
+        return section if isinstance(section, dict) and section else None
+
+    pairs = [
+        (r.get("identity_provider"), r.get("authorization_server"))
+        if isinstance(r, dict)
+        else (None, None)
+        for r in routes
+    ]
+    return reference_problems(pairs, names("identity_providers"), names("authorization_servers"))
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
     """Read and validate one YAML file; every problem is reported at once."""
+    data, base = read_config_file(path)
+    return parse_config(data, base, str(path))
+
+
+def read_config_file(path: str | os.PathLike[str]) -> tuple[Any, Path]:
+    """The YAML data of a config file and the folder its relative paths start from."""
     file = Path(path)
     try:
         text = file.read_text(encoding="utf-8")
@@ -520,4 +830,49 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or "syntax error"
         raise ConfigError([f"not valid YAML{where}: {problem}"], str(file)) from None
-    return parse_config(data, file.resolve().parent, str(file))
+    return data, file.resolve().parent
+
+
+@dataclass(frozen=True)
+class ConfigParts:
+    """The sections of a config that validate on their own, from a file that does not
+    validate as a whole: what the checks that read files can still look at."""
+
+    identity_providers: dict[str, IdentityProvider] = field(default_factory=dict)
+    authorization_servers: dict[str, AuthorizationServer] = field(default_factory=dict)
+    routes: dict[int, Route] = field(default_factory=dict)  # by index in the file
+
+    @classmethod
+    def of(cls, config: Config) -> ConfigParts:
+        return cls(
+            dict(config.identity_providers),
+            dict(config.authorization_servers),
+            dict(enumerate(config.routes)),
+        )
+
+    @classmethod
+    def salvage(cls, data: Any, base: Path) -> ConfigParts:
+        if not isinstance(data, dict):
+            return cls()
+        resolved = _resolve(data, (), base, [], set())
+        routes = resolved.get("routes")
+        return cls(
+            _valid(IdentityProvider, resolved.get("identity_providers")),
+            _valid(AuthorizationServer, resolved.get("authorization_servers")),
+            _valid(Route, dict(enumerate(routes)) if isinstance(routes, list) else None),
+        )
+
+
+_Model = TypeVar("_Model", bound=BaseModel)
+
+
+def _valid(model: type[_Model], section: Any) -> dict[Any, _Model]:
+    if not isinstance(section, dict):
+        return {}
+    out = {}
+    for key, value in section.items():
+        try:
+            out[key] = model.model_validate(value)
+        except (ValidationError, ConfigError):
+            continue  # its problems are reported by parse_config
+    return out

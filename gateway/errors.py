@@ -3,9 +3,11 @@
     GatewayError                      (never raised itself)
     ├── BadRequest            400     the request is not well-formed (assertion not base64,
     │                                 a header value that is not UTF-8)
-    ├── InvalidAssertion      401     any reason to refuse the assertion; one public message
+    ├── InvalidAssertion      401     any reason to refuse the assertion, or none sent; one
+    │                                 public message for each of the two
     ├── NoRoute               404     no route matches the request
     ├── RequestTooLarge       413     request body over the route's limit
+    ├── NotImplementedHere    501     a request that cannot be relayed as sent
     ├── UpstreamError         502     authorization server or upstream misbehaved
     ├── Unavailable           503     authorization server asked us to back off
     └── UpstreamTimeout       504     authorization server or upstream did not answer in time
@@ -54,11 +56,36 @@ class BadRequest(GatewayError):
 
 class InvalidAssertion(GatewayError):
     """Reasons: malformed, signature, wrapping, algorithm, expired, not_yet_valid, audience,
-    issuer, recipient, subject_confirmation, dtd, size, missing, replay, invalid_grant."""
+    issuer, recipient, subject_confirmation, dtd, size, missing, replay, spent, invalid_grant."""
 
     status = 401
     error = "invalid_token"
     public_message = "the SAML assertion was not accepted"
+
+    # The validator also names the ``check`` that failed with what it ``expected`` and
+    # ``found``; its ``detail`` is in the words of ``saml-gateway explain`` ("audience:
+    # expected X, found Y"). It adds the assertion's ID and Issuer as read before anything
+    # was verified (None when they could not be read): all for the log, never the client.
+    # A missing assertion is told to the client as such.
+
+    def __init__(
+        self,
+        reason: str,
+        detail: str = "",
+        *,
+        check: str = "",
+        expected: str = "",
+        found: str = "",
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(reason, detail, headers=headers)
+        self.check = check
+        self.expected = expected
+        self.found = found
+        self.unverified_id: str | None = None
+        self.unverified_issuer: str | None = None
+        if reason == "missing":
+            self.public_message = "no SAML assertion in the request"
 
 
 class NoRoute(GatewayError):
@@ -71,6 +98,14 @@ class RequestTooLarge(GatewayError):
     status = 413
     error = "request_too_large"
     public_message = "the request body is larger than this route allows"
+
+
+class NotImplementedHere(GatewayError):
+    """A request the gateway cannot relay as sent (a transfer coding other than chunked)."""
+
+    status = 501
+    error = "not_implemented"
+    public_message = "the gateway cannot forward this request as sent"
 
 
 class UpstreamError(GatewayError):

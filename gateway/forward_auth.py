@@ -7,8 +7,9 @@ the route by the original URI, runs the same pipeline as the proxy (cache fast p
 validation, single-flight exchange) and answers:
 
 - 200, with the token in ``forward_auth.token_header`` (``Authorization: Bearer …``) and
-  ``Cache-Control: max-age=<seconds the token will still be served>``, so a proxy that
-  caches the answer never holds a token longer than the gateway would;
+  ``Cache-Control: max-age=<seconds the token will still be served>`` (``no-store`` under
+  one second, never ``max-age=0``), so a proxy that caches the answer never holds a token
+  longer than the gateway would;
 - otherwise the proxy mode's JSON error and status (401 refused assertion, 404 no route,
   502/503/504 authorization-server trouble).
 
@@ -109,4 +110,7 @@ def original_request(
 def grant_headers(header: str, token: str, ttl: float) -> dict[str, str]:
     """The 200 answer's headers: the token, and how long a proxy may cache the answer."""
     value = token if header.lower() != "authorization" else f"Bearer {token}"
-    return {header: value, "Cache-Control": f"max-age={int(ttl)}"}
+    seconds = int(ttl)
+    # Under a second left: nothing a proxy may keep (a 200 with max-age=0 invites a cache to
+    # store a token it must revalidate at once, and says "expired" about a usable answer).
+    return {header: value, "Cache-Control": f"max-age={seconds}" if seconds > 0 else "no-store"}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from typing import Any
@@ -33,16 +34,66 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, separators=(",", ":"), default=str)
 
 
+# What could end a line or rewrite it on a terminal: C0 and C1 controls, DEL and the
+# Unicode line separators; a backslash too, so that an escape in the output is always ours.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\\\\]")
+_NEEDS_QUOTES = re.compile(r'[\s"=]')
+
+
+def _escape_char(match: re.Match[str]) -> str:
+    char = match.group()
+    if char == "\\":
+        return "\\\\"
+    code = ord(char)
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+def _escape(text: str) -> str:
+    """``text`` on one line: control characters as ``\\xHH``, a backslash doubled."""
+    return _UNSAFE.sub(_escape_char, text)
+
+
+def _value(value: object) -> str:
+    """A field value or message argument that cannot pass for another field: escaped, and
+    quoted (logfmt style) when it holds a space, a quote or ``=``."""
+    text = _escape(str(value))
+    if not text or _NEEDS_QUOTES.search(text):
+        return '"' + text.replace('"', '\\"') + '"'
+    return text
+
+
 class TextFormatter(logging.Formatter):
+    """Human-readable lines. Request paths, headers and error messages are the client's
+    words: escaped and quoted here, so that a client cannot write a line (``%0A`` in a path
+    becomes a newline once decoded) or a field (``cache=hit``) of its own."""
+
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
+        record.message = self._message(record)
+        record.asctime = self.formatTime(record, self.datefmt)
+        text = self.formatMessage(record)
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict) and fields:
-            text += " " + " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
+            text += " " + " ".join(
+                f"{_escape(str(k))}={_value(v)}" for k, v in fields.items() if v is not None
+            )
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            # A traceback keeps its lines, each indented: no line of it starts like a record.
+            text += "".join(f"\n    {_escape(line)}" for line in record.exc_text.splitlines())
         return text
+
+    @staticmethod
+    def _message(record: logging.LogRecord) -> str:
+        args = record.args
+        if isinstance(args, tuple) and args:
+            # Each argument escaped and, with a space in it (a path), quoted: one token.
+            values = tuple(a if isinstance(a, int | float) else _value(a) for a in args)
+            return _escape(str(record.msg)) % values
+        return _escape(record.getMessage())
 
 
 class QuietParseErrors(logging.Filter):

@@ -84,9 +84,8 @@ class Metrics:
         self.validation_failures = Counter(
             "gateway_validation_failures", "Assertions refused, by reason", ["reason"], registry=r
         )
-        self.redis_up = Gauge(
-            "gateway_redis_up", "1 while the shared Redis store answers", registry=r
-        )
+        # Registered by the first report of a Redis store: without one there is no such metric.
+        self.redis_up: Gauge | None = None
         self._request_counters: dict[tuple[str, int], Counter] = {}
         self._request_histograms: dict[str, Histogram] = {}
         self._upstream_histograms: dict[str, Histogram] = {}
@@ -120,6 +119,10 @@ class Metrics:
         self.exchange_seconds.labels(server).observe(seconds)
 
     def observe_redis(self, up: bool) -> None:
+        if self.redis_up is None:
+            self.redis_up = Gauge(
+                "gateway_redis_up", "1 while the shared Redis store answers", registry=self.registry
+            )
         self.redis_up.set(1 if up else 0)
 
     def render(self) -> bytes:

@@ -21,13 +21,14 @@ from datetime import UTC, datetime
 from functools import partial
 
 from aiohttp import web
+from cachetools import TTLCache
 
 from gateway.cache import CachedToken, TokenCache
 from gateway.config import AuthorizationServer, Config, Route
 from gateway.errors import GatewayError, InvalidAssertion, NoRoute
 from gateway.metrics import Metrics
 from gateway.oauth.client import TokenClient
-from gateway.proxy.forward import Forwarder, request_target
+from gateway.proxy.forward import Forwarder, request_target, wants_websocket
 from gateway.routing import Router, routable_path
 from gateway.saml import (
     TrustPolicy,
@@ -36,6 +37,7 @@ from gateway.saml import (
     extract_assertion,
     validate_assertion,
 )
+from gateway.saml.evidence import printable
 
 DEFAULT_REALM = "saml-gateway"
 
@@ -50,8 +52,12 @@ class Trace:
     cache: str = "-"
     assertion_id: str | None = None
     issuer: str | None = None
+    # A refused assertion's ID and Issuer as read before verification: evidence, not identity.
+    assertion_id_unverified: str | None = None
+    issuer_unverified: str | None = None
     upstream_seconds: float | None = None
     reason: str | None = None
+    detail: str | None = None  # the refusal in explain's words ("audience: expected X, ...")
     realm: str = DEFAULT_REALM  # for the 401 challenge: the route's, once it is known
 
 
@@ -82,10 +88,20 @@ class Runtime:
             config.authorization_servers, observer=metrics.observe_exchange
         )
         self.forwarder = Forwarder(config.proxy, config.routes)
+        # (cache key, assertion ID) of tokens the upstream refused lately: a refused token is
+        # dropped (and the assertion exchanged again) once per interval, not per request.
+        self._refused: TTLCache[tuple[str, str], bool] = TTLCache(
+            maxsize=config.cache.max_entries, ttl=config.proxy.reexchange_interval
+        )
         # Requests inside this runtime: a retired one closes its sessions only when idle.
+        # WebSockets are counted apart: HTTP timeouts do not bound them, so neither does
+        # the wait for them after a reload.
         self._active = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._websockets = 0
+        self._no_websockets = asyncio.Event()
+        self._no_websockets.set()
 
     async def start(self) -> None:
         await self.forwarder.start()
@@ -95,25 +111,37 @@ class Runtime:
         await self.token_client.close()
 
     @contextlib.contextmanager
-    def serving(self) -> Iterator[None]:
-        """Count a request as inside this runtime (see ``drained``)."""
-        self._active += 1
-        self._idle.clear()
+    def serving(self, *, websocket: bool = False) -> Iterator[None]:
+        """Count a request (or a WebSocket, for its whole life) as inside this runtime."""
+        if websocket:
+            self._websockets += 1
+            self._no_websockets.clear()
+        else:
+            self._active += 1
+            self._idle.clear()
         try:
             yield
         finally:
-            self._active -= 1
-            if not self._active:
-                self._idle.set()
+            if websocket:
+                self._websockets -= 1
+                if not self._websockets:
+                    self._no_websockets.set()
+            else:
+                self._active -= 1
+                if not self._active:
+                    self._idle.set()
 
     async def drained(self) -> None:
-        """Return once no request is inside, or when the longest any could take has passed."""
+        """Return once nothing is inside: HTTP requests are waited for as long as the
+        longest any could take; WebSockets until they end (a route's ``websocket_idle`` and
+        ``websocket_lifetime`` bound them, nothing else), so a reload never cuts one."""
         config = self.config
         longest = max(route.timeouts.total for route in config.routes) + max(
             server.retries.deadline for server in config.authorization_servers.values()
         )
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), longest)
+        await self._no_websockets.wait()
 
     def route_for(self, host: str | None, path: str, trace: Trace) -> Route:
         route = self.router.match(host, path)
@@ -149,7 +177,7 @@ class Runtime:
 
     async def proxy(self, request: web.BaseRequest, trace: Trace) -> web.StreamResponse:
         """The whole flow for one proxied request."""
-        with self.serving():
+        with self.serving(websocket=wants_websocket(request)):
             return await self._proxy(request, trace)
 
     async def _proxy(self, request: web.BaseRequest, trace: Trace) -> web.StreamResponse:
@@ -168,8 +196,13 @@ class Runtime:
         trace.upstream_seconds = result.upstream_seconds
         self.metrics.observe_upstream(route.label, result.upstream_seconds)
         if result.token_rejected:
-            # The upstream no longer accepts this token: the next request exchanges afresh.
-            await self.cache.purge(self.cache_key(route), entry.digest)
+            # The upstream no longer accepts this token: the next request exchanges afresh,
+            # but only once per interval, or a client could drive the exchange rate (by ID,
+            # so byte variants of the assertion count as one).
+            refused = (self.cache_key(route), entry.assertion_id)
+            if refused not in self._refused:
+                self._refused[refused] = True
+                await self.cache.purge(entry)
         return result.response
 
 
@@ -197,6 +230,15 @@ def _cache_key(names: tuple[str, str], policy: TrustPolicy, server: Authorizatio
 
 
 def note_failure(trace: Trace, error: GatewayError, metrics: Metrics) -> None:
+    """What the access line says about a failed request: the reason word (also the metric's
+    label) and, for the client's mistakes, the detail an operator acts on. Server-side
+    failures keep their detail to their own log lines."""
     trace.reason = error.reason
+    if error.status < 500 and error.detail:
+        trace.detail = error.detail
     if isinstance(error, InvalidAssertion):
         metrics.validation_failures.labels(error.reason).inc()
+        if trace.assertion_id is None and error.unverified_id is not None:
+            trace.assertion_id_unverified = printable(error.unverified_id)
+        if trace.issuer is None and error.unverified_issuer is not None:
+            trace.issuer_unverified = printable(error.unverified_issuer)

@@ -202,13 +202,15 @@ def test_paths_must_be_absolute(base: Path) -> None:
     ]
 
 
-def redis_cache(url: str) -> dict[str, object]:
+def redis_cache(url: str, *, allow_insecure: bool = True) -> dict[str, object]:
+    # allow_insecure: these tests are about URL shapes and redaction, not about TLS.
     return {
         "backend": "redis",
         "redis": {
             "url": url,
             "encryption_keys": {"k1": "0123456789abcdef0123"},
             "active_key": "k1",
+            "allow_insecure": allow_insecure,
         },
     }
 

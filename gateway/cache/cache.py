@@ -1,23 +1,36 @@
-"""The token cache: one exchange per assertion for as long as its token lives.
+"""The token cache: one exchange per assertion ID, whatever bytes carry the assertion.
 
 Rules this module owns:
 - The logical key is (profile, assertion ID), the profile naming whose token it is (the
-  pipeline uses its route's identity provider and authorization server), and every entry is
-  bound to the SHA-256 digest of the decoded assertion. The hot path (``lookup``) finds a token by
-  (profile, digest) alone: no XML, no signature check, one dictionary probe.
-- A different assertion that reuses a live entry's ID (or the ID of an exchange in flight)
-  is a replay: refused with ``InvalidAssertion("replay")`` and the AS is never called.
-- An entry is served until ``expires_in`` minus the refresh margin minus a random jitter
-  (the margin never takes more than half of a token's life, so short-lived tokens are still
-  cached), optionally capped at the assertion's NotOnOrAfter. An expired entry is never
-  served. The store is bounded by ``max_entries`` with LRU eviction.
-- Concurrent misses share one exchange (``SingleFlight``); a failed exchange is not cached,
-  but ``invalid_grant`` is remembered for ``negative_ttl`` so one bad assertion cannot
-  hammer the AS.
+  pipeline uses its route's identity provider and authorization server). Each ID is bound to
+  the fingerprint of the signed assertion it belongs to (``Assertion.fingerprint``: the
+  digest of what was signed, equal for every byte variant of it) from its first exchange
+  until validation stops accepting the assertion (NotOnOrAfter + clock skew), whether or
+  not a token is cached meanwhile. The bindings are bounded (``max_entries``, LRU).
+- The hot path (``lookup``) finds a token by (profile, SHA-256 of the decoded bytes) alone:
+  no XML, no signature check, one dictionary probe. The bytes that were exchanged, and each
+  validated byte variant of the same signed assertion (a few per ID), point at the token.
+- On the miss path, after validation: a bound ID with another fingerprint is a replay
+  (``InvalidAssertion("replay")``; the AS is never called), also while the first one's
+  exchange is in flight and, through ``SharedStore.bind_id``, on another replica. A byte
+  variant shares the live token. Once the assertion's token has been obtained it is not
+  exchanged again, in any byte form: when that token is no longer served, the assertion is
+  ``spent`` (401) until it expires, and the client must present a fresh one. The single
+  exception: when the upstream refuses the token (``purge``; the pipeline rate-limits it),
+  one re-exchange is allowed.
+- A token is served until ``expires_in`` minus the refresh margin minus a random jitter (the
+  margin never takes more than half of a token's life, so short-lived tokens are still
+  cached), optionally capped where validation stops accepting the assertion. An expired
+  token is never served.
+- Concurrent misses share one exchange (``SingleFlight``); a failed exchange is not cached
+  and may be retried, but ``invalid_grant`` is remembered per (profile, assertion ID) for
+  ``negative_ttl``, so neither one bad assertion nor its byte variants hammer the AS.
 - With a ``SharedStore`` (Redis), the single-flight leader asks the store first, then takes
   the cross-replica exchange lock; a replica that does not get the lock polls the store for
-  at most ``shared_wait`` seconds and then exchanges itself. A shared entry bound to another
-  digest is never served.
+  at most ``shared_wait`` seconds and then exchanges itself. Before exchanging it binds the
+  ID in the store, and after a successful exchange it stores an "exchanged" record beside
+  the token (under a derived ID no SAML ID can take), so every replica knows the assertion
+  is spent. A shared entry for another signed assertion is never served.
 - No I/O of its own and no aiohttp/redis import: the clock, the random source, the exchange
   and the shared store are handed in.
 """
@@ -28,6 +41,7 @@ import asyncio
 import random
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from cachetools import LRUCache
@@ -46,6 +60,12 @@ Exchange = Callable[[Assertion], Awaitable[Token]]
 
 _POLL_FIRST = 0.02  # seconds between shared-store polls, doubling up to _POLL_MAX
 _POLL_MAX = 0.25
+# Hot-path keys per ID besides the exchanged bytes: enough for the variants real clients
+# produce, and a client sending endless variants only costs itself validations.
+_MAX_VARIANTS = 4
+# Suffix of the ID under which the shared store records "exchanged": a NUL is never in an
+# xs:ID, so no assertion can collide with it.
+_EXCHANGED = "\x00exchanged"
 
 
 class _Lru(LRUCache[K, V]):
@@ -59,6 +79,27 @@ class _Lru(LRUCache[K, V]):
         key, value = super().popitem()
         self._on_evict(key, value)
         return key, value
+
+
+@dataclass(slots=True, eq=False)
+class _Binding:
+    """What this replica knows about one (profile, assertion ID)."""
+
+    key: tuple[str, str]
+    fingerprint: bytes  # of the signed assertion the ID belongs to
+    until: float  # when validation stops accepting it (wall clock)
+    entry: CachedToken | None = None  # its token, while served
+    digests: list[bytes] = field(default_factory=list)  # hot-path keys pointing at entry
+    spent: bool = False  # its token was obtained: no further exchange (bar a re-exchange)
+
+
+def _refused(reason: str, detail: str) -> InvalidAssertion:
+    return InvalidAssertion(reason, detail)
+
+
+def _signed(assertion: Assertion) -> bytes:
+    """What identifies the signed assertion (the digest for a value built without one)."""
+    return assertion.fingerprint or assertion.digest
 
 
 class TokenCache:
@@ -76,14 +117,14 @@ class TokenCache:
         self._shared_wait = shared_wait
         self._clock = clock
         self._rng = rng
-        # (profile, digest) -> entry: what the hot path probes.
-        self._entries: _Lru[tuple[str, bytes], CachedToken] = _Lru(
-            settings.max_entries, self._evicted
-        )
-        # (profile, assertion ID) -> digest the ID is bound to, for replay detection.
-        self._ids: dict[tuple[str, str], bytes] = {}
-        # (profile, digest) -> until when an invalid_grant answer is remembered.
-        self._negative: LRUCache[tuple[str, bytes], float] = LRUCache(settings.max_entries)
+        # (profile, assertion ID) -> binding: replay rules and the token itself.
+        self._bindings: _Lru[tuple[str, str], _Binding] = _Lru(settings.max_entries, self._evicted)
+        # (profile, digest of the decoded bytes) -> binding with a token: what the hot path
+        # probes. Kept in step with the bindings, so it is bounded with them.
+        self._index: dict[tuple[str, bytes], _Binding] = {}
+        self._tokens = 0
+        # (profile, assertion ID) -> until when an invalid_grant answer is remembered.
+        self._negative: LRUCache[tuple[str, str], float] = LRUCache(settings.max_entries)
         self._flights: SingleFlight[tuple[str, str], CachedToken] = SingleFlight()
         # Bumped by forget_profile: an exchange started before is not kept after.
         self._generations: dict[str, int] = {}
@@ -94,7 +135,8 @@ class TokenCache:
         self.negative_hits = 0
 
     def __len__(self) -> int:
-        return len(self._entries)
+        """Tokens held in memory."""
+        return self._tokens
 
     @property
     def waiters(self) -> int:
@@ -108,13 +150,15 @@ class TokenCache:
     # --- the hot path --------------------------------------------------------------------
 
     def lookup(self, profile: str, digest: bytes) -> CachedToken | None:
-        """The live token for exactly this assertion (by digest), or None; counts hit/miss."""
-        entry = self._entries.get((profile, digest))
-        if entry is not None:
-            if entry.expires_at > self._clock():
+        """The live token for exactly these bytes (by digest), or None; counts hit/miss."""
+        binding = self._index.get((profile, digest))
+        if binding is not None:
+            entry = binding.entry
+            if entry is not None and entry.expires_at > self._clock():
+                self._bindings.get(binding.key)  # recently used
                 self.hits += 1
                 return entry
-            self._forget(entry)
+            self._drop_token(binding)
         self.misses += 1
         return None
 
@@ -127,31 +171,43 @@ class TokenCache:
     async def obtain(self, profile: str, assertion: Assertion, exchange: Exchange) -> CachedToken:
         """A token for a verified ``assertion``: cached, shared, or from one exchange."""
         now = self._clock()
-        key = (profile, assertion.digest)
-        entry = self._entries.get(key)
-        if entry is not None and entry.expires_at > now:
-            return entry  # filled since the caller's lookup
-        self._refuse_replay(profile, assertion, now)
+        key = (profile, assertion.id)
+        binding = self._binding(key, now)
+        if binding is not None:
+            entry = self._served(binding, assertion, now)
+            if entry is not None:
+                return entry
+        running = self._flights.tag(key)
+        if running is not None and running != _signed(assertion):
+            self.replays += 1
+            raise _refused("replay", "assertion ID in flight for another signed assertion")
         remembered = self._negative.get(key)
         if remembered is not None:
             if remembered > now:
                 self.negative_hits += 1
-                raise InvalidAssertion("invalid_grant", "refused recently; not asked again")
+                raise _refused("invalid_grant", "refused recently; not asked again")
             self._negative.pop(key, None)
+        if binding is None:
+            self._bind(key, assertion)
+        generation = self._generations.get(profile, 0)
         return await self._flights.run(
-            (profile, assertion.id),
-            assertion.digest,
-            lambda: self._fill(profile, assertion, exchange, self._generations.get(profile, 0)),
+            key,
+            _signed(assertion),
+            lambda: self._fill(profile, assertion, exchange, generation),
         )
 
-    async def purge(self, profile: str, digest: bytes) -> bool:
-        """Drop the token for this assertion (e.g. the upstream answered 401 with it)."""
-        entry = self._entries.pop((profile, digest), None)
-        if entry is None:
+    async def purge(self, entry: CachedToken) -> bool:
+        """The upstream refused ``entry``'s token: drop it, and let its assertion be
+        exchanged once more. True when it was dropped (False: already dropped or replaced)."""
+        profile = entry.profile
+        binding = self._bindings.get((profile, entry.assertion_id))
+        if binding is None or binding.entry is not entry:
             return False
-        self._unbind(entry)
+        binding.spent = False  # one more exchange for this assertion
+        self._drop_token(binding)
         if self._shared is not None:
             await self._shared.delete(profile, entry.assertion_id)
+            await self._shared.delete(profile, entry.assertion_id + _EXCHANGED)
         return True
 
     def forget_profile(self, profile: str) -> int:
@@ -163,59 +219,150 @@ class TokenCache:
         # Exchanges already under way for this profile finish, but do not store their tokens.
         self._generations[profile] = self._generations.get(profile, 0) + 1
         # Keys only: reading values through the LRU would reorder it.
-        stale = [key for key in self._entries if key[0] == profile]
+        stale = [key for key in self._bindings if key[0] == profile]
+        dropped = 0
         for key in stale:
-            self._unbind(self._entries.pop(key))
+            binding = self._bindings.pop(key)
+            if binding.entry is not None:
+                dropped += 1
+                self._drop_token(binding)
         for key in [key for key in self._negative if key[0] == profile]:
             del self._negative[key]
-        return len(stale)
+        return dropped
 
     async def close(self) -> None:
         """Cancel exchanges still in flight (shutdown)."""
         await self._flights.close()
 
-    # --- internals -----------------------------------------------------------------------
+    # --- bindings ------------------------------------------------------------------------
 
-    def _refuse_replay(self, profile: str, assertion: Assertion, now: float) -> None:
-        bound = self._ids.get((profile, assertion.id))
-        if bound is not None and bound != assertion.digest:
-            other = self._entries.get((profile, bound))
-            if other is not None and other.expires_at > now:
-                self.replays += 1
-                raise InvalidAssertion("replay", "assertion ID already used by another assertion")
-            if other is not None:
-                self._forget(other)
-            else:
-                self._ids.pop((profile, assertion.id), None)
-        running = self._flights.tag((profile, assertion.id))
-        if running is not None and running != assertion.digest:
+    def _binding(self, key: tuple[str, str], now: float) -> _Binding | None:
+        """The live binding of ``key``, its token dropped if no longer served."""
+        binding = self._bindings.get(key)
+        if binding is None:
+            return None
+        if binding.entry is not None and binding.entry.expires_at <= now:
+            self._drop_token(binding)
+        if binding.entry is None and binding.until <= now:
+            del self._bindings[key]  # the assertion is no longer accepted anywhere
+            return None
+        return binding
+
+    def _served(self, binding: _Binding, assertion: Assertion, now: float) -> CachedToken | None:
+        """The live token a bound ID gives ``assertion``, None when it may be exchanged, or
+        the refusal."""
+        if binding.fingerprint != _signed(assertion):
             self.replays += 1
-            raise InvalidAssertion("replay", "assertion ID in flight for another assertion")
+            raise _refused("replay", "assertion ID already used by another signed assertion")
+        entry = binding.entry
+        if entry is not None:
+            self._add_variant(binding, assertion.digest)
+            return entry
+        if binding.spent:
+            raise _refused("spent", "assertion already exchanged and its token is no longer served")
+        return None
+
+    def _bind(self, key: tuple[str, str], assertion: Assertion) -> _Binding:
+        replaced = self._bindings.get(key)
+        if replaced is not None:
+            self._drop_token(replaced)  # no hot-path key may outlive its binding
+        binding = _Binding(key, _signed(assertion), assertion.accepted_until.timestamp())
+        self._bindings[key] = binding
+        return binding
+
+    def _set_token(self, binding: _Binding, entry: CachedToken, digest: bytes) -> None:
+        if binding.entry is not None:
+            self._drop_token(binding)
+        binding.entry = entry
+        self._tokens += 1
+        # Only bytes validated here: a token from the shared store was exchanged for bytes
+        # another replica checked, and each replica validates before it serves.
+        self._add_variant(binding, digest)
+
+    def _add_variant(self, binding: _Binding, digest: bytes) -> None:
+        if digest in binding.digests or len(binding.digests) > _MAX_VARIANTS:
+            return
+        binding.digests.append(digest)
+        self._index[(binding.key[0], digest)] = binding
+
+    def _drop_token(self, binding: _Binding) -> None:
+        if binding.entry is None:
+            return
+        profile = binding.key[0]
+        for digest in binding.digests:
+            self._index.pop((profile, digest), None)
+        binding.digests.clear()
+        binding.entry = None
+        self._tokens -= 1
+
+    def _evicted(self, key: tuple[str, str], binding: _Binding) -> None:
+        if binding.entry is not None:
+            self.evictions += 1
+            self._drop_token(binding)
+
+    # --- filling -------------------------------------------------------------------------
 
     async def _fill(
         self, profile: str, assertion: Assertion, exchange: Exchange, generation: int
     ) -> CachedToken:
-        """The single-flight leader's work: shared store, lock, exchange, store."""
+        """The single-flight leader's work: shared store, lock, bind, exchange, store."""
         shared = self._shared
         if shared is None:
-            return self._keep(await self._exchange(profile, assertion, exchange), generation)
+            exchanged = await self._exchange(profile, assertion, exchange)
+            return self._keep(assertion, exchanged, generation)
         entry = await self._from_shared(shared, profile, assertion)
         if entry is not None:
-            return self._keep(entry, generation)
+            return self._keep(assertion, entry, generation)
         async with shared.exchange_lock(profile, assertion.id) as owner:
             if owner:
                 # Another replica may have finished between our get and the lock.
                 entry = await self._from_shared(shared, profile, assertion)
                 if entry is None:
-                    entry = await self._exchange(profile, assertion, exchange)
-                    await self._publish(shared, entry)
-                return self._keep(entry, generation)
+                    entry = await self._exchange_shared(shared, profile, assertion, exchange)
+                return self._keep(assertion, entry, generation)
         entry = await self._wait_for_shared(shared, profile, assertion)
         if entry is None:
             # The lock holder did not deliver in time (or the store is down): go ourselves.
-            entry = await self._exchange(profile, assertion, exchange)
-            await self._publish(shared, entry)
-        return self._keep(entry, generation)
+            entry = await self._exchange_shared(shared, profile, assertion, exchange)
+        return self._keep(assertion, entry, generation)
+
+    async def _exchange_shared(
+        self, shared: SharedStore, profile: str, assertion: Assertion, exchange: Exchange
+    ) -> CachedToken:
+        """Bind the ID across replicas, then exchange and publish, unless another replica
+        exchanged this signed assertion already (its token, or ``spent``) or bound the ID
+        to another one (``replay``)."""
+        until = assertion.accepted_until.timestamp()
+        bound = await shared.bind_id(profile, assertion.id, _signed(assertion), until)
+        if bound is not None:
+            if bound != _signed(assertion):
+                self._rebind(profile, assertion, bound)
+                self.replays += 1
+                raise _refused("replay", "assertion ID bound to another signed assertion")
+            exchanged = await shared.get(profile, assertion.id + _EXCHANGED)
+            if exchanged is not None and exchanged.fingerprint == _signed(assertion):
+                entry = await self._from_shared(shared, profile, assertion)
+                if entry is not None:
+                    return entry
+                self._mark_spent(profile, assertion)
+                raise _refused(
+                    "spent", "assertion already exchanged and its token is no longer served"
+                )
+        entry = await self._exchange(profile, assertion, exchange)
+        if entry.expires_at > self._clock():
+            await shared.put(entry)
+        if until > self._clock():
+            await shared.put(
+                CachedToken(
+                    profile=profile,
+                    assertion_id=assertion.id + _EXCHANGED,
+                    digest=b"",
+                    token=Token(access_token="", expires_in=0.0),
+                    expires_at=until,
+                    fingerprint=_signed(assertion),
+                )
+            )
+        return entry
 
     async def _exchange(
         self, profile: str, assertion: Assertion, exchange: Exchange
@@ -225,7 +372,7 @@ class TokenCache:
         except InvalidAssertion as exc:
             if exc.reason == "invalid_grant" and self._settings.negative_ttl > 0:
                 until = self._clock() + self._settings.negative_ttl
-                self._negative[(profile, assertion.digest)] = until
+                self._negative[(profile, assertion.id)] = until
             raise
         return CachedToken(
             profile=profile,
@@ -234,37 +381,51 @@ class TokenCache:
             token=token,
             expires_at=self._expires_at(token, assertion),
             issuer=assertion.issuer,
+            fingerprint=_signed(assertion),
         )
 
     def _expires_at(self, token: Token, assertion: Assertion) -> float:
         settings = self._settings
+        now = self._clock()
         lifetime = max(0.0, token.expires_in)
         margin = settings.refresh_margin + settings.jitter * self._rng()
         # A token shorter than twice the margin would never be cached at all; keep half.
-        expires_at = self._clock() + lifetime - min(margin, lifetime / 2)
+        expires_at = now + lifetime - min(margin, lifetime / 2)
         if settings.cap_to_assertion:
-            expires_at = min(expires_at, assertion.not_on_or_after.timestamp())
+            # Where validation stops accepting the assertion (the same skew), not the bare
+            # NotOnOrAfter: during the skew that would make every new entry born expired.
+            expires_at = min(expires_at, assertion.accepted_until.timestamp())
         return expires_at
 
-    def _keep(self, entry: CachedToken, generation: int) -> CachedToken:
-        """Put a live entry in memory (a dead one is still handed to this one caller), unless
-        the profile's trust changed while it was being obtained (see ``forget_profile``)."""
-        if entry.expires_at <= self._clock():
+    def _keep(self, assertion: Assertion, entry: CachedToken, generation: int) -> CachedToken:
+        """Record that ``assertion`` got ``entry`` and put a live entry in memory (a dead one
+        is still handed to this one caller), unless the profile's trust changed while it was
+        being obtained (see ``forget_profile``)."""
+        profile = entry.profile
+        if self._generations.get(profile, 0) != generation:
             return entry
-        if self._generations.get(entry.profile, 0) != generation:
-            return entry
-        id_key = (entry.profile, entry.assertion_id)
-        previous = self._ids.get(id_key)
-        if previous is not None and previous != entry.digest:
-            # Only reachable through the shared path, where a newer exchange wins.
-            self._entries.pop((entry.profile, previous), None)
-        self._entries[(entry.profile, entry.digest)] = entry
-        self._ids[id_key] = entry.digest
+        key = (profile, assertion.id)
+        binding = self._bindings.get(key)
+        if binding is None or binding.fingerprint != _signed(assertion):
+            binding = self._bind(key, assertion)  # evicted meanwhile: bind again
+        binding.spent = True
+        if entry.expires_at > self._clock():
+            self._set_token(binding, entry, assertion.digest)
         return entry
 
-    async def _publish(self, shared: SharedStore, entry: CachedToken) -> None:
-        if entry.expires_at > self._clock():
-            await shared.put(entry)
+    def _rebind(self, profile: str, assertion: Assertion, bound: bytes) -> None:
+        """Another replica bound the ID first: what this one claimed for ``assertion`` when
+        the exchange began belongs to ``bound`` instead."""
+        binding = self._bindings.get((profile, assertion.id))
+        if binding is not None and binding.fingerprint == _signed(assertion) and not binding.spent:
+            binding.fingerprint = bound
+
+    def _mark_spent(self, profile: str, assertion: Assertion) -> None:
+        key = (profile, assertion.id)
+        binding = self._bindings.get(key)
+        if binding is None or binding.fingerprint != _signed(assertion):
+            binding = self._bind(key, assertion)
+        binding.spent = True
 
     async def _from_shared(
         self, shared: SharedStore, profile: str, assertion: Assertion
@@ -272,8 +433,11 @@ class TokenCache:
         entry = await shared.get(profile, assertion.id)
         if entry is None or entry.profile != profile:
             return None
-        if entry.digest != assertion.digest:
-            return None  # bound to another assertion: never served; we exchange our own
+        if entry.fingerprint:
+            if entry.fingerprint != _signed(assertion):
+                return None  # another signed assertion's: never served (bind_id decides)
+        elif entry.digest != assertion.digest:
+            return None  # written before fingerprints: only for the very same bytes
         if entry.expires_at <= self._clock():
             return None
         return entry
@@ -293,16 +457,3 @@ class TokenCache:
                 return None
             await asyncio.sleep(min(pause, left))
             pause = min(pause * 2, _POLL_MAX)
-
-    def _forget(self, entry: CachedToken) -> None:
-        self._entries.pop((entry.profile, entry.digest), None)
-        self._unbind(entry)
-
-    def _unbind(self, entry: CachedToken) -> None:
-        id_key = (entry.profile, entry.assertion_id)
-        if self._ids.get(id_key) == entry.digest:
-            del self._ids[id_key]
-
-    def _evicted(self, key: tuple[str, bytes], entry: CachedToken) -> None:
-        self.evictions += 1
-        self._unbind(entry)

@@ -1,7 +1,9 @@
 """What the cache keeps per (profile, assertion ID), and the shared-store seam.
 
-A token is only ever released for the byte-identical assertion it was exchanged for:
-each entry is bound to the SHA-256 digest of the decoded assertion.
+A token is only ever released for the signed assertion it was exchanged for: each entry
+carries the SHA-256 digest of the decoded bytes that were exchanged (the hot path's key) and
+the fingerprint of what was signed (``Assertion.fingerprint``), which every byte variant of
+that one signed assertion shares.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ class CachedToken:
     token: Token
     expires_at: float  # wall-clock seconds (time.time()) after which it is never served
     issuer: str = ""  # the assertion's Issuer, for access lines on cache hits
+    fingerprint: bytes = b""  # of the signed content; b"" in entries written before it existed
 
 
 class SharedStore(Protocol):
@@ -39,6 +42,15 @@ class SharedStore(Protocol):
         ...
 
     async def delete(self, profile: str, assertion_id: str) -> None: ...
+
+    async def bind_id(
+        self, profile: str, assertion_id: str, fingerprint: bytes, until: float
+    ) -> bytes | None:
+        """Record that ``assertion_id`` belongs to the signed assertion ``fingerprint`` until
+        ``until`` (time.time() seconds), unless a live binding exists. Returns the fingerprint
+        already bound (equal to ``fingerprint`` or not), or None when this call recorded it or
+        the store is down."""
+        ...
 
     def exchange_lock(self, profile: str, assertion_id: str) -> AbstractAsyncContextManager[bool]:
         """Cross-replica single-flight: yields True when this replica owns the exchange.

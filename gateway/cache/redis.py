@@ -25,6 +25,10 @@ Rules this module owns:
 - Entries carry the same digest binding and expiry as in memory; the Redis key expires
   with the token (``PX`` from ``expires_at``). A wrong digest is returned as-is: the cache
   compares it and refuses.
+- **Assertion IDs are bound** to the fingerprint of their signed assertion (``bind_id``):
+  ``prefix + "b:" + SHA-256(profile, assertion ID)``, the fingerprint sealed like an entry,
+  set only if absent (one Lua script: read, or write with ``PX`` until ``until``), so the
+  first replica to bind an ID wins and every other one learns what it is bound to.
 - Cross-replica single-flight is a plain lock (``SET NX PX``, renewed while the exchange
   runs, compare-and-delete release). Correctness never depends on it. While Redis is down
   every replica owns its exchanges (no waiting for a result a dead store cannot carry).
@@ -110,6 +114,15 @@ if redis.call('get', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+# Read the live binding, or record ours: atomic, so two replicas never both "win".
+_BIND_LUA = """
+local bound = redis.call('get', KEYS[1])
+if bound then
+  return bound
+end
+redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return false
+"""
 _RELEASE_LUA = """
 if redis.call('get', KEYS[1]) == ARGV[1] then
   return redis.call('del', KEYS[1])
@@ -129,6 +142,11 @@ def entry_name(prefix: str, profile: str, assertion_id: str) -> bytes:
 def lock_name(prefix: str, profile: str, assertion_id: str) -> bytes:
     """The Redis key of the cross-replica exchange lock for one assertion."""
     return prefix.encode() + b"l:" + _hash_name(profile, assertion_id)
+
+
+def binding_name(prefix: str, profile: str, assertion_id: str) -> bytes:
+    """The Redis key binding one assertion ID to its signed assertion's fingerprint."""
+    return prefix.encode() + b"b:" + _hash_name(profile, assertion_id)
 
 
 def _hash_name(profile: str, assertion_id: str) -> bytes:
@@ -178,15 +196,28 @@ class EntrySealer:
         return f"EntrySealer(active_key={self._active!r}, keys={sorted(self._ciphers)!r})"
 
     def seal(self, name: bytes, entry: CachedToken) -> bytes:
-        key_id = self._active.encode()
-        header = bytes((_ENVELOPE_VERSION, len(key_id))) + key_id
-        nonce = os.urandom(_NONCE_BYTES)
-        plain = json.dumps(_to_json(entry), separators=(",", ":")).encode()
-        sealed = self._ciphers[self._active].encrypt(nonce, plain, _aad(name, key_id))
-        return header + nonce + sealed
+        return self.seal_bytes(name, json.dumps(_to_json(entry), separators=(",", ":")).encode())
 
     def open(self, name: bytes, blob: bytes) -> CachedToken | None:
         """The entry, or None (with a log line saying why) when it cannot be trusted."""
+        plain = self.open_bytes(name, blob)
+        if plain is None:
+            return None
+        try:
+            return _from_json(json.loads(plain))
+        except (ValueError, TypeError, KeyError):
+            _rejected("malformed payload")
+            return None
+
+    def seal_bytes(self, name: bytes, plain: bytes) -> bytes:
+        key_id = self._active.encode()
+        header = bytes((_ENVELOPE_VERSION, len(key_id))) + key_id
+        nonce = os.urandom(_NONCE_BYTES)
+        sealed = self._ciphers[self._active].encrypt(nonce, plain, _aad(name, key_id))
+        return header + nonce + sealed
+
+    def open_bytes(self, name: bytes, blob: bytes) -> bytes | None:
+        """The plaintext sealed for ``name``, or None (logged) when it cannot be trusted."""
         if len(blob) < 2 or blob[0] != _ENVELOPE_VERSION:
             _rejected("unknown envelope version")
             return None
@@ -205,14 +236,9 @@ class EntrySealer:
                 logger.warning("redis entry under unknown encryption key id %r ignored", shown)
             return None
         try:
-            plain = cipher.decrypt(nonce, sealed, _aad(name, key_id))
+            return cipher.decrypt(nonce, sealed, _aad(name, key_id))
         except InvalidTag:
             _rejected("authentication failed (tampered, moved to another key, or wrong key)")
-            return None
-        try:
-            return _from_json(json.loads(plain))
-        except (ValueError, TypeError, KeyError):
-            _rejected("malformed payload")
             return None
 
 
@@ -236,6 +262,7 @@ def _to_json(entry: CachedToken) -> dict[str, Any]:
         "s": token.scope,
         "y": token.token_type,
         "r": entry.issuer,
+        "f": base64.b64encode(entry.fingerprint).decode(),
     }
 
 
@@ -250,6 +277,9 @@ def _from_json(data: Any) -> CachedToken:
         raise TypeError("expected numbers")
     if data["s"] is not None and not isinstance(data["s"], str):
         raise TypeError("scope must be a string")
+    fingerprint = data.get("f", "")  # absent in entries written before fingerprints
+    if not isinstance(fingerprint, str):
+        raise TypeError("expected a string")
     token = Token(
         access_token=data["a"], expires_in=float(data["n"]), scope=data["s"], token_type=data["y"]
     )
@@ -260,6 +290,7 @@ def _from_json(data: Any) -> CachedToken:
         token=token,
         expires_at=float(data["x"]),
         issuer=data["r"],
+        fingerprint=base64.b64decode(fingerprint, validate=True),
     )
 
 
@@ -425,6 +456,7 @@ class RedisTokenStore:
         self._client = client if client is not None else connect_redis(settings)
         self._renew = self._client.register_script(_RENEW_LUA)
         self._release = self._client.register_script(_RELEASE_LUA)
+        self._bind = self._client.register_script(_BIND_LUA)
         self._on_state = on_state
         self._clock = clock
         self._wall = wall_clock
@@ -472,6 +504,25 @@ class RedisTokenStore:
     async def delete(self, profile: str, assertion_id: str) -> None:
         name = entry_name(self._prefix, profile, assertion_id)
         await self._call("delete", lambda: self._client.delete(name), None)
+
+    async def bind_id(
+        self, profile: str, assertion_id: str, fingerprint: bytes, until: float
+    ) -> bytes | None:
+        """Record that ``assertion_id`` belongs to the signed assertion ``fingerprint`` until
+        ``until`` (time.time() seconds), unless a live binding exists. Returns the fingerprint
+        already bound (equal to ``fingerprint`` or not), or None when this call recorded it or
+        the store is down."""
+        ttl_ms = math.ceil((until - self._wall()) * 1000)
+        if ttl_ms <= 0:
+            return None  # nothing left to bind: the assertion is no longer accepted
+        name = binding_name(self._prefix, profile, assertion_id)
+        blob = self._sealer.seal_bytes(name, fingerprint)
+        bound = await self._call("bind", lambda: self._bind(keys=[name], args=[blob, ttl_ms]), None)
+        if not isinstance(bound, bytes):
+            return None
+        # A binding that does not open (tampered, or under a key no longer listed) names no
+        # assertion we can compare with: like a store fault, it binds nothing.
+        return self._sealer.open_bytes(name, bound)
 
     @asynccontextmanager
     async def exchange_lock(self, profile: str, assertion_id: str) -> AsyncIterator[bool]:

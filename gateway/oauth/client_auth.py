@@ -2,7 +2,8 @@
 
 Rules this module owns:
 - ``client_secret_basic`` form-encodes the client id and secret *before* base64
-  (RFC 6749 §2.3.1): a secret with ``:`` or ``%`` in it would otherwise be misread.
+  (RFC 6749 §2.3.1): a secret with ``:`` or ``%`` in it would otherwise be misread. A server
+  that does not decode them (SAP NetWeaver ABAP) gets them raw, when its profile says so.
 - ``private_key_jwt`` (RFC 7523 §2.2) is a short-lived JWT whose ``iss`` and ``sub`` are the
   client id and whose ``aud`` is the token URL, with a fresh ``jti`` so it cannot be replayed.
   It is signed with ``cryptography`` directly: RS256 (RSA PKCS#1 v1.5, SHA-256, at least
@@ -37,9 +38,16 @@ def b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
-def basic_authorization(client_id: str, client_secret: str) -> str:
-    """The ``Authorization`` header value for ``client_secret_basic`` (RFC 6749 §2.3.1)."""
-    pair = f"{quote_plus(client_id, safe='')}:{quote_plus(client_secret, safe='')}"
+def basic_authorization(client_id: str, client_secret: str, encoding: str = "form") -> str:
+    """The ``Authorization`` header value for ``client_secret_basic``.
+
+    ``form`` encodes both parts first (RFC 6749 §2.3.1); ``raw`` sends them as they are
+    (RFC 7617), for servers that do not decode (the config refuses a ``:`` in a raw id).
+    """
+    if encoding == "raw":
+        pair = f"{client_id}:{client_secret}"
+    else:
+        pair = f"{quote_plus(client_id, safe='')}:{quote_plus(client_secret, safe='')}"
     return "Basic " + base64.b64encode(pair.encode("utf-8")).decode("ascii")
 
 

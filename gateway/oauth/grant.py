@@ -3,7 +3,9 @@
 Rules this module owns:
 - The request is a form POST of ``grant_type``, ``assertion`` (base64url without padding by
   default, RFC 7522 §2.1; plain base64 when a server wants it), ``scope`` (space-delimited),
-  the server's ``extra_params`` and exactly one way of client authentication.
+  the server's ``extra_params`` and exactly one way of client authentication (with Basic,
+  ``client_id`` may also be in the form, ``client_id_in_body``: it names, not proves), and
+  the server's static ``headers``.
 - ``extra_params`` may not set a field this module owns (grant, assertion, scope or any
   credential): credentials are never sent two ways at once.
 - A response is a token only if it is a JSON object with a non-empty ``access_token`` that is
@@ -142,12 +144,18 @@ def build_token_request(
     if server.scope:
         fields.append(("scope", " ".join(server.scope)))
     fields.extend((k, v) for k, v in server.extra_params.items() if k not in RESERVED_FIELDS)
-    headers = {"Content-Type": FORM_CONTENT_TYPE, "Accept": "application/json"}
+    # The profile's static headers first: the config refuses the names set below.
+    headers = {name: value.get_secret_value() for name, value in server.headers.items()}
+    headers.update({"Content-Type": FORM_CONTENT_TYPE, "Accept": "application/json"})
 
     client_id = server.client_id or ""
     secret = server.client_secret.get_secret_value() if server.client_secret else ""
     if server.client_auth == "client_secret_basic":
-        headers["Authorization"] = basic_authorization(client_id, secret)
+        headers["Authorization"] = basic_authorization(
+            client_id, secret, server.basic_auth_encoding
+        )
+        if server.client_id_in_body:
+            fields.append(("client_id", client_id))
     elif server.client_auth == "client_secret_post":
         fields += [("client_id", client_id), ("client_secret", secret)]
     elif server.client_auth == "private_key_jwt":

@@ -1,8 +1,11 @@
 """The streaming forwarder: one pooled client session, bodies streamed both ways, WebSockets too.
 
 Rules this module owns (the header and URL rules themselves live in ``headers``):
-- Nothing is buffered or decompressed: request and response bodies pass chunk by chunk, with
-  backpressure, and ``Content-Encoding`` is the upstream's business.
+- Nothing is buffered, decoded or relabelled: request and response bodies pass chunk by
+  chunk, with backpressure, byte for byte as sent (``Content-Encoding`` is the endpoints'
+  business; the body limit counts bytes on the wire). What cannot be relayed exactly is
+  refused, not altered: a transfer coding other than ``chunked`` (501 from a client, 502
+  from an upstream) and a response header that is not UTF-8 (502).
 - Nothing is followed or remembered: redirects go back to the client, cookies are not kept.
 - Failures before the response starts become gateway errors (502/504/413) for the pipeline
   to answer; after it has started, the only honest signal is to cut the client connection,
@@ -24,7 +27,7 @@ from typing import Final
 
 import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, MultiMapping
 from yarl import URL
 
 from gateway.config import ProxySettings, Route, UpstreamTls
@@ -32,6 +35,7 @@ from gateway.errors import (
     BadRequest,
     ConfigError,
     GatewayError,
+    NotImplementedHere,
     RequestTooLarge,
     UpstreamError,
     UpstreamTimeout,
@@ -92,6 +96,8 @@ class _RoutePlan:
     ssl: ssl.SSLContext | bool
     timeout: aiohttp.ClientTimeout
     handshake_timeout: float
+    websocket_idle: float | None
+    websocket_lifetime: float | None
 
 
 @dataclass(slots=True)
@@ -164,10 +170,16 @@ class Forwarder:
 
     @staticmethod
     def admit(request: web.BaseRequest, route: Route) -> None:
-        """Refuse a body declared larger than the route allows, before any other work."""
+        """Refuse, before any other work, a body declared larger than the route allows and
+        one whose framing cannot be relayed as sent."""
         declared = request.content_length
         if declared is not None and declared > route.max_body_size:
             raise RequestTooLarge("body_too_large", f"Content-Length {declared}")
+        coding = _foreign_transfer_coding(request.headers)
+        if coding is not None:
+            # aiohttp removes only the chunked framing; the upstream would get the body
+            # still gzip-coded (say) and no header saying so (RFC 9112 §6.1: 501).
+            raise NotImplementedHere("transfer_coding", f"Transfer-Encoding {coding!r}")
 
     async def forward(
         self,
@@ -180,7 +192,8 @@ class Forwarder:
         """Forward ``request`` to ``route``'s upstream with ``token``; stream the answer back.
 
         ``strip`` names the headers that carried the assertion; ``stamp`` holds headers the
-        gateway adds to the answer (its X-Request-ID), whatever the upstream said. Raises
+        gateway adds to the answer (its X-Request-ID), whatever the upstream said; its
+        X-Request-ID also replaces the client's on the request sent upstream. Raises
         ``RequestTooLarge``, ``UpstreamError`` or ``UpstreamTimeout`` when nothing has been
         sent to the client yet.
         """
@@ -199,11 +212,13 @@ class Forwarder:
             trusted_proxies=self._trusted,
             preserve_host=route.preserve_host,
             upstream_host=plan.upstream_host,
+            # The upstream's logs then name the request as ours and the client's answer do.
+            request_id=stamp.get("X-Request-ID"),
         )
         url = upstream_url(
             route.upstream, request_target(request), route.path_prefix, route.strip_prefix
         )
-        if _wants_websocket(request):
+        if wants_websocket(request):
             return await self._websocket(session, request, plan, url, headers, stamp)
         return await self._http(session, request, plan, url, headers, stamp)
 
@@ -244,10 +259,16 @@ class Forwarder:
             raise _translate(exc, progress) from None
         elapsed = time.monotonic() - started
 
+        try:
+            _check_relayable(upstream.headers)
+        except UpstreamError:
+            upstream.close()
+            raise
         challenge = ", ".join(upstream.headers.getall("WWW-Authenticate", [])) or None
         headers = downstream_response_headers(upstream.headers)
         headers.update(stamp)
         response: web.StreamResponse
+        typed = "Content-Type" in upstream.headers
         if _small_body(request, upstream):
             # A body announced as small is read whole and sent with the headers in one write
             # (memory stays bounded by _SMALL_BODY, as with nginx's proxy buffers); anything
@@ -257,13 +278,13 @@ class Forwarder:
             except (aiohttp.ClientError, OSError) as exc:
                 upstream.close()
                 raise _translate(exc, None) from None
-            response = web.Response(
+            response = _RelayedResponse(
                 status=upstream.status, reason=upstream.reason, headers=headers, body=content
             )
+            response.typed = typed
         else:
-            response = web.StreamResponse(
-                status=upstream.status, reason=upstream.reason, headers=headers
-            )
+            response = _Relayed(status=upstream.status, reason=upstream.reason, headers=headers)
+            response.typed = typed
             await self._relay_body(request, upstream, response)
         return ForwardResult(
             response=response,
@@ -372,7 +393,9 @@ class Forwarder:
             except (ConnectionError, web.HTTPException):
                 await upstream_ws.close(code=WSCloseCode.GOING_AWAY)
                 raise UpstreamError("client_websocket_handshake", "client went away") from None
-            await _relay_websocket(client_ws, upstream_ws)
+            await _relay_websocket(
+                client_ws, upstream_ws, plan.websocket_idle, plan.websocket_lifetime
+            )
         finally:
             self._websockets.discard(upstream_ws)
             await upstream_ws.close()
@@ -391,12 +414,14 @@ class Forwarder:
         if exc.status < 200:
             raise UpstreamError("upstream_websocket_handshake", exc.message) from None
         upstream_headers = exc.headers if exc.headers is not None else CIMultiDict[str]()
+        _check_relayable(upstream_headers)
         headers = downstream_response_headers(upstream_headers)
         # aiohttp has discarded the body; its framing headers no longer apply.
         for name in ("Content-Length", "Content-Type", "Content-Encoding"):
             headers.popall(name, None)
         headers.update(stamp)
-        response = web.StreamResponse(status=exc.status, headers=headers)
+        response = _Relayed(status=exc.status, headers=headers)
+        response.typed = False
         challenge = ", ".join(upstream_headers.getall("WWW-Authenticate", [])) or None
         try:
             await response.prepare(request)
@@ -439,7 +464,64 @@ class Forwarder:
                 total=limits.total, sock_connect=limits.connect, sock_read=limits.read
             ),
             handshake_timeout=min(limits.total, limits.connect + limits.read),
+            websocket_idle=limits.websocket_idle,
+            websocket_lifetime=limits.websocket_lifetime,
         )
+
+
+class _Relayed(web.StreamResponse):
+    """An upstream's answer, with no header aiohttp would add on its own but ``Date``.
+
+    aiohttp labels a body without ``Content-Type`` as ``application/octet-stream`` (a
+    browser then downloads what it would have sniffed and shown) and names itself in
+    ``Server``; a proxy relays what the upstream said. ``Date`` stays: RFC 9110 §6.6.1
+    requires a forwarder to add one that is missing.
+    """
+
+    typed = True  # whether the upstream sent a Content-Type
+
+    async def _prepare_headers(self) -> None:
+        headers = self.headers
+        had_server = "Server" in headers
+        await super()._prepare_headers()
+        if not self.typed:
+            headers.popall("Content-Type", None)
+        if not had_server:
+            headers.popall("Server", None)
+
+
+class _RelayedResponse(_Relayed, web.Response):
+    """A small upstream answer read whole, relayed like ``_Relayed``."""
+
+
+def _foreign_transfer_coding(headers: MultiMapping[str]) -> str | None:
+    """The first transfer coding other than ``chunked`` in ``headers``, if any."""
+    for value in headers.getall("Transfer-Encoding", ()):
+        for coding in value.split(","):
+            coding = coding.strip().lower()
+            if coding and coding != "chunked":
+                return coding
+    return None
+
+
+def _check_relayable(headers: MultiMapping[str]) -> None:
+    """Refuse an upstream answer that cannot reach the client as it was sent.
+
+    A header with bytes that are not UTF-8 (kept as surrogates by the parser) would lose
+    them silently on the way out; a transfer coding other than chunked would reach the
+    client undone and unlabelled.
+    """
+    for name, value in headers.items():
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise UpstreamError(
+                    "upstream_header_encoding", f"header {name!r} is not valid UTF-8"
+                ) from None
+    coding = _foreign_transfer_coding(headers)
+    if coding is not None:
+        raise UpstreamError("upstream_transfer_coding", f"Transfer-Encoding {coding!r}")
 
 
 def request_target(request: web.BaseRequest) -> str:
@@ -448,7 +530,8 @@ def request_target(request: web.BaseRequest) -> str:
     return target if target.startswith("/") else request.rel_url.raw_path_qs
 
 
-def _wants_websocket(request: web.BaseRequest) -> bool:
+def wants_websocket(request: web.BaseRequest) -> bool:
+    """Whether ``request`` is a well-formed WebSocket handshake (relayed as one)."""
     if request.method != "GET":
         return False
     upgrade = request.headers.get("Upgrade", "").lower()
@@ -517,18 +600,29 @@ def _close_code(code: int | None, fallback: int) -> int:
 
 
 async def _relay_websocket(
-    client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse
+    client: web.WebSocketResponse,
+    upstream: aiohttp.ClientWebSocketResponse,
+    idle: float | None = None,
+    lifetime: float | None = None,
 ) -> None:
-    """Relay messages both ways until one side closes; pass its close code to the other."""
+    """Relay messages both ways until one side closes; pass its close code to the other.
+
+    ``idle`` and ``lifetime`` (the route's ``websocket_idle``/``websocket_lifetime``) are the
+    only bounds: past either, both sides are closed with 1001.
+    """
+    loop = asyncio.get_running_loop()
+    last_message = loop.time()
 
     async def pump(
         source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
         sink: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
         lost_code: int,
     ) -> None:
+        nonlocal last_message
         try:
             while True:
                 msg = await source.receive()
+                last_message = loop.time()
                 if msg.type is WSMsgType.TEXT:
                     await sink.send_str(msg.data)
                 elif msg.type is WSMsgType.BINARY:
@@ -546,16 +640,36 @@ async def _relay_websocket(
             # RuntimeError: aiohttp refuses to send on a socket that is already closing.
             await sink.close(code=lost_code)
 
-    pumps = [
+    async def watch() -> None:
+        """Close both sides once the socket has idled or lived past its route's bound."""
+        end = loop.time() + lifetime if lifetime is not None else None
+        while True:
+            idle_end = last_message + idle if idle is not None else None
+            due = [t for t in (end, idle_end) if t is not None]
+            wait = min(due) - loop.time()
+            if wait <= 0:
+                break
+            await asyncio.sleep(wait)
+        lived = end is not None and loop.time() >= end
+        reason = b"websocket lifetime reached" if lived else b"websocket idle"
+        await asyncio.gather(
+            client.close(code=WSCloseCode.GOING_AWAY, message=reason),
+            upstream.close(code=WSCloseCode.GOING_AWAY, message=reason),
+            return_exceptions=True,
+        )
+
+    tasks = [
         asyncio.create_task(pump(client, upstream, WSCloseCode.GOING_AWAY)),
         asyncio.create_task(pump(upstream, client, WSCloseCode.BAD_GATEWAY)),
     ]
+    if idle is not None or lifetime is not None:
+        tasks.append(asyncio.create_task(watch()))
     try:
-        _, pending = await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         if pending:  # the other side is being closed; let its pump see that
-            await asyncio.wait(pending, timeout=_WS_CLOSE_TIMEOUT)
+            await asyncio.wait(tasks[:2], timeout=_WS_CLOSE_TIMEOUT)
     finally:
-        for task in pumps:
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*pumps, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         await client.close()

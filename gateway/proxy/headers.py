@@ -4,10 +4,14 @@ Rules this module owns (pure: no I/O, no aiohttp, testable without an event loop
 - Hop-by-hop headers (RFC 9110 §7.6.1), and every header named in ``Connection``, describe
   one connection and are removed in both directions.
 - Identity headers are the gateway's to set. ``Authorization`` and the headers that carried
-  the assertion never reach the upstream; ``X-Forwarded-*``/``Forwarded`` from a peer that is
-  not a trusted proxy are dropped and replaced. A name is compared case-folded and with ``_``
-  read as ``-``, because many upstream stacks (CGI, WSGI, PHP, nginx with
-  ``underscores_in_headers``) merge ``X_Forwarded_For`` into ``X-Forwarded-For``.
+  the assertion never reach the upstream. Headers that say who the client is or which URL
+  it asked for (``X-Forwarded-*``, ``Forwarded``, ``X-Real-IP``, ``True-Client-IP``,
+  ``X-Original-URL``, ``X-Rewrite-URL``, … see ``PROXY_ONLY``) are a proxy's to set: from a
+  peer that is not a trusted proxy they are dropped (``X-Forwarded-*`` replaced by ours).
+  ``X-Request-ID`` is always the gateway's, the one it logs and answers with. A name is
+  compared case-folded and with ``_`` read as ``-``, because many upstream stacks (CGI,
+  WSGI, PHP, nginx with ``underscores_in_headers``) merge ``X_Forwarded_For`` into
+  ``X-Forwarded-For``.
 - The request target is passed through byte-exact: no decoding, no re-encoding, no
   normalisation, so ``%2F`` stays an encoded slash.
 """
@@ -45,6 +49,29 @@ HOP_BY_HOP: Final[frozenset[str]] = frozenset(
 # The gateway answers ``Expect: 100-continue`` itself before the body is read; passing it on
 # would make the upstream wait for a continue that the client already got.
 _REQUEST_ONLY_DROPPED: Final[frozenset[str]] = frozenset({"expect"})
+
+# Set by proxies and CDNs, read by upstreams as the client's address or as the URL to serve
+# (IIS/Symfony/Laravel read X-Original-URL and X-Rewrite-URL instead of the request line):
+# a client must never choose them. X-Forwarded-* and Forwarded are matched as a family.
+PROXY_ONLY: Final[frozenset[str]] = frozenset(
+    {
+        "x-real-ip",
+        "true-client-ip",
+        "x-client-ip",
+        "x-cluster-client-ip",
+        "cf-connecting-ip",
+        "fastly-client-ip",
+        "client-ip",
+        "x-originating-ip",
+        "x-remote-ip",
+        "x-remote-addr",
+        "x-original-url",
+        "x-rewrite-url",
+        "x-original-uri",
+        "x-original-host",
+        "x-host",
+    }
+)
 
 _FORWARDED_FOR: Final = "X-Forwarded-For"
 _FORWARDED_PROTO: Final = "X-Forwarded-Proto"
@@ -111,13 +138,14 @@ def upstream_request_headers(
     trusted_proxies: Sequence[IPNetwork],
     preserve_host: bool,
     upstream_host: str,
+    request_id: str | None = None,
 ) -> CIMultiDict[str]:
     """The headers to send upstream for a client request with headers ``inbound``.
 
     ``strip`` names the headers that carried the assertion (lower case); ``peer`` is the
     client's IP address, ``scheme`` and ``host`` what the client used to reach us;
     ``upstream_host`` is the ``host[:port]`` of the upstream, used for ``Host`` unless
-    ``preserve_host``.
+    ``preserve_host``; ``request_id`` replaces any client ``X-Request-ID``.
     """
     trusted = peer_is_trusted(peer, trusted_proxies)
     connection_named = _connection_tokens(inbound)
@@ -143,10 +171,16 @@ def upstream_request_headers(
             if trusted and "_" not in name:
                 kept_forwarded.add(name, value)
             continue
+        if canonical in PROXY_ONLY and not (trusted and "_" not in name):
+            continue
+        if request_id is not None and canonical == "x-request-id":
+            continue
         out.add(name, value)
 
     out["Host"] = (host or upstream_host) if preserve_host else upstream_host
     out["Authorization"] = f"Bearer {token}"
+    if request_id is not None:
+        out["X-Request-ID"] = request_id
 
     prior_for = ", ".join(v.strip() for v in kept_forwarded.popall(_FORWARDED_FOR, []))
     out.extend(kept_forwarded)
@@ -212,14 +246,23 @@ def _strip_prefix(path: str, prefix: str) -> str:
     bare = prefix.rstrip("/")
     if _has_prefix(path, bare):
         rest = path[len(bare) :]
-    elif not _has_prefix(unquote(path), bare):
+    elif not _has_prefix(_route_form(path), bare):
         return path  # not under this prefix at all: nothing to strip
     else:
         head = "/".join(path.split("/")[: bare.count("/") + 1])
-        if unquote(head) != bare:
+        if _route_form(head) != bare:
             raise BadRequest("path", "the route prefix cannot be found in the encoded path")
         rest = path[len(head) :]
     return rest if rest.startswith("/") else "/" + rest
+
+
+def _route_form(path: str) -> str:
+    """``path`` as routes match it: decoded, ``;parameters`` dropped from each segment (a
+    route that allows parameters may see them inside its prefix: ``/api;v=1/x``)."""
+    decoded = unquote(path)
+    if ";" not in decoded:
+        return decoded
+    return "/".join(segment.partition(";")[0] for segment in decoded.split("/"))
 
 
 def _has_prefix(path: str, prefix: str) -> bool:

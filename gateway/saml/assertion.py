@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,3 +21,14 @@ class Assertion:
     # saml:Assertion. The presented bytes for a bare assertion; for a samlp:Response, the
     # serialised assertion element with its own ds:Signature (the bytes that were verified).
     raw: bytes = field(repr=False)
+    # SHA-256 of the canonical content the signature covers: equal for every byte variant of
+    # one signed assertion (whitespace, an XML declaration, another envelope), different for
+    # any other signed assertion. The cache binds an assertion ID to it.
+    fingerprint: bytes = b""
+    # The tolerance validation allowed on the time conditions (see ``accepted_until``).
+    clock_skew: timedelta = timedelta(0)
+
+    @property
+    def accepted_until(self) -> datetime:
+        """The first instant validation no longer accepts this assertion."""
+        return self.not_on_or_after + self.clock_skew

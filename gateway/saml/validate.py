@@ -12,14 +12,18 @@ Rules this module owns (each check below names the attack it stops):
 - Every claim is read from the subtree signxml returns as signed, after checking it is the
   presented assertion.
 - Pure: no I/O, no clock; ``now`` is an argument. Every failure is ``InvalidAssertion``
-  whose detail never quotes the document or a key.
+  naming the check with what it expected and found; it never quotes the document or a key,
+  and values read from the document are bounded and escaped (``evidence.shown``).
+- ``saml-gateway explain`` runs this very function with an ``Evidence`` to fill: the checks
+  it prints are the ones the proxy runs, in the same order.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
@@ -30,6 +34,14 @@ from signxml.verifier import SignatureConfiguration, VerifyResult, XMLVerifier
 
 from gateway.errors import InvalidAssertion
 from gateway.saml.assertion import Assertion
+from gateway.saml.evidence import (
+    Evidence,
+    duration_text,
+    instant_text,
+    key_text,
+    printable,
+    shown,
+)
 from gateway.saml.extract import assertion_digest
 from gateway.saml.keys import PinnedKey, TrustPolicy
 from gateway.saml.xml import hardened_parser, parse_xml
@@ -99,11 +111,15 @@ _DATETIME = re.compile(
 )
 
 
-def _reject(reason: str, detail: str) -> InvalidAssertion:
-    return InvalidAssertion(reason, detail)
+def _reject(reason: str, check: str, found: str, expected: str = "") -> InvalidAssertion:
+    """A refusal in explain's words: ``check: expected X, found Y`` (or ``check: found``)."""
+    detail = f"{check}: expected {expected}, found {found}" if expected else f"{check}: {found}"
+    return InvalidAssertion(reason, detail, check=check, expected=expected, found=found)
 
 
 # --- structure: which assertion, and is its signature where it must be ------------------
+
+_ONE_ASSERTION = "a saml:Assertion, or a samlp:Response (Status Success) holding exactly one"
 
 
 def _locate_assertion(root: etree._Element) -> etree._Element:
@@ -112,19 +128,31 @@ def _locate_assertion(root: etree._Element) -> etree._Element:
     elif root.tag == _RESPONSE:
         code = root.find(_STATUS_CODE)
         if code is not None and code.get("Value") != _SUCCESS:
-            raise _reject("malformed", "Response status is not Success")
+            raise _reject(
+                "malformed", "structure", f"Response status {shown(code.get('Value'))}", _SUCCESS
+            )
         children = root.findall(_ASSERTION)
         if not children:
-            raise _reject("malformed", "Response holds no (unencrypted) saml:Assertion")
+            raise _reject(
+                "malformed", "structure", "a Response with no (unencrypted) saml:Assertion"
+            )
         if len(children) > 1:
-            raise _reject("wrapping", f"Response holds {len(children)} assertions")
+            raise _reject(
+                "wrapping", "structure", f"a Response holding {len(children)}", _ONE_ASSERTION
+            )
         assertion = children[0]
     else:
-        raise _reject("malformed", "document is neither saml:Assertion nor samlp:Response")
+        raise _reject(
+            "malformed",
+            "structure",
+            f"document element {shown(etree.QName(root).localname)}",
+            _ONE_ASSERTION,
+        )
     # Any other assertion in the document (inside Advice, ds:Object, a foreign wrapper) is
     # how signature-wrapping attacks smuggle a second identity: refuse them all.
-    if sum(1 for _ in root.iter(_ASSERTION)) != 1:
-        raise _reject("wrapping", "more than one saml:Assertion in the document")
+    count = sum(1 for _ in root.iter(_ASSERTION))
+    if count != 1:
+        raise _reject("wrapping", "structure", f"{count} saml:Assertion elements", "one")
     return assertion
 
 
@@ -135,22 +163,29 @@ def _check_structure(root: etree._Element, assertion: etree._Element) -> None:
             if name in _ID_NAMES:
                 # Duplicate IDs let a Reference resolve to a different element than we read.
                 if value in seen:
-                    raise _reject("wrapping", "duplicate ID attribute values")
+                    raise _reject(
+                        "wrapping", "structure", "duplicate ID attribute values", "unique IDs"
+                    )
                 seen.add(value)
         tag = element.tag
-        if tag == _OBJECT:
-            raise _reject("wrapping", "ds:Object is not allowed")  # where signed content hides
+        if tag == _OBJECT:  # where signed content hides
+            raise _reject("wrapping", "structure", "a ds:Object", "no ds:Object")
         if tag == _SIGNATURE:
             parent = element.getparent()
             # Only the assertion's own signature and a Response's signature may exist.
             if parent is not assertion and not (parent is root and root.tag == _RESPONSE):
-                raise _reject("wrapping", "ds:Signature in an unexpected place")
+                raise _reject(
+                    "wrapping",
+                    "structure",
+                    "a ds:Signature elsewhere",
+                    "signatures only on the assertion and the Response",
+                )
 
 
 def _one(element: etree._Element, path: str, what: str) -> etree._Element:
     found = element.findall(path)
     if len(found) != 1:
-        raise _reject("signature", f"expected one {what}, found {len(found)}")
+        raise _reject("signature", "signature profile", f"{len(found)}", f"one {what}")
     return found[0]
 
 
@@ -158,40 +193,54 @@ def _only_signature(element: etree._Element, what: str) -> etree._Element:
     """The one ds:Signature child of ``element`` (signxml would take the first of several)."""
     signatures = element.findall(_SIGNATURE)
     if not signatures:
-        raise _reject("signature", f"the {what} is not signed")
+        raise _reject(
+            "signature", "structure", f"the {what} is not signed", f"a ds:Signature in the {what}"
+        )
     if len(signatures) > 1:
-        raise _reject("wrapping", f"the {what} carries several signatures")
+        raise _reject(
+            "wrapping", "structure", f"{len(signatures)} ds:Signature in the {what}", "one"
+        )
     return signatures[0]
 
 
 def _check_signature(
     signature: etree._Element, element_id: str, allow_sha1: bool, what: str
-) -> None:
-    """The pinned profile of one signature over the element ``what`` whose ID is given."""
+) -> Callable[[], str]:
+    """The pinned profile of one signature over the element ``what`` whose ID is given;
+    returns a function that says what was found, in words."""
     signed_info = _one(signature, f"{{{_DS}}}SignedInfo", "ds:SignedInfo")
     c14n = _one(signed_info, f"{{{_DS}}}CanonicalizationMethod", "CanonicalizationMethod")
+    check = "signature profile" if what == "assertion" else "Response signature profile"
     if c14n.get("Algorithm") != _EXC_C14N:
-        raise _reject("algorithm", "SignedInfo canonicalization is not exclusive c14n")
+        raise _reject("algorithm", check, "another SignedInfo canonicalization", "exclusive c14n")
     method_el = _one(signed_info, f"{{{_DS}}}SignatureMethod", "SignatureMethod")
     method = _METHOD_BY_URI.get(method_el.get("Algorithm") or "")
+    allowed = "RSA/ECDSA with SHA-256 or better" + (" (or SHA-1: allow_sha1)" if allow_sha1 else "")
     if method not in _STRONG_METHODS and not (allow_sha1 and method in _SHA1_METHODS):
-        raise _reject("algorithm", f"signature method not allowed: {_name(method)}")
+        raise _reject("algorithm", check, f"signature method {_name(method)}", allowed)
     references = signed_info.findall(f"{{{_DS}}}Reference")
     if len(references) != 1:
-        raise _reject("wrapping", f"expected one Reference, found {len(references)}")
+        raise _reject("wrapping", check, f"{len(references)} References", "one Reference")
     reference = references[0]
     # The one Reference must point at this very element, or a valid signature over some
     # other element would vouch for claims it never covered.
     if reference.get("URI") != "#" + element_id:
-        raise _reject("wrapping", f"the Reference does not point at the {what}")
-    _check_transforms(reference)
+        raise _reject(
+            "wrapping",
+            check,
+            f"Reference URI {shown(reference.get('URI'))}",
+            f"#{shown(element_id)} (the {what}'s ID)",
+        )
+    _check_transforms(reference, check)
     digest_el = _one(reference, f"{{{_DS}}}DigestMethod", "DigestMethod")
     digest = _DIGEST_BY_URI.get(digest_el.get("Algorithm") or "")
     if digest not in _STRONG_DIGESTS and not (allow_sha1 and digest is DigestAlgorithm.SHA1):
-        raise _reject("algorithm", f"digest method not allowed: {_name(digest)}")
+        raise _reject("algorithm", check, f"digest method {_name(digest)}", allowed)
+    # Words for explain are built by the caller only when it records evidence.
+    return lambda: f"Reference #{printable(element_id)}, {_name(method)}, digest {_name(digest)}"
 
 
-def _check_transforms(reference: etree._Element) -> None:
+def _check_transforms(reference: etree._Element, check: str) -> None:
     """Exactly [enveloped-signature, exclusive c14n], checked before anything is verified.
 
     signxml runs the enveloped transform first whatever its position, runs each c14n it
@@ -200,23 +249,24 @@ def _check_transforms(reference: etree._Element) -> None:
     [enveloped-signature] alone is refused too: XML-DSig then digests with inclusive c14n
     (signxml: c14n 1.1), which SAML core 5.4.3 asks to avoid, and no IdP we know sends it.
     """
+    wanted = "transforms exactly [enveloped-signature, exclusive c14n]"
     containers = reference.findall(_TRANSFORMS)
     if len(containers) != 1:
         # none: the digest would cover the signature itself; several: signxml reads the first
-        raise _reject("wrapping", f"expected one Transforms, found {len(containers)}")
+        raise _reject("wrapping", check, f"{len(containers)} Transforms elements", wanted)
     steps = list(containers[0])  # comments and PIs were dropped at parse time
     if any(step.tag != _TRANSFORM for step in steps):
-        raise _reject("wrapping", "Transforms holds something other than ds:Transform")
+        raise _reject("wrapping", check, "something other than ds:Transform", wanted)
     algorithms = [step.get("Algorithm") for step in steps]
     if any(algorithm not in _ALLOWED_TRANSFORMS for algorithm in algorithms):
-        raise _reject("algorithm", "transform other than enveloped and exclusive c14n")
+        raise _reject("algorithm", check, "a transform outside the two", wanted)
     if algorithms == [_ENVELOPED]:
-        raise _reject("algorithm", "no exclusive c14n transform (inclusive c14n implied)")
+        raise _reject("algorithm", check, "no exclusive c14n (inclusive c14n implied)", wanted)
     if algorithms != [_ENVELOPED, _EXC_C14N]:
-        raise _reject("wrapping", "transforms are not exactly enveloped, then exclusive c14n")
+        raise _reject("wrapping", check, f"{len(algorithms)} transforms in another order", wanted)
     enveloped, exclusive = steps
     if len(enveloped):
-        raise _reject("wrapping", "the enveloped-signature transform takes no parameters")
+        raise _reject("wrapping", check, "parameters on enveloped-signature", wanted)
     # exc-c14n takes one optional parameter: InclusiveNamespaces PrefixList (Okta sends it).
     parameters = list(exclusive)
     if parameters and (
@@ -225,7 +275,9 @@ def _check_transforms(reference: etree._Element) -> None:
         or len(parameters[0])
         or set(parameters[0].attrib) != {"PrefixList"}
     ):
-        raise _reject("wrapping", "exclusive c14n parameters other than InclusiveNamespaces")
+        raise _reject(
+            "wrapping", check, "exclusive c14n parameters other than InclusiveNamespaces", wanted
+        )
 
 
 def _name(algorithm: SignatureMethod | DigestAlgorithm | None) -> str:
@@ -251,7 +303,12 @@ def _candidate_keys(signature: etree._Element, policy: TrustPolicy) -> list[Pinn
     """Pinned keys strong enough to use, the one KeyInfo names first (a hint, never trust)."""
     usable = [k for k in policy.keys if not (k.kind == "rsa" and k.bits < policy.min_rsa_key_bits)]
     if not usable:
-        raise _reject("algorithm", "no pinned key meets min_rsa_key_bits")
+        raise _reject(
+            "algorithm",
+            "signature",
+            "no pinned key that strong",
+            f"RSA keys of {policy.min_rsa_key_bits} bits or more (min_rsa_key_bits)",
+        )
     if len(usable) > 1:
         hinted = set()
         for cert in signature.iterfind(
@@ -268,13 +325,15 @@ def _verify(
     signature: etree._Element,
     policy: TrustPolicy,
     now: datetime,
-) -> etree._Element:
+    check: str = "signature",
+) -> tuple[etree._Element, PinnedKey]:
     """signxml's verdict on the serialised assertion ``data`` with each pinned key in turn.
 
-    Returns the signed subtree.
+    Returns the signed subtree and the key that verified it.
     """
     config = replace(_SHA1_CONFIG if policy.allow_sha1 else _BASE_CONFIG, verification_time=now)
-    last = "no key tried"
+    expected = f"a signature by one of the {len(policy.keys)} pinned certificate(s)"
+    tried: list[str] = []
     for key in _candidate_keys(signature, policy):
         try:
             result = _PinnedVerifier().verify(
@@ -285,34 +344,37 @@ def _verify(
             )
         except InvalidDigest:
             # The signature is good but the content changed after signing: no other key helps.
-            raise _reject("signature", "digest mismatch: content changed after signing") from None
+            raise _reject(
+                "signature", check, "digest mismatch: content changed after signing", expected
+            ) from None
         except InvalidCertificate:
-            last = f"pinned certificate {key.source} not valid at this time"
+            tried.append(f"{key.source}: certificate not valid at this time")
             continue
         except SignXMLException as exc:
-            last = f"{type(exc).__name__} with {key.source}"
+            tried.append(f"{key.source}: {type(exc).__name__}")
             continue
         except Exception as exc:  # signxml on hostile input raises anything
-            last = f"unverifiable signature ({type(exc).__name__})"
+            tried.append(f"{key.source}: unverifiable ({type(exc).__name__})")
             continue
         # expect_references=1 makes signxml return a single result, never a list
         signed = result.signed_xml if isinstance(result, VerifyResult) else None
         if signed is None:
-            raise _reject("signature", "signed content is not XML")
-        return signed
-    raise _reject("signature", last)
+            raise _reject("signature", check, "signed content that is not XML", expected)
+        return signed, key
+    raise _reject("signature", check, "none verified it (" + "; ".join(tried) + ")", expected)
 
 
-def _response_signature(root: etree._Element, allow_sha1: bool) -> etree._Element | None:
+def _response_signature(
+    root: etree._Element, allow_sha1: bool
+) -> tuple[etree._Element, Callable[[], str]] | None:
     """The Response's own signature, profile-checked; None if it has none (or no Response)."""
     if root.tag != _RESPONSE or root.find(_SIGNATURE) is None:
         return None
     signature = _only_signature(root, "Response")
     response_id = root.get("ID")
     if not response_id:
-        raise _reject("malformed", "the signed Response has no ID")
-    _check_signature(signature, response_id, allow_sha1, "Response")
-    return signature
+        raise _reject("malformed", "structure", "a signed Response with no ID")
+    return signature, _check_signature(signature, response_id, allow_sha1, "Response")
 
 
 def _verify_response(
@@ -321,25 +383,26 @@ def _verify_response(
     signature: etree._Element,
     policy: TrustPolicy,
     now: datetime,
-) -> None:
+) -> PinnedKey:
     """The Response's signature must hold too, though we read nothing it alone covers."""
-    try:
-        signed = _verify(raw, signature, policy, now)
-    except InvalidAssertion as exc:
-        raise _reject(exc.reason, f"the Response's signature: {exc.detail}") from None
+    signed, key = _verify(raw, signature, policy, now, "Response signature")
     if signed.tag != _RESPONSE or signed.get("ID") != root.get("ID"):
-        raise _reject("wrapping", "the Response's signature covers another element")
+        raise _reject(
+            "wrapping", "Response signature", "it covers another element", "the Response itself"
+        )
+    return key
 
 
 # --- claims, read from the signed subtree only ----------------------------------------
 
 
 def _parse_instant(value: str | None, what: str) -> datetime | None:
+    # Never quote a value that is not a date: it is whatever the document says.
     if value is None:
         return None
     match = _DATETIME.fullmatch(value.strip())
     if match is None:
-        raise _reject("malformed", f"{what} is not an xs:dateTime")
+        raise _reject("malformed", what, "not an xs:dateTime", "an xs:dateTime")
     year, month, day, hour, minute, second, fraction, zone = match.groups()
     try:
         instant = datetime(
@@ -353,14 +416,14 @@ def _parse_instant(value: str | None, what: str) -> datetime | None:
             tzinfo=UTC,
         )
     except ValueError:
-        raise _reject("malformed", f"{what} is not a valid date") from None
+        raise _reject("malformed", what, "not a valid date", "an xs:dateTime") from None
     if zone and zone != "Z":
         sign = 1 if zone[0] == "+" else -1
         try:
             instant -= sign * timedelta(hours=int(zone[1:3]), minutes=int(zone[4:6]))
         except OverflowError:
             # A signed 0001-01-01T00:00:00+14:00 lands before year 1: no datetime holds it.
-            raise _reject("malformed", f"{what} is out of range") from None
+            raise _reject("malformed", what, "a date out of range", "an xs:dateTime") from None
     return instant
 
 
@@ -368,121 +431,269 @@ def _texts(elements: Iterable[etree._Element]) -> list[str]:
     return [(e.text or "").strip() for e in elements]
 
 
+def _not_before(
+    bound: datetime | None, now: datetime, skew: timedelta, what: str, ev: Evidence | None
+) -> None:
+    """``now`` may not be earlier than ``bound`` minus the skew."""
+    if bound is None:
+        return
+    early = now + skew < bound
+    if early or ev is not None:  # words only for a refusal or for explain
+        expected = f"now ≥ {instant_text(bound)} − {int(skew.total_seconds())} s skew"
+        side = "before" if now < bound else "after"
+        found = f"now {instant_text(now)}, {duration_text(bound - now)} {side} it"
+        if early:
+            raise _reject("not_yet_valid", what, found, expected)
+        if ev is not None:
+            ev.passed(what, expected, found)
+
+
+def _not_on_or_after(
+    bound: datetime | None, now: datetime, skew: timedelta, what: str, ev: Evidence | None
+) -> None:
+    """``now`` must be earlier than ``bound`` plus the skew."""
+    if bound is None:
+        return
+    late = now - skew >= bound
+    if late or ev is not None:
+        expected = f"now < {instant_text(bound)} + {int(skew.total_seconds())} s skew"
+        side = "before" if now < bound else "after"
+        found = f"now {instant_text(now)}, {duration_text(bound - now)} {side} it"
+        if late:
+            raise _reject("expired", what, found, expected)
+        if ev is not None:
+            ev.passed(what, expected, found)
+
+
 def _claims(
-    signed: etree._Element, policy: TrustPolicy, now: datetime
+    signed: etree._Element, policy: TrustPolicy, now: datetime, ev: Evidence | None
 ) -> tuple[str, str, tuple[str, ...], str, datetime]:
     skew = policy.clock_skew
     issuers = _texts(signed.findall(_ISSUER))
-    if len(issuers) != 1 or issuers[0] not in policy.issuers:
-        raise _reject("issuer", "issuer missing or not in the allow-list")
+    if len(issuers) != 1:
+        raise _reject(
+            "issuer", "issuer", f"{len(issuers)} Issuer elements", _one_of(policy.issuers)
+        )
+    if issuers[0] not in policy.issuers:
+        raise _reject("issuer", "issuer", shown(issuers[0]), _one_of(policy.issuers))
     issuer = issuers[0]
+    if ev is not None:
+        ev.passed("issuer", _one_of(policy.issuers), shown(issuer))
 
     conditions = signed.findall(_CONDITIONS)
     if len(conditions) > 1:
-        raise _reject("malformed", "several Conditions elements")
+        raise _reject("malformed", "audience", f"{len(conditions)} Conditions", "one")
     limit: datetime | None = None
     audiences: list[str] = []
     if conditions:
         cond = conditions[0]
         not_before = _parse_instant(cond.get("NotBefore"), "Conditions NotBefore")
         limit = _parse_instant(cond.get("NotOnOrAfter"), "Conditions NotOnOrAfter")
-        if not_before is not None and now + skew < not_before:
-            raise _reject("not_yet_valid", "Conditions NotBefore is in the future")
-        if limit is not None and now - skew >= limit:
-            raise _reject("expired", "Conditions NotOnOrAfter has passed")
+        _not_before(not_before, now, skew, "Conditions NotBefore", ev)
+        _not_on_or_after(limit, now, skew, "Conditions NotOnOrAfter", ev)
         restrictions = cond.findall(_AUDIENCE_RESTRICTION)
         # Each AudienceRestriction must name us (SAML core 2.5.1.4), and there must be one.
         for restriction in restrictions:
             values = _texts(restriction.findall(_AUDIENCE))
             if policy.audience not in values:
-                raise _reject("audience", "an AudienceRestriction does not name our audience")
+                found = ", ".join(shown(v) for v in values) or "an empty AudienceRestriction"
+                raise _reject("audience", "audience", found, shown(policy.audience))
             audiences.extend(values)
         if not restrictions:
-            raise _reject("audience", "no AudienceRestriction")
+            raise _reject("audience", "audience", "no AudienceRestriction", shown(policy.audience))
     else:
-        raise _reject("audience", "no Conditions, so no AudienceRestriction")
+        found = "no Conditions, so no AudienceRestriction"
+        raise _reject("audience", "audience", found, shown(policy.audience))
+    if ev is not None:
+        ev.passed("audience", shown(policy.audience), ", ".join(shown(a) for a in audiences))
 
     subjects = signed.findall(_SUBJECT)
     if len(subjects) != 1:
-        raise _reject("subject_confirmation", "expected one Subject")
+        raise _reject("subject_confirmation", "subject", f"{len(subjects)} Subject", "one")
     name_ids = subjects[0].findall(_NAME_ID)
     if len(name_ids) != 1 or len(name_ids[0]) or not (name_ids[0].text or "").strip():
-        raise _reject("malformed", "expected one plain-text NameID")
+        raise _reject(
+            "malformed", "subject", "none, several or structured", "one plain-text NameID"
+        )
     # Comments were dropped before verification and signxml re-parses canonical text, so this
     # is the whole NameID value, exactly as signed.
     subject = (name_ids[0].text or "").strip()
+    if ev is not None:  # the NameID is personal data: its value is never shown
+        ev.passed("subject", "one plain-text NameID", "one NameID (value not shown)")
 
-    recipient, confirmation_limit = _bearer_confirmation(subjects[0], policy, now)
+    recipient, confirmation_limit = _bearer_confirmation(subjects[0], policy, now, ev)
     limit = confirmation_limit if limit is None else min(limit, confirmation_limit)
     return issuer, subject, tuple(audiences), recipient, limit
 
 
 def _bearer_confirmation(
-    subject: etree._Element, policy: TrustPolicy, now: datetime
+    subject: etree._Element, policy: TrustPolicy, now: datetime, ev: Evidence | None
 ) -> tuple[str, datetime]:
     skew = policy.clock_skew
-    problem = ("subject_confirmation", "no bearer SubjectConfirmation")
+    problem: InvalidAssertion | None = None  # the last one wins: none was bearer
     for confirmation in subject.iterfind(_CONFIRMATION):
         if confirmation.get("Method") != _BEARER:
             continue
         data = confirmation.find(_CONFIRMATION_DATA)
         if data is None:
-            problem = ("subject_confirmation", "bearer confirmation without data")
+            problem = _reject(
+                "subject_confirmation",
+                "bearer confirmation",
+                "no SubjectConfirmationData",
+                "SubjectConfirmationData",
+            )
             continue
         recipient = (data.get("Recipient") or "").strip()
         if recipient not in policy.recipients:
-            problem = ("recipient", "bearer Recipient is not our token endpoint")
+            found = shown(recipient or None)
+            problem = _reject("recipient", "recipient", found, _one_of(policy.recipients))
             continue
-        limit = _parse_instant(data.get("NotOnOrAfter"), "SubjectConfirmationData NotOnOrAfter")
-        if limit is None:
-            problem = ("subject_confirmation", "bearer confirmation without NotOnOrAfter")
+        try:
+            limit = _parse_instant(data.get("NotOnOrAfter"), "SubjectConfirmationData NotOnOrAfter")
+            if limit is None:
+                problem = _reject(
+                    "subject_confirmation",
+                    "bearer confirmation",
+                    "no NotOnOrAfter",
+                    "SubjectConfirmationData NotOnOrAfter",
+                )
+                continue
+            _not_on_or_after(limit, now, skew, "SubjectConfirmationData NotOnOrAfter", None)
+            not_before = _parse_instant(data.get("NotBefore"), "SubjectConfirmationData NotBefore")
+            _not_before(not_before, now, skew, "SubjectConfirmationData NotBefore", None)
+        except InvalidAssertion as exc:
+            if exc.reason == "malformed":
+                raise
+            problem = exc
             continue
-        if now - skew >= limit:
-            problem = ("expired", "bearer SubjectConfirmationData NotOnOrAfter has passed")
-            continue
-        not_before = _parse_instant(data.get("NotBefore"), "SubjectConfirmationData NotBefore")
-        if not_before is not None and now + skew < not_before:
-            problem = ("not_yet_valid", "bearer SubjectConfirmationData NotBefore is ahead")
-            continue
+        if ev is not None:  # recorded for the confirmation that was accepted only
+            ev.passed("bearer confirmation", f"Method {_BEARER}", "present, with data")
+            ev.passed("recipient", _one_of(policy.recipients), shown(recipient))
+            _not_on_or_after(limit, now, skew, "SubjectConfirmationData NotOnOrAfter", ev)
+            _not_before(not_before, now, skew, "SubjectConfirmationData NotBefore", ev)
         return recipient, limit
-    raise _reject(*problem)
+    raise problem or _reject(
+        "subject_confirmation",
+        "bearer confirmation",
+        "none",
+        f"a SubjectConfirmation with Method {_BEARER}",
+    )
+
+
+def _one_of(values: frozenset[str]) -> str:
+    # Built only for a refusal or for explain: the hot path never formats policy values.
+    return "one of " + ", ".join(shown(v) for v in sorted(values))
 
 
 # --- the entry point -----------------------------------------------------------------
 
 
 def validate_assertion(
-    raw: bytes, policy: TrustPolicy, now: datetime, *, digest: bytes | None = None
+    raw: bytes,
+    policy: TrustPolicy,
+    now: datetime,
+    *,
+    digest: bytes | None = None,
+    evidence: Evidence | None = None,
 ) -> Assertion:
     """Parse, pin, verify and check ``raw``; the verified ``Assertion`` or ``InvalidAssertion``.
 
     ``now`` must be timezone-aware (naive values are taken as UTC). ``digest`` is the
-    SHA-256 of ``raw`` when the caller already computed it for the cache key.
+    SHA-256 of ``raw`` when the caller already computed it for the cache key. ``evidence``,
+    when given, receives every check in order, the failed one last; a refusal carries the
+    assertion's ID and Issuer as read before verification (``unverified_id``/``_issuer``).
     """
     if now.tzinfo is None:
         now = now.replace(tzinfo=UTC)
-    root = parse_xml(raw)
-    assertion = _locate_assertion(root)
+    assertion: etree._Element | None = None
+    try:
+        root = parse_xml(raw)
+        if evidence is not None:
+            evidence.passed(
+                "parse",
+                "well-formed XML without DOCTYPE",
+                f"<{printable(etree.QName(root).localname)}>, {len(raw)} bytes",
+            )
+        assertion = _locate_assertion(root)
+        return _validate(raw, root, assertion, policy, now, digest, evidence)
+    except InvalidAssertion as exc:
+        if not exc.check:  # the parser's own refusals (malformed, dtd)
+            exc = _reject(exc.reason, "parse", exc.detail)
+        if evidence is not None:
+            evidence.failed(exc.check, exc.reason, exc.expected, exc.found)
+        if assertion is not None:
+            exc.unverified_id = assertion.get("ID")
+            issuer = assertion.find(_ISSUER)
+            exc.unverified_issuer = None if issuer is None else (issuer.text or "").strip()
+        raise exc from None
+
+
+def _validate(
+    raw: bytes,
+    root: etree._Element,
+    assertion: etree._Element,
+    policy: TrustPolicy,
+    now: datetime,
+    digest: bytes | None,
+    ev: Evidence | None,
+) -> Assertion:
     assertion_id = assertion.get("ID")
     if not assertion_id:
-        raise _reject("malformed", "the assertion has no ID")
+        raise _reject("malformed", "structure", "an assertion with no ID", "an ID attribute")
     if assertion.get("Version") != "2.0":
-        raise _reject("malformed", "the assertion is not SAML 2.0")
+        raise _reject(
+            "malformed", "structure", f"Version {shown(assertion.get('Version'))}", "SAML 2.0"
+        )
     _check_structure(root, assertion)
     signature = _only_signature(assertion, "assertion")
-    _check_signature(signature, assertion_id, policy.allow_sha1, "assertion")
+    algorithms = _check_signature(signature, assertion_id, policy.allow_sha1, "assertion")
     response_signature = _response_signature(root, policy.allow_sha1)
+    if ev is not None:
+        where = (
+            "a bare saml:Assertion"
+            if assertion is root
+            else "a samlp:Response holding one saml:Assertion"
+        )
+        signed_parts = "the assertion" + (" and the Response" if response_signature else "")
+        ev.passed(
+            "structure",
+            _ONE_ASSERTION + "; unique IDs, no ds:Object, signatures only where allowed",
+            f"{where}, ID {shown(assertion_id)}; {signed_parts} signed",
+        )
+        ev.passed(
+            "signature profile",
+            f"one Reference to #ID, {_TRANSFORMS_WORDS}, SHA-256 or better",
+            algorithms(),
+        )
+        if response_signature is not None:
+            ev.passed(
+                "Response signature profile",
+                f"one Reference to the Response's #ID, {_TRANSFORMS_WORDS}",
+                response_signature[1](),
+            )
     # Only the assertion is handed to signxml, so it cannot find a signature or resolve a
     # Reference anywhere else in the document. lxml keeps the in-scope namespace declarations
     # and exclusive c14n ignores unused ones, so these bytes stand alone, signature valid.
     assertion_xml = etree.tostring(assertion, with_tail=False)
-    signed = _verify(assertion_xml, signature, policy, now)
+    signed, key = _verify(assertion_xml, signature, policy, now)
     # What signxml vouches for must be the assertion we located, not some other element.
     if signed.tag != _ASSERTION or signed.get("ID") != assertion_id:
-        raise _reject("wrapping", "the signed element is not the presented assertion")
+        raise _reject(
+            "wrapping", "signature", "it covers another element", "the presented assertion"
+        )
+    if ev is not None:
+        ev.passed(
+            "signature", "a signature by a pinned certificate", f"verified by {key_text(key)}"
+        )
     if response_signature is not None:
-        _verify_response(raw, root, response_signature, policy, now)
-    issuer, subject, audiences, recipient, limit = _claims(signed, policy, now)
+        response_key = _verify_response(raw, root, response_signature[0], policy, now)
+        if ev is not None:
+            ev.passed(
+                "Response signature",
+                "a signature by a pinned certificate",
+                f"verified by {key_text(response_key)}",
+            )
+    issuer, subject, audiences, recipient, limit = _claims(signed, policy, now, ev)
     return Assertion(
         id=assertion_id,
         issuer=issuer,
@@ -495,4 +706,12 @@ def validate_assertion(
         # RFC 7522 2.1: the grant carries a single Assertion, not the Response around it
         # (whose Issuer, Status and Destination no signature we checked covers).
         raw=raw if assertion is root else assertion_xml,
+        # What was signed, in canonical form: the same for every byte variant.
+        fingerprint=hashlib.sha256(
+            etree.tostring(signed, method="c14n", exclusive=True, with_comments=False)
+        ).digest(),
+        clock_skew=policy.clock_skew,
     )
+
+
+_TRANSFORMS_WORDS = "transforms [enveloped-signature, exclusive c14n]"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from gateway.cache.entry import CachedToken
@@ -21,10 +21,19 @@ _ids = itertools.count(1)
 
 
 def assertion(
-    assertion_id: str | None = None, *, body: str = "alice", not_on_or_after: float = T0 + 86400
+    assertion_id: str | None = None,
+    *,
+    body: str = "alice",
+    not_on_or_after: float = T0 + 86400,
+    variant: str = "",
+    clock_skew: float = 0,
 ) -> Assertion:
+    """A verified assertion as the validator would hand it on. ``variant`` changes the bytes
+    (their digest) but not what was signed (the fingerprint), like whitespace after the root
+    element; ``body`` changes what was signed."""
     assertion_id = assertion_id or f"_c{next(_ids):06d}"
-    raw = f'<saml:Assertion ID="{assertion_id}"><NameID>{body}</NameID></saml:Assertion>'.encode()
+    signed = f'<saml:Assertion ID="{assertion_id}"><NameID>{body}</NameID></saml:Assertion>'
+    raw = (signed + variant).encode()
     return Assertion(
         id=assertion_id,
         issuer="https://idp.test",
@@ -34,6 +43,8 @@ def assertion(
         not_on_or_after=datetime.fromtimestamp(not_on_or_after, UTC),
         digest=hashlib.sha256(raw).digest(),
         raw=raw,
+        fingerprint=hashlib.sha256(signed.encode()).digest(),
+        clock_skew=timedelta(seconds=clock_skew),
     )
 
 
@@ -75,7 +86,9 @@ class Exchange:
 class MemoryShared:
     """A SharedStore in memory, shared by several TokenCache "replicas" in one test."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] | None = None) -> None:
+        self.clock = clock  # None: bindings never lapse
+        self.bindings: dict[tuple[str, str], tuple[bytes, float]] = {}
         self.entries: dict[tuple[str, str], CachedToken] = {}
         self.locks: dict[tuple[str, str], asyncio.Lock] = {}
         self.deleted: list[tuple[str, str]] = []
@@ -94,6 +107,15 @@ class MemoryShared:
     async def delete(self, profile: str, assertion_id: str) -> None:
         self.deleted.append((profile, assertion_id))
         self.entries.pop((profile, assertion_id), None)
+
+    async def bind_id(
+        self, profile: str, assertion_id: str, fingerprint: bytes, until: float
+    ) -> bytes | None:
+        bound = self.bindings.get((profile, assertion_id))
+        if bound is not None and (self.clock is None or bound[1] > self.clock()):
+            return bound[0]
+        self.bindings[(profile, assertion_id)] = (fingerprint, until)
+        return None
 
     @asynccontextmanager
     async def exchange_lock(self, profile: str, assertion_id: str) -> AsyncIterator[bool]:

@@ -44,8 +44,11 @@ async def test_lifetime_is_expires_in_minus_margin_and_jitter() -> None:
     assert cache.lookup("as", presented.digest) is None
     assert cache.ttl(entry) == 0
     assert len(cache) == 0
-    await cache.obtain("as", presented, exchange)  # refreshed by a new exchange
-    assert len(exchange.calls) == 2
+    # The assertion is still valid, but it was exchanged: the AS never sees its ID twice.
+    with pytest.raises(InvalidAssertion) as raised:
+        await cache.obtain("as", presented, exchange)
+    assert raised.value.reason == "spent" and raised.value.status == 401
+    assert len(exchange.calls) == 1
 
 
 async def test_jitter_spreads_expiry() -> None:
@@ -112,9 +115,16 @@ async def test_reused_id_with_other_bytes_is_a_replay() -> None:
     assert cache.replays == 1
     # The same ID at another AS profile is a different key.
     await cache.obtain("other", forged, exchange)
-    # Once the original token is no longer served, its ID binding lapses too.
+    # The binding outlives the token: a replay for as long as the original is accepted ...
     clock.advance(3600)
-    await cache.obtain("as", forged, exchange)
+    assert cache.lookup("as", original.digest) is None
+    with pytest.raises(InvalidAssertion) as raised:
+        await cache.obtain("as", forged, exchange)
+    assert raised.value.reason == "replay" and cache.replays == 2
+    # ... and no longer once validation would refuse the original.
+    clock.advance(86400)
+    later = assertion("_same", body="mallory", not_on_or_after=clock.now + 300)
+    await cache.obtain("as", later, exchange)
     assert len(exchange.calls) == 3
 
 
@@ -167,9 +177,9 @@ async def test_purge_drops_one_entry() -> None:
     exchange = Exchange()
     kept, purged = assertion(), assertion()
     await cache.obtain("as", kept, exchange)
-    await cache.obtain("as", purged, exchange)
-    assert await cache.purge("as", purged.digest) is True
-    assert await cache.purge("as", purged.digest) is False
+    entry = await cache.obtain("as", purged, exchange)
+    assert await cache.purge(entry) is True
+    assert await cache.purge(entry) is False
     assert cache.lookup("as", purged.digest) is None
     assert cache.lookup("as", kept.digest) is not None
     await cache.obtain("as", purged, exchange)  # a fresh exchange, not a replay

@@ -29,7 +29,9 @@ async def test_owner_exchanges_and_publishes() -> None:
     presented = assertion()
     entry = await cache.obtain("as", presented, exchange)
     assert shared.entries[("as", presented.id)] == entry
-    assert shared.puts == 1 and len(exchange.calls) == 1
+    assert shared.bindings[("as", presented.id)][0] == presented.fingerprint
+    # the token, and the record that this assertion has been exchanged
+    assert shared.puts == 2 and len(exchange.calls) == 1
     assert shared.gets == 2  # before the lock, and again once it is held
 
 
@@ -113,9 +115,9 @@ async def test_purge_reaches_the_shared_store() -> None:
     shared = MemoryShared()
     cache = TokenCache(settings(), shared=shared, clock=Clock())
     presented = assertion()
-    await cache.obtain("as", presented, Exchange())
-    assert await cache.purge("as", presented.digest)
-    assert shared.deleted == [("as", presented.id)]
+    entry = await cache.obtain("as", presented, Exchange())
+    assert await cache.purge(entry)
+    assert shared.deleted == [("as", presented.id), ("as", presented.id + "\x00exchanged")]
     assert ("as", presented.id) not in shared.entries
 
 
@@ -123,4 +125,5 @@ async def test_short_token_is_not_published() -> None:
     shared = MemoryShared()
     cache = TokenCache(settings(), shared=shared, clock=Clock())
     entry = await cache.obtain("as", assertion(), Exchange(expires_in=0))
-    assert shared.puts == 0 and dataclasses.is_dataclass(entry)
+    assert dataclasses.is_dataclass(entry)
+    assert all(key[1].endswith("\x00exchanged") for key in shared.entries)  # no token

@@ -5,9 +5,11 @@ from __future__ import annotations
 import hashlib
 import itertools
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
@@ -67,3 +69,40 @@ def pem_public(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> bytes:
     return key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
+
+
+@dataclass
+class Recorded:
+    method: str
+    path_and_query: str
+    headers: dict[str, str]
+    body: bytes
+
+
+class RecordingTokenEndpoint:
+    """Any path on loopback: keeps each request as it arrived, answers a Bearer token."""
+
+    def __init__(self) -> None:
+        self.requests: list[Recorded] = []
+        self._runner: web.AppRunner | None = None
+        self.origin = ""
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.requests.append(
+            Recorded(request.method, request.path_qs, dict(request.headers), await request.read())
+        )
+        token = f"vendor-token-{len(self.requests)}"
+        return web.json_response({"access_token": token, "token_type": "Bearer", "expires_in": 600})
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.origin = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()

@@ -52,7 +52,8 @@ async def start_gateway() -> AsyncIterator[StartGateway]:
 
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", handle)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        # as the gateway's own server: request bodies are never decoded on the way in
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0, auto_decompress=False)
         await runner.setup()
         runners.append(runner)
         site = web.TCPSite(runner, "127.0.0.1", 0)

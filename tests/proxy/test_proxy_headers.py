@@ -10,6 +10,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from gateway.errors import BadRequest
 from gateway.proxy.headers import (
     HOP_BY_HOP,
+    PROXY_ONLY,
     downstream_response_headers,
     peer_is_trusted,
     token_rejected,
@@ -30,6 +31,7 @@ def outgoing(
     peer: str = "203.0.113.7",
     trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (),
     preserve_host: bool = False,
+    request_id: str | None = None,
 ) -> CIMultiDict[str]:
     return upstream_request_headers(
         headers,
@@ -41,6 +43,7 @@ def outgoing(
         trusted_proxies=trusted,
         preserve_host=preserve_host,
         upstream_host="api.internal:8443",
+        request_id=request_id,
     )
 
 
@@ -119,6 +122,41 @@ def test_trusted_proxy_chain_is_appended_and_its_proto_host_kept() -> None:
     assert out["X-Forwarded-Host"] == "public.example"
     assert out["Forwarded"] == "for=198.51.100.1"
     assert "X_Forwarded_For" not in out
+
+
+CLIENT_CLAIMS = (
+    ("X-Real-IP", "10.0.0.1"),
+    ("True-Client-IP", "10.0.0.1"),
+    ("X-Client-IP", "10.0.0.1"),
+    ("X-Cluster-Client-IP", "10.0.0.1"),
+    ("CF-Connecting-IP", "10.0.0.1"),
+    ("Fastly-Client-IP", "10.0.0.1"),
+    ("X-Original-URL", "/admin"),
+    ("X-Rewrite-URL", "/admin"),
+    ("X-Original-URI", "/admin"),
+    ("x_real_ip", "10.0.0.1"),  # read as X-Real-IP by CGI/WSGI/PHP
+    ("X-ORIGINAL-URL", "/admin"),
+)
+
+
+def test_untrusted_peer_cannot_claim_an_address_or_a_url() -> None:
+    out = outgoing(inbound(*CLIENT_CLAIMS, ("X-Other", "kept")))
+    assert not [k for k in out if k.lower().replace("_", "-") in PROXY_ONLY]
+    assert out["X-Other"] == "kept"
+
+
+def test_trusted_proxy_may_set_address_and_url_headers_in_their_exact_spelling() -> None:
+    out = outgoing(inbound(*CLIENT_CLAIMS), peer="127.0.0.1", trusted=LOOPBACK)
+    assert out.getall("X-Real-IP") == ["10.0.0.1"]
+    assert out.getall("X-Original-URL") == ["/admin", "/admin"]
+    assert "x_real_ip" not in out
+
+
+def test_the_gateways_request_id_replaces_the_clients() -> None:
+    headers = inbound(("X-Request-ID", "client-1"), ("x_request_id", "client-2"))
+    assert outgoing(headers, request_id="gw-1").getall("X-Request-ID") == ["gw-1"]
+    assert "x_request_id" not in outgoing(headers, request_id="gw-1")
+    assert outgoing(headers).getall("X-Request-ID") == ["client-1"]  # none given: as sent
 
 
 def test_host_is_rewritten_unless_preserved() -> None:
@@ -211,6 +249,18 @@ def test_token_rejected(status: int, challenge: str | None, rejected: bool) -> N
 )
 def test_strip_prefix_finds_an_encoded_prefix(raw: str, prefix: str, expected: str) -> None:
     assert str(upstream_url("http://u", raw, prefix, True)) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("/api;v=1/users", "http://u/users"),  # a route that allows ;parameters
+        ("/api;v=1", "http://u/"),
+        ("/api/users;v=1", "http://u/users;v=1"),  # past the prefix: kept as sent
+    ],
+)
+def test_strip_prefix_finds_a_prefix_with_parameters(raw: str, expected: str) -> None:
+    assert str(upstream_url("http://u", raw, "/api", True)) == expected
 
 
 def test_strip_prefix_refuses_a_prefix_it_cannot_tell_apart() -> None:
