@@ -20,10 +20,10 @@ $(STAMP): pyproject.toml | $(BIN)/python
 venv: $(STAMP)
 
 # Debian packages the integration tests drive for real (redis-server, nginx, xmlsec1, caddy
-# for config/forward-auth/Caddyfile, set-misc for nginx-cached-setmisc.conf, tomcat10 as the
-# liberal upstream of tests/attacks; podman with runc, and debootstrap for the image's
-# offline base, for tests/container); prometheus (the server and promtool) for
-# tests/observability.
+# for config/forward-auth/Caddyfile, set-misc for nginx-cached-setmisc.conf, the Lua module,
+# which brings lua-resty-core, for nginx-lua.conf, haproxy for config/haproxy, tomcat10 as the
+# liberal upstream of tests/attacks; podman with runc, and debootstrap for the image's offline
+# base, for tests/container); prometheus (the server and promtool) for tests/observability.
 system-deps:
 	@missing=""; \
 	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
@@ -32,6 +32,7 @@ system-deps:
 	command -v caddy >/dev/null 2>&1 || missing="$$missing caddy"; \
 	command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing="$$missing haproxy"; \
 	[ -f /usr/lib/nginx/modules/ngx_http_set_misc_module.so ] || missing="$$missing libnginx-mod-http-set-misc"; \
+	[ -f /usr/lib/nginx/modules/ngx_http_lua_module.so ] || missing="$$missing libnginx-mod-http-lua"; \
 	[ -x /usr/share/tomcat10/bin/catalina.sh ] || missing="$$missing tomcat10"; \
 	command -v podman >/dev/null 2>&1 || missing="$$missing podman"; \
 	command -v runc >/dev/null 2>&1 || [ -x /usr/sbin/runc ] || missing="$$missing runc"; \

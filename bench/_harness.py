@@ -156,10 +156,16 @@ def forward_auth_conf(name: str, port: int, gateway: str, upstream: str, cache: 
         "server 127.0.0.1:8081;": f"server {gateway};",
         "server 127.0.0.1:9000;": f"server {upstream};",
     }
-    if "cached" in name:
-        replacements["/var/cache/nginx/saml-auth"] = str(cache)
+    if name != "nginx.conf":
         # The example's route "public" location serves the benchmark's /hello.
         replacements["location ~ ^/public(/|$) {"] = "location ~ ^/hello(/|$) {"
+    if "cached" in name:
+        replacements["/var/cache/nginx/saml-auth"] = str(cache)
+    if name == "nginx-lua.conf":
+        cache.mkdir(parents=True, exist_ok=True)
+        key_file = cache / "saml-auth-cache.key"
+        key_file.write_bytes(os.urandom(32))
+        replacements["/etc/nginx/saml-auth-cache.key"] = str(key_file)
     text: str = nginx_runner.example(name, replacements)
     return text
 

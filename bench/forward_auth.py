@@ -8,6 +8,8 @@ All on 127.0.0.1, one run, one serving process each (nginx ``worker_processes 1`
   - the same with nginx caching the gateway's answer (config/forward-auth/nginx-cached.conf),
   - the same with a short HMAC-SHA256 cache key (nginx-cached-setmisc.conf; skipped when
     Debian's libnginx-mod-http-set-misc is not installed),
+  - the answers cached in a Lua shared dictionary instead (nginx-lua.conf; skipped when
+    Debian's libnginx-mod-http-lua is not installed),
   - the gateway as the proxy itself (token-cache hit).
 
 Every case is started once, then loaded ``--rounds`` times in turn; the table shows each
@@ -34,12 +36,14 @@ PLAIN = "nginx alone (reverse proxy)"
 UNCACHED = "nginx + gateway authorizer"
 CACHED = "nginx + gateway authorizer, nginx cache"
 SETMISC = "  same, set-misc HMAC key"
+LUA = "nginx + gateway authorizer, Lua shared dict"
 PROXY = "gateway as the proxy"
 
 EXAMPLES = {
     UNCACHED: "nginx.conf",
     CACHED: "nginx-cached.conf",
     SETMISC: "nginx-cached-setmisc.conf",
+    LUA: "nginx-lua.conf",
 }
 
 
@@ -95,16 +99,16 @@ async def run(duration: float, rounds: int) -> int:
     await auth.stop()
 
     rows = [(name, median(found)) for name, found in loads.items()]
-    reference = {UNCACHED: PROXY, CACHED: PLAIN, SETMISC: PLAIN, PROXY: PLAIN}
+    reference = {UNCACHED: PROXY, CACHED: PLAIN, SETMISC: PLAIN, LUA: PLAIN, PROXY: PLAIN}
     print(h.table(rows, reference))
     if rounds > 1:
         for name, found in loads.items():
             print(f"{name.strip()}: req/s by round {' '.join(f'{x.rps:.0f}' for x in found)}")
-    for name in (UNCACHED, CACHED, SETMISC):
+    for name in (UNCACHED, CACHED, SETMISC, LUA):
         if name in granted:
             print(f"{name.strip()}: the gateway answered {granted[name]:.0f} auth requests")
     by_name = dict(rows)
-    best = max((n for n in (CACHED, SETMISC) if n in by_name), key=lambda n: by_name[n].rps)
+    best = max((n for n in (CACHED, SETMISC, LUA) if n in by_name), key=lambda n: by_name[n].rps)
     cached = by_name[best].rps / by_name[PLAIN].rps
     uncached = by_name[UNCACHED].rps / by_name[PROXY].rps
     print(

@@ -3,7 +3,7 @@
 The caller gives the inside of ``http { }`` (for instance one of the examples under
 ``config/forward-auth/`` with its addresses replaced); this module wraps it in a complete
 configuration whose every path (pid, logs, temp files) lies inside the prefix (an example's
-``load_module`` lines move to the main context, where nginx requires them), starts
+``load_module`` and ``env`` lines move to the main context, where nginx requires them), starts
 ``nginx -p prefix -c nginx.conf -g 'daemon off;'`` and waits, within a deadline, until the
 listening ports accept connections.
 
@@ -26,6 +26,7 @@ from pathlib import Path
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "config" / "forward-auth"
 _TEMP_KINDS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+_MAIN_CONTEXT = ("load_module ", "env ")
 
 
 def nginx_binary() -> str | None:
@@ -73,9 +74,9 @@ def missing_modules(http_body: str) -> list[Path]:
 def full_config(prefix: Path, http_body: str, *, workers: int = 1) -> str:
     """A complete nginx.conf around ``http_body``; every file nginx writes is under ``prefix``."""
     lines = http_body.splitlines()
-    # nginx accepts load_module only in the main context, before the http block.
-    main = "".join(f"{line}\n" for line in lines if line.startswith("load_module "))
-    http_body = "\n".join(line for line in lines if not line.startswith("load_module "))
+    # nginx accepts load_module and env only in the main context, before the http block.
+    main = "".join(f"{line}\n" for line in lines if line.startswith(_MAIN_CONTEXT))
+    http_body = "\n".join(line for line in lines if not line.startswith(_MAIN_CONTEXT))
     # When the master runs as root its workers switch to "nobody", who could not enter a
     # private tmp folder; keep them as the current user instead (outside root, nginx
     # ignores the directive, so leave it out).

@@ -8,6 +8,7 @@ client-sent ``X-Original-URI`` used to choose the route. The gateway has two rou
 
 from __future__ import annotations
 
+import base64
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,3 +153,27 @@ async def test_paths_resolving_elsewhere_are_refused(front: Front, target: str) 
     assert status == 400
     assert b"Bearer" not in body
     assert front.stack.upstream.requests == 0
+
+
+async def test_invalid_or_missing_assertion_is_401_and_never_reaches_upstream(
+    front: Front,
+) -> None:
+    stack = front.stack
+    raw = stack.raw_assertion("alice@example.test").replace(b"alice@", b"mallory@", 1)
+    tampered = {"X-SAML-Assertion": base64.b64encode(raw).decode()}
+    for headers in (tampered, {}, {"Authorization": "Bearer forged-by-client"}):
+        async with stack.session.get(f"{front.url}/echo/x", headers=headers) as r:
+            assert r.status == 401
+            assert r.headers["WWW-Authenticate"] == 'SAML realm="test-api"'
+    assert stack.upstream.requests == 0
+    assert stack.auth.calls == 0
+
+
+async def test_gateway_down_fails_closed(front: Front) -> None:
+    stack = front.stack
+    await stack.server.close()
+    for headers in (stack.assertion(), {}):
+        async with stack.session.get(f"{front.url}/echo/x", headers=headers) as r:
+            assert r.status == 502
+            assert "Bearer" not in await r.text()
+    assert stack.upstream.requests == 0

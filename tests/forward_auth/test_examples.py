@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -73,7 +74,7 @@ def test_envoy_asks_the_auth_path_and_strips_the_assertion(gateway: Any) -> None
     assert endpoint["address"]["socket_address"]["port_value"] == gateway.forward_auth.listen.port
 
 
-NGINX = ["nginx.conf", "nginx-cached.conf", "nginx-cached-setmisc.conf"]
+NGINX = ["nginx.conf", "nginx-cached.conf", "nginx-cached-setmisc.conf", "nginx-lua.conf"]
 CACHED = ["nginx-cached.conf", "nginx-cached-setmisc.conf"]
 
 
@@ -195,3 +196,26 @@ def test_caddy_example_asks_the_auth_path_and_strips_the_assertion(gateway: Any)
     # front: caddy reads X-Forwarded-*, which Caddy keeps from trusted proxies only.
     assert not [line for line in lines if "trusted_proxies" in line]
     assert PRESETS["caddy"].host == "X-Forwarded-Host"
+
+
+def test_lua_example_keeps_the_caching_rules(gateway: Any) -> None:
+    """One dictionary and one auth location per gateway route, the same plain-path map as
+    nginx-cached.conf, the assertion and client Authorization kept from the upstream."""
+    lua, cached = directives("nginx-lua.conf"), directives("nginx-cached.conf")
+    start = cached.index("map $request_uri $saml_unusual_path {")
+    assert lua[lua.index(cached[start]) :][:4] == cached[start : start + 4]
+    auths = auth_locations("nginx-lua.conf")
+    dicts = {line.split()[1] for line in lua if line.startswith("lua_shared_dict ")}
+    used = []
+    for route in gateway.routes:
+        (location,) = blocks("nginx-lua.conf", f"location ~ ^{route.path_prefix}(/|$)")
+        (access,) = [line for line in location if line.startswith("access_by_lua_block")]
+        (dict_name, auth) = re.findall(r'ngx\.shared\.(\w+), "([^"]+)"', access)[0]
+        (forget,) = [line for line in location if line.startswith("header_filter_by_lua")]
+        assert f"ngx.shared.{dict_name})" in forget  # drops from the same dictionary
+        assert auth in auths and 'proxy_set_header Authorization "";' in auths[auth]
+        assert "proxy_set_header Authorization $saml_token;" in location
+        assert 'proxy_set_header X-SAML-Assertion "";' in location
+        used.append(dict_name)
+    assert sorted(used) == sorted(dicts) and len(set(used)) == len(gateway.routes)
+    assert blocks("nginx-lua.conf", "location / ") == [["location / {", "return 404;"]]
