@@ -14,7 +14,7 @@ ALERTS = PROMETHEUS_CONFIG / "alerts.yaml"
 RECORDING = PROMETHEUS_CONFIG / "recording.yaml"
 RULE_TESTS = PROMETHEUS_CONFIG / "alerts.test.yaml"
 SCRAPE = PROMETHEUS_CONFIG / "scrape.yaml"
-DASHBOARD = ROOT / "config" / "grafana" / "gateway.json"
+DASHBOARD = ROOT / "config" / "grafana" / "saml-gateway.json"
 
 
 def tool(name: str) -> str:
