@@ -134,6 +134,9 @@ class NameWorker(logging.Filter):
 # lines wait: a busy process makes one write per batch, an idle one still shows its lines.
 FLUSH_SECONDS = 1.0
 FLUSH_LINES = 256
+# Past this many waiting lines (the writer stuck on a full pipe), the writer waits for the
+# stream, as an unbuffered handler would: memory stays bounded, and no line is dropped.
+MAX_PENDING_LINES = 65536
 
 
 class BufferedLines(logging.Handler):
@@ -152,6 +155,7 @@ class BufferedLines(logging.Handler):
         *,
         interval: float = FLUSH_SECONDS,
         batch: int = FLUSH_LINES,
+        limit: int = MAX_PENDING_LINES,
         worker: int | None = None,
     ) -> None:
         super().__init__()
@@ -159,6 +163,7 @@ class BufferedLines(logging.Handler):
         self.worker = worker
         self._interval = interval
         self._batch = batch
+        self._limit = limit
         self._pending: list[str] = []
         self._pending_lock = threading.Lock()  # the queue: held for an append or a swap
         self._write_lock = threading.Lock()  # one writer at a time keeps the lines in order
@@ -172,9 +177,11 @@ class BufferedLines(logging.Handler):
         with self._pending_lock:
             pending = self._pending
             pending.append(line)
-            full = len(pending) >= self._batch
-        if full:
+            waiting = len(pending)
+        if waiting >= self._batch:
             self._wake.set()
+            if waiting >= self._limit:
+                self.flush()
 
     def emit(self, record: logging.LogRecord) -> None:
         try:

@@ -126,3 +126,14 @@ def test_a_full_batch_and_an_idle_second_are_written_by_the_thread() -> None:
         assert stream.getvalue().splitlines() == [f"access {n}" for n in range(7)]
     finally:
         handler.close()
+
+
+def test_past_the_limit_the_caller_writes_and_nothing_is_dropped() -> None:
+    stream = io.StringIO()
+    handler = _handler(stream, interval=3600, batch=3, limit=3)
+    for n in range(4):
+        handler.write_line(f"access {n}\n")
+    # The third line waited for the stream: written when write_line returned.
+    assert stream.getvalue().splitlines()[:3] == ["access 0", "access 1", "access 2"]
+    handler.close()
+    assert stream.getvalue().splitlines() == [f"access {n}" for n in range(4)]
