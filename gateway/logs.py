@@ -143,9 +143,10 @@ class BufferedLines(logging.Handler):
     """The process's one log handler: whole lines queued in memory and written by a thread.
 
     Access lines (``write_line``) are queued and never wait for the stream: a thread writes
-    them every ``FLUSH_SECONDS``, or sooner once ``FLUSH_LINES`` wait, so a slow pipe or disk
-    stalls that thread, not the event loop. Other records (startup, warnings, errors) are
-    rare and may precede an exit: they are written at once, after what is queued, in order.
+    them as soon as it runs (at the latest every ``FLUSH_SECONDS``), all that queued up while
+    it waited in one write, so a slow pipe or disk stalls that thread, not the event loop.
+    Other records (startup, warnings, errors) are rare and may precede an exit: they are
+    written at once, after what is queued, in order.
     ``close`` (run by ``logging.shutdown`` at exit, after a drain) writes whatever is left.
     """
 
@@ -178,7 +179,10 @@ class BufferedLines(logging.Handler):
             pending = self._pending
             pending.append(line)
             waiting = len(pending)
-        if waiting >= self._batch:
+        # The first line into an empty queue wakes the writer: an idle process's line is
+        # written as soon as the event loop lets go of the GIL, a busy one's lines pile up
+        # while the writer waits for it, and go out together.
+        if waiting == 1 or waiting >= self._batch:
             self._wake.set()
             if waiting >= self._limit:
                 self.flush()
