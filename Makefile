@@ -23,7 +23,7 @@ venv: $(STAMP)
 # for config/forward-auth/Caddyfile, set-misc for nginx-cached-setmisc.conf, the Lua module,
 # which brings lua-resty-core, for nginx-lua.conf, haproxy for config/haproxy, tomcat10 as the
 # liberal upstream of tests/attacks; podman with runc, and debootstrap for the image's offline
-# base, for tests/container).
+# base, for tests/container); prometheus (the server and promtool) for tests/observability.
 system-deps:
 	@missing=""; \
 	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
@@ -37,6 +37,7 @@ system-deps:
 	command -v podman >/dev/null 2>&1 || missing="$$missing podman"; \
 	command -v runc >/dev/null 2>&1 || [ -x /usr/sbin/runc ] || missing="$$missing runc"; \
 	command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || missing="$$missing debootstrap"; \
+	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing system packages:$$missing"; \
 		SUDO=""; [ "$$(id -u)" -eq 0 ] || SUDO=sudo; \

@@ -34,6 +34,9 @@ from gateway.forward_auth import grant_headers, original_request
 from gateway.logs import ACCESS, access
 from gateway.metrics import Metrics
 from gateway.pipeline import Runtime, Trace, note_failure
+from gateway.tracing import Tracing
+
+_NONE: dict[str, str] = {}  # no trace_id (tracing off): the access line is as it was
 
 if TYPE_CHECKING:
     from gateway.cache.entry import SharedStore
@@ -188,7 +191,8 @@ class GatewayServer:
             shared_wait=self._shared_wait(config),
         )
         self.metrics.watch_cache(lambda: self.cache)
-        self.runtime = Runtime(config, self.cache, self.metrics)
+        self.tracing = Tracing.from_config(config)  # read once: a reload keeps it
+        self.runtime = Runtime(config, self.cache, self.metrics, self.tracing)
         self.draining = False
         self._hurry = asyncio.Event()
         self._retired: set[asyncio.Task[None]] = set()
@@ -226,9 +230,12 @@ class GatewayServer:
         # Listener settings are fixed at start; a reload that changes them says so.
         auth = self.config.forward_auth
         auth_path = auth.path.rstrip("/") if forward_auth else None
+        tracing = self.tracing
 
         async def handle(request: web.BaseRequest) -> web.StreamResponse:
             trace = Trace(request_id(request.headers.get("X-Request-ID")))
+            if tracing is not None:
+                tracing.start_request(request, trace, self.runtime.forwarder.trusted_proxies)
             status = 500
             try:
                 if auth_path is not None and _within(request.path, auth_path):
@@ -268,6 +275,8 @@ class GatewayServer:
     def _account(self, request: web.BaseRequest, trace: Trace, status: int) -> None:
         seconds = time.perf_counter() - trace.started
         self.metrics.observe_request(trace.route, status, seconds)
+        if self.tracing is not None:
+            self.tracing.finish_request(request, trace, status)
         if not ACCESS.isEnabledFor(logging.INFO):
             return
         access(
@@ -292,6 +301,7 @@ class GatewayServer:
                 "reason": trace.reason,
                 "detail": trace.detail,
                 "peer": request.remote,
+                **({"trace_id": trace.trace_id} if trace.trace_id is not None else _NONE),
             },
         )
 
@@ -420,7 +430,7 @@ class GatewayServer:
             return False
         try:
             config = load_config(self.config_path)
-            runtime = Runtime(config, self.cache, self.metrics)
+            runtime = Runtime(config, self.cache, self.metrics, self.tracing)
         except ConfigError as exc:
             self.metrics.reloads.labels("failed").inc()
             log.error(
@@ -428,7 +438,7 @@ class GatewayServer:
                 extra={"fields": {"problems": exc.problems, "file": str(self.config_path)}},
             )
             return False
-        for key in ("listen", "admin", "workers", "cache", "forward_auth"):
+        for key in ("listen", "admin", "workers", "cache", "forward_auth", "telemetry"):
             # Compared with what runs, not with the last file: a reload that puts back the
             # running value has nothing to warn about.
             if getattr(config, key) != getattr(self.started_config, key):
@@ -493,6 +503,8 @@ class GatewayServer:
             task.cancel()
         await asyncio.gather(*retired, return_exceptions=True)
         await self.runtime.close()
+        if self.tracing is not None:  # sends what is buffered (a blocking call, bounded)
+            await asyncio.to_thread(self.tracing.shutdown)
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
             self._admin_runner = None

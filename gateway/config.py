@@ -635,6 +635,20 @@ class LogSettings(_Frozen):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+class TracingSettings(_Frozen):
+    """OpenTelemetry traces over OTLP/HTTP (the ``otel`` extra); read once at start."""
+
+    enabled: bool = False
+    endpoint: HttpUrl = "http://127.0.0.1:4318/v1/traces"
+    service_name: str = Field("saml-oauth-gateway", min_length=1)
+    sample_ratio: float = Field(1.0, ge=0, le=1)
+    headers: Mapping[str, SecretStr] = Field(default_factory=dict)  # e.g. a collector's API key
+
+
+class TelemetrySettings(_Frozen):
+    tracing: TracingSettings = TracingSettings()
+
+
 class Config(_Frozen):
     listen: Listener = Listener()
     admin: AdminListener = AdminListener()
@@ -648,6 +662,7 @@ class Config(_Frozen):
     cache: CacheSettings = CacheSettings()
     proxy: ProxySettings = ProxySettings()
     forward_auth: ForwardAuth = ForwardAuth()
+    telemetry: TelemetrySettings = TelemetrySettings()
 
     @model_validator(mode="after")
     def _references_exist(self) -> Config:

@@ -19,6 +19,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from cachetools import TTLCache
@@ -38,6 +39,9 @@ from gateway.saml import (
     validate_assertion,
 )
 from gateway.saml.evidence import printable
+
+if TYPE_CHECKING:
+    from gateway.tracing import Tracing
 
 DEFAULT_REALM = "saml-gateway"
 
@@ -59,13 +63,20 @@ class Trace:
     reason: str | None = None
     detail: str | None = None  # the refusal in explain's words ("audience: expected X, ...")
     realm: str = DEFAULT_REALM  # for the 401 challenge: the route's, once it is known
+    # With tracing on (gateway.tracing): the request's span, its context token, its trace.
+    span: Any = None
+    span_token: Any = None
+    trace_id: str | None = None
 
 
 class Runtime:
     """Everything one configuration generation needs to serve requests."""
 
-    def __init__(self, config: Config, cache: TokenCache, metrics: Metrics) -> None:
+    def __init__(
+        self, config: Config, cache: TokenCache, metrics: Metrics, tracing: Tracing | None = None
+    ) -> None:
         self.config = config
+        self.tracing = tracing
         self.cache = cache
         self.metrics = metrics
         self.router = Router(config.routes)
@@ -85,7 +96,7 @@ class Runtime:
                 self.policies[key] = policy
                 self.cache_keys[key] = _cache_key(key, policy, server)
         self.token_client = TokenClient(
-            config.authorization_servers, observer=metrics.observe_exchange
+            config.authorization_servers, observer=metrics.observe_exchange, tracing=tracing
         )
         self.forwarder = Forwarder(config.proxy, config.routes)
         # (cache key, assertion ID) of tokens the upstream refused lately: a refused token is
@@ -166,7 +177,12 @@ class Runtime:
             return entry
         trace.cache = "miss"
         policy = self.policies[(route.identity_provider, route.authorization_server)]
-        assertion = validate_assertion(raw, policy, datetime.now(UTC), digest=digest)
+        if self.tracing is None:
+            assertion = validate_assertion(raw, policy, datetime.now(UTC), digest=digest)
+        else:
+            with self.tracing.span("validate assertion") as span:
+                assertion = validate_assertion(raw, policy, datetime.now(UTC), digest=digest)
+                span.set_attribute("gateway.assertion_id", assertion.id)
         trace.assertion_id, trace.issuer = assertion.id, assertion.issuer
         exchange = partial(self.token_client.exchange, route.authorization_server)
         return await self.cache.obtain(key, assertion, exchange)
@@ -186,13 +202,22 @@ class Runtime:
         route = self.route_for(request.headers.get("Host"), path, trace)
         self.forwarder.admit(request, route)  # 413 before validating or exchanging anything
         entry = await self.authorize(route, request.headers, trace)
-        result = await self.forwarder.forward(
-            request,
-            route,
-            entry.token.access_token,
-            self.strip,
-            {"X-Request-ID": trace.request_id},
-        )
+        stamp = {"X-Request-ID": trace.request_id}
+        if self.tracing is None:
+            result = await self.forwarder.forward(
+                request, route, entry.token.access_token, self.strip, stamp
+            )
+        else:
+            with self.tracing.span("upstream", {"http.route": route.label}, client=True) as span:
+                result = await self.forwarder.forward(
+                    request,
+                    route,
+                    entry.token.access_token,
+                    self.strip,
+                    stamp,
+                    trace_headers=self.tracing.headers(),
+                )
+                span.set_attribute("http.response.status_code", result.upstream_status)
         trace.upstream_seconds = result.upstream_seconds
         self.metrics.observe_upstream(route.label, result.upstream_seconds)
         if result.token_rejected:

@@ -23,6 +23,8 @@ import secrets
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -48,6 +50,11 @@ from gateway.oauth.grant import (
 from gateway.oauth.token import Token
 from gateway.saml.assertion import Assertion
 
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
+
+    from gateway.tracing import Tracing
+
 logger = logging.getLogger("gateway.oauth")
 
 UNREACHABLE = "as_unreachable"
@@ -67,6 +74,7 @@ class TokenClient:
         max_connections: int = 100,
         max_connections_per_host: int = 32,
         rng: Callable[[], float] = random.random,
+        tracing: Tracing | None = None,
     ) -> None:
         problems: list[str] = []
         keys: dict[str, SigningKey] = {}
@@ -91,6 +99,7 @@ class TokenClient:
         self._observer = observer
         self._limits = (max_connections, max_connections_per_host)
         self._rng = rng
+        self._tracing = tracing
         self._session: aiohttp.ClientSession | None = None
 
     async def exchange(self, profile: str, assertion: Assertion) -> Token:
@@ -183,7 +192,34 @@ class TokenClient:
     async def _attempt(
         self, profile: str, server: AuthorizationServer, assertion: Assertion, deadline: float
     ) -> Token:
+        if self._tracing is None:
+            return await self._post(profile, server, assertion, deadline, None)
+        attributes = {
+            "gateway.authorization_server": profile,
+            "server.address": urlsplit(server.token_url).hostname or "",
+        }
+        with self._tracing.span("token exchange", attributes, client=True) as span:
+            try:
+                token = await self._post(profile, server, assertion, deadline, span)
+            except GatewayError as exc:
+                span.set_attribute("gateway.exchange.outcome", _outcome(exc))
+                raise
+            span.set_attribute("gateway.exchange.outcome", "ok")
+            return token
+
+    async def _post(
+        self,
+        profile: str,
+        server: AuthorizationServer,
+        assertion: Assertion,
+        deadline: float,
+        span: Span | None,
+    ) -> Token:
+        """One attempt; ``span`` (tracing on) is its span, whose ``traceparent`` it sends."""
         request = self.build_request(profile, assertion.raw)
+        headers = dict(request.headers)
+        if span is not None and self._tracing is not None:
+            headers.update(self._tracing.headers())
         remaining = deadline - asyncio.get_running_loop().time()
         timeout = aiohttp.ClientTimeout(
             total=max(0.001, min(server.timeouts.total, remaining)),
@@ -193,10 +229,12 @@ class TokenClient:
             async with self._client_session().post(
                 request.url,
                 data=request.body,
-                headers=dict(request.headers),
+                headers=headers,
                 timeout=timeout,
                 allow_redirects=False,
             ) as response:
+                if span is not None:
+                    span.set_attribute("http.response.status_code", response.status)
                 body = await _read_capped(response, server.max_response_bytes)
                 return parse_token_response(
                     server,

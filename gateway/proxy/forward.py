@@ -136,6 +136,7 @@ class Forwarder:
         self._trusted: tuple[IPNetwork, ...] = tuple(
             ipaddress.ip_network(cidr, strict=False) for cidr in proxy.trusted_proxies
         )
+        self.trusted_proxies = self._trusted  # also whose traceparent tracing continues
         # One TLS context per distinct setting, built now so bad files fail at startup.
         self._tls: dict[UpstreamTls, ssl.SSLContext] = {}
         self._plans: dict[int, _RoutePlan] = {}
@@ -188,6 +189,7 @@ class Forwarder:
         token: str,
         strip: frozenset[str],
         stamp: Mapping[str, str] = _NO_STAMP,
+        trace_headers: Mapping[str, str] = _NO_STAMP,
     ) -> ForwardResult:
         """Forward ``request`` to ``route``'s upstream with ``token``; stream the answer back.
 
@@ -195,7 +197,8 @@ class Forwarder:
         gateway adds to the answer (its X-Request-ID), whatever the upstream said; its
         X-Request-ID also replaces the client's on the request sent upstream. Raises
         ``RequestTooLarge``, ``UpstreamError`` or ``UpstreamTimeout`` when nothing has been
-        sent to the client yet.
+        sent to the client yet. ``trace_headers`` (tracing on: the gateway's ``traceparent``)
+        replace the client's.
         """
         session = self._session
         if session is None:
@@ -215,6 +218,9 @@ class Forwarder:
             # The upstream's logs then name the request as ours and the client's answer do.
             request_id=stamp.get("X-Request-ID"),
         )
+        if trace_headers:
+            headers.popall("tracestate", None)  # the client's belongs to the client's trace
+            headers.update(trace_headers)
         url = upstream_url(
             route.upstream, request_target(request), route.path_prefix, route.strip_prefix
         )
