@@ -7,12 +7,14 @@ case, every request carrying the same assertion header) measures:
   - nginx as a reverse proxy (worker_processes N),
   - the minimal aiohttp proxy of bench/proxy_baseline.py (N processes on one port),
   - the gateway on a token-cache hit (``workers: N``; access log off, as for the others),
+  - the same with the access log on (JSON lines, the default), so its cost stays visible,
 next to a direct hit on the upstream. Then an open-loop client in its own process sends
 1,000 requests/s for ``--paced`` s, to the upstream and through the gateway (1 process):
 the added latency at p50/p99. Last, the gateway's resident memory per process (VmRSS).
 
-Targets: gateway ≥ 90% of the minimal aiohttp proxy at the same process count; added latency
-≤ 1 ms p50 and ≤ 3 ms p99 at 1,000 req/s; RSS < 100 MB per process.
+Targets: gateway ≥ 90% of the minimal aiohttp proxy at the same process count, with the
+access log off and on (issue 12); added latency ≤ 1 ms p50 and ≤ 3 ms p99 at 1,000 req/s;
+RSS < 100 MB per process.
 
     .venv/bin/python bench/proxy.py [--duration 5] [--paced 5] [--rate 1000]
 """
@@ -72,6 +74,15 @@ async def run(duration: float, paced_seconds: float, rate: float) -> int:
                         near = await h.paced(direct_url, header, rate, paced_seconds, work)
                         via = await h.paced(url, header, rate, paced_seconds, work)
                     memory[n] = [h.rss_mb(pid) for pid in gw.pids()]
+                logged_name = f"gateway cache hit, workers: {n}, access log on"
+                reference[logged_name] = base_name
+                folder = work / f"gateway-{n}-logged"
+                with h.gateway(
+                    folder, identity, token_url, upstream, workers=n, access_log=True
+                ) as gw:
+                    url = f"http://127.0.0.1:{gw.port}/hello"
+                    await h.warm(url, header)
+                    rows.append((logged_name, await load(gw.port)))
     await auth.stop()
 
     print(h.table(rows, reference))
@@ -90,9 +101,12 @@ async def run(duration: float, paced_seconds: float, rate: float) -> int:
     by_name = dict(rows)
     verdicts = []
     for n in (1, 2):
-        gw = by_name[f"gateway cache hit, workers: {n}"]
-        ratio = gw.rps / by_name[f"aiohttp baseline proxy, {n} process(es)"].rps
-        verdicts.append(f"{n}-process throughput {ratio:.2f} ≥ 0.90 {h.verdict(ratio >= 0.9)}")
+        base = by_name[f"aiohttp baseline proxy, {n} process(es)"].rps
+        for suffix in ("", ", access log on"):
+            ratio = by_name[f"gateway cache hit, workers: {n}{suffix}"].rps / base
+            verdicts.append(
+                f"{n}-process throughput{suffix} {ratio:.2f} ≥ 0.90 {h.verdict(ratio >= 0.9)}"
+            )
     verdicts.append(f"added p50 {h.verdict(added50 <= 1)}, p99 {h.verdict(added99 <= 3)}")
     verdicts.append(f"RSS {h.verdict(all(v < 100 for vs in memory.values() for v in vs))}")
     print("targets: " + "; ".join(verdicts))

@@ -31,7 +31,7 @@ from gateway.cache import TokenCache
 from gateway.config import Config, ForwardAuth, load_config
 from gateway.errors import BadRequest, ConfigError, GatewayError, InvalidAssertion, NoRoute
 from gateway.forward_auth import grant_headers, original_request
-from gateway.logs import ACCESS
+from gateway.logs import ACCESS, access
 from gateway.metrics import Metrics
 from gateway.pipeline import Runtime, Trace, note_failure
 from gateway.tracing import Tracing
@@ -279,32 +279,29 @@ class GatewayServer:
             self.tracing.finish_request(request, trace, status)
         if not ACCESS.isEnabledFor(logging.INFO):
             return
-        ACCESS.info(
-            "%s %s %d",
+        access(
             request.method,
             request.path,
             status,
-            extra={
-                "fields": {
-                    "request_id": trace.request_id,
-                    "method": request.method,
-                    "path": request.path,
-                    "route": trace.route,
-                    "status": status,
-                    "duration_ms": round(seconds * 1000, 3),
-                    "upstream_ms": None
-                    if trace.upstream_seconds is None
-                    else round(trace.upstream_seconds * 1000, 3),
-                    "cache": trace.cache,
-                    "assertion_id": trace.assertion_id,
-                    "issuer": trace.issuer,
-                    "assertion_id_unverified": trace.assertion_id_unverified,
-                    "issuer_unverified": trace.issuer_unverified,
-                    "reason": trace.reason,
-                    "detail": trace.detail,
-                    "peer": request.remote,
-                    **({"trace_id": trace.trace_id} if trace.trace_id is not None else _NONE),
-                }
+            {
+                "request_id": trace.request_id,
+                "method": request.method,
+                "path": request.path,
+                "route": trace.route,
+                "status": status,
+                "duration_ms": round(seconds * 1000, 3),
+                "upstream_ms": None
+                if trace.upstream_seconds is None
+                else round(trace.upstream_seconds * 1000, 3),
+                "cache": trace.cache,
+                "assertion_id": trace.assertion_id,
+                "issuer": trace.issuer,
+                "assertion_id_unverified": trace.assertion_id_unverified,
+                "issuer_unverified": trace.issuer_unverified,
+                "reason": trace.reason,
+                "detail": trace.detail,
+                "peer": request.remote,
+                **({"trace_id": trace.trace_id} if trace.trace_id is not None else _NONE),
             },
         )
 

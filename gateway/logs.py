@@ -10,8 +10,10 @@ import json
 import logging
 import re
 import sys
+import threading
 import time
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, TextIO
 
 ACCESS = logging.getLogger("gateway.access")
 
@@ -128,6 +130,172 @@ class NameWorker(logging.Filter):
         return True
 
 
+# The buffered handler writes what it holds at least this often, and at once when this many
+# lines wait: a busy process makes one write per batch, an idle one still shows its lines.
+FLUSH_SECONDS = 1.0
+FLUSH_LINES = 256
+# Past this many waiting lines (the writer stuck on a full pipe), the writer waits for the
+# stream, as an unbuffered handler would: memory stays bounded, and no line is dropped.
+MAX_PENDING_LINES = 65536
+
+
+class BufferedLines(logging.Handler):
+    """The process's one log handler: whole lines queued in memory and written by a thread.
+
+    Access lines (``write_line``) are queued and never wait for the stream: a thread writes
+    them as soon as it runs (at the latest every ``FLUSH_SECONDS``), all that queued up while
+    it waited in one write, so a slow pipe or disk stalls that thread, not the event loop.
+    Other records (startup, warnings, errors) are rare and may precede an exit: they are
+    written at once, after what is queued, in order.
+    ``close`` (run by ``logging.shutdown`` at exit, after a drain) writes whatever is left.
+    """
+
+    def __init__(
+        self,
+        stream: TextIO,
+        *,
+        interval: float = FLUSH_SECONDS,
+        batch: int = FLUSH_LINES,
+        limit: int = MAX_PENDING_LINES,
+        worker: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.stream = stream
+        self.worker = worker
+        self._interval = interval
+        self._batch = batch
+        self._limit = limit
+        self._pending: list[str] = []
+        self._pending_lock = threading.Lock()  # the queue: held for an append or a swap
+        self._write_lock = threading.Lock()  # one writer at a time keeps the lines in order
+        self._wake = threading.Event()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
+        self._thread.start()
+
+    def write_line(self, line: str) -> None:
+        """Queue one finished line (newline included)."""
+        with self._pending_lock:
+            pending = self._pending
+            pending.append(line)
+            waiting = len(pending)
+        # The first line into an empty queue wakes the writer: an idle process's line is
+        # written as soon as the event loop lets go of the GIL, a busy one's lines pile up
+        # while the writer waits for it, and go out together.
+        if waiting == 1 or waiting >= self._batch:
+            self._wake.set()
+            if waiting >= self._limit:
+                self.flush()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + "\n"
+        except Exception:
+            self.handleError(record)
+            return
+        self.write_line(line)
+        self.flush()
+
+    def flush(self) -> None:
+        with self._write_lock:
+            with self._pending_lock:
+                lines, self._pending = self._pending, []
+            if not lines:
+                return
+            try:
+                self.stream.write("".join(lines))
+                self.stream.flush()
+            except (OSError, ValueError):  # stderr closed or gone: nowhere left to write
+                pass
+
+    def _run(self) -> None:
+        while not self._closed:
+            self._wake.wait(self._interval)
+            self._wake.clear()
+            self.flush()
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+        self.flush()
+        super().close()
+
+
+# The handler that ``setup_logging`` installed, when access lines may bypass ``logging``.
+_sink: BufferedLines | None = None
+_JSON = json.JSONEncoder(separators=(",", ":"), default=str)  # what JsonFormatter's dumps does
+
+
+class _Clock:
+    """The timestamp strings of the formatters, the per-second part made once a second."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._utc = ""
+        self._local = ""
+
+    def stamps(self) -> tuple[str, str, int]:
+        # As logging.LogRecord: created from time.time(), milliseconds truncated.
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._utc = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._local = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+        return self._utc, self._local, int((now - second) * 1000)
+
+
+_clock = _Clock()
+
+
+def json_access_line(
+    method: str, path: str, status: int, fields: Mapping[str, object], worker: int | None
+) -> str:
+    """What ``JsonFormatter`` writes for ``ACCESS.info("%s %s %d", ...)``, built directly."""
+    utc, _, ms = _clock.stamps()
+    head = f'{{"ts":"{utc}.{ms:03d}Z","level":"info","logger":"gateway.access","msg":'
+    head += _JSON.encode(f"{method} {path} {status}")
+    if worker is not None:
+        head += ',"worker":' + _JSON.encode(worker)
+    body = _JSON.encode(fields)
+    return head + ("," + body[1:] if fields else "}") + "\n"
+
+
+def text_access_line(
+    method: str, path: str, status: int, fields: Mapping[str, object], worker: int | None
+) -> str:
+    """What ``TextFormatter`` writes for ``ACCESS.info("%s %s %d", ...)``, built directly."""
+    _, local, ms = _clock.stamps()
+    text = f"{local},{ms:03d} INFO    gateway.access: {_value(method)} {_value(path)} {status}"
+    if worker is not None:
+        text += f" worker={worker}"
+    if fields:
+        # The keys are the gateway's own names; only the values can be the client's words.
+        text += " " + " ".join(
+            f"{k}={v}" if type(v) is int or type(v) is float else f"{k}={_value(v)}"
+            for k, v in fields.items()
+            if v is not None
+        )
+    return text + "\n"
+
+
+def access(method: str, path: str, status: int, fields: Mapping[str, object]) -> None:
+    """One access line. Through ``setup_logging``'s handler it is formatted here and queued;
+    with any other handling in place (a test's capture, an embedding application) it is an
+    ordinary record of ``ACCESS``, with the same message and ``fields``."""
+    sink = _sink
+    handlers = logging.root.handlers
+    if sink is not None and len(handlers) == 1 and handlers[0] is sink and not ACCESS.handlers:
+        line = (
+            json_access_line if isinstance(sink.formatter, JsonFormatter) else text_access_line
+        )(method, path, status, fields, sink.worker)
+        sink.write_line(line)
+    else:
+        ACCESS.info("%s %s %d", method, path, status, extra={"fields": fields})
+
+
 def setup_logging(fmt: str = "json", level: str = "info", *, worker: int | None = None) -> None:
     # One access line per request: skip what our formatters never print (the caller's
     # frame, thread, process and multiprocessing names), as the logging docs advise.
@@ -135,12 +303,17 @@ def setup_logging(fmt: str = "json", level: str = "info", *, worker: int | None 
     logging.logProcesses = False
     logging.logMultiprocessing = False
     logging._srcfile = None  # the documented switch for "no caller lookup"
-    handler = logging.StreamHandler(sys.stderr)
+    global _sink
+    handler = BufferedLines(sys.stderr, worker=worker)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     if worker is not None:
         handler.addFilter(NameWorker(worker))
     root = logging.getLogger()
+    for old in root.handlers:
+        if isinstance(old, BufferedLines):
+            old.close()  # its lines written, its thread ended
     root.handlers[:] = [handler]
+    _sink = handler
     root.setLevel(level.upper())
     # aiohttp's own access log duplicates ours (and would print raw request lines).
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

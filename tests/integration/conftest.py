@@ -194,6 +194,14 @@ class Process:
     def logs(self) -> str:
         return self.log.read_text()
 
+    def logs_with(self, text: str, count: int = 1, seconds: float = 10) -> str:
+        """The log once it holds ``text`` ``count`` times, or after ``seconds``: a running
+        gateway writes its access lines from a thread, moments after the answers."""
+        deadline = time.monotonic() + seconds
+        while (log := self.logs()).count(text) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return log
+
 
 def spawn_gateway(config_path: Path, *args: str) -> Process:
     """Run ``saml-gateway run`` on free ports and wait until /healthz answers."""
