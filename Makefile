@@ -87,6 +87,7 @@ bench: venv system-deps bench-deps
 	$(BIN)/python bench/replicas.py
 	$(BIN)/python bench/proxy.py
 	$(BIN)/python bench/forward_auth.py
+	$(BIN)/python bench/tracing.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache build *.egg-info .cache

@@ -227,6 +227,7 @@ def gateway(
     *,
     workers: int = 1,
     access_log: bool = False,
+    **settings: Any,
 ) -> Iterator[Gateway]:
     """``saml-gateway run`` on free ports: proxy, forward-auth and admin listeners."""
     port, auth_port, admin_port = free_port(), free_port(), free_port()
@@ -252,6 +253,7 @@ def gateway(
             "front": "nginx",
         },
         assertion={"headers": [{"name": "X-SAML-Assertion"}]},
+        **settings,  # any other top-level key (``telemetry=...``)
     )
     log = (folder / "gateway.log").open("wb")
     proc = subprocess.Popen(
