@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import yaml
 from pydantic import (
@@ -370,11 +370,13 @@ def redact_url_password(url: str) -> str:
 MIN_SEALING_SECRET_CHARS = 16
 
 
-def _url_password(url: str) -> str:
+def url_password(url: str) -> str:
+    """The password in ``url``'s userinfo, percent-decoded as a client sends it; ``""`` when
+    there is none. Split as ``redact_url_password`` splits, so multi-host forms work too."""
     rest = url.partition("://")[2]
     end = min((i for i in (rest.find(c) for c in "/?#") if i != -1), default=len(rest))
     userinfo, at, _ = rest[:end].rpartition("@")
-    return userinfo.partition(":")[2] if at else ""
+    return unquote(userinfo.partition(":")[2]) if at else ""
 
 
 def redis_hosts(url: str) -> tuple[list[str], list[str]]:
@@ -528,8 +530,8 @@ class RedisSettings(_Frozen):
         tls = scheme != "redis" and (
             info.data.get("ca_file") is not None or info.data.get("cert_file") is not None
         )
-        url_password = bool(_url_password(url))
-        in_clear = (url_password and (scheme == "redis+sentinel" or not tls)) or (
+        in_url = bool(url_password(url))
+        in_clear = (in_url and (scheme == "redis+sentinel" or not tls)) or (
             info.data.get("password") is not None and not tls
         )
         if in_clear:

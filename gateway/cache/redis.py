@@ -81,7 +81,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.cache.entry import CachedToken
-from gateway.config import RedisSettings
+from gateway.config import RedisSettings, url_password
 from gateway.errors import ConfigError
 from gateway.oauth.token import Token
 
@@ -347,11 +347,6 @@ def parse_multi_host_url(url: str, default_port: int) -> MultiHostUrl:
     return MultiHostUrl(tuple(hosts), path, username, password)
 
 
-def _url_password(url: str) -> str | None:
-    userinfo, at, _ = urlsplit(url).netloc.rpartition("@")
-    return unquote(userinfo.partition(":")[2]) or None if at else None
-
-
 def _public_url(url: str) -> str:
     parts = urlsplit(url)
     if "@" not in parts.netloc:
@@ -508,7 +503,7 @@ class RedisTokenStore:
             p
             for p in (
                 settings.password.get_secret_value() if settings.password else None,
-                _url_password(settings.url),
+                url_password(settings.url),
             )
             if p
         ]
