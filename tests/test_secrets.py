@@ -27,7 +27,7 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from faults.support import (
+from faults.helpers import (
     AUDIENCE,
     CLIENT_ID,
     CLIENT_SECRET,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from faults.support import (
+from faults.helpers import (
     Backstage,
     Gateway,
     Parts,

@@ -1,4 +1,4 @@
-"""Fixtures for the token cache tests (plain helpers live in cache_helpers.py)."""
+"""Fixtures for the token cache tests (plain helpers live in helpers.py)."""
 
 from __future__ import annotations
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from cache_helpers import T0, Clock, Exchange, assertion, settings
 
 from gateway.cache import TokenCache
 from gateway.errors import InvalidAssertion, UpstreamError
+
+from .helpers import T0, Clock, Exchange, assertion, settings
 
 
 async def test_miss_then_hit_by_digest_only() -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
-from cache_helpers import T0, Clock, Exchange, MemoryShared, assertion, settings
-
 from gateway.cache import CachedToken, TokenCache
 from gateway.oauth.token import Token
+
+from .helpers import T0, Clock, Exchange, MemoryShared, assertion, settings
 
 
 def _entry(

@@ -6,13 +6,14 @@ import asyncio
 import gc
 
 import pytest
-from cache_helpers import Clock, Exchange, assertion, settings
 
 from gateway.cache import TokenCache
 from gateway.config import AuthorizationServer
 from gateway.devkit.authorization_server import FakeAuthorizationServer
 from gateway.errors import InvalidAssertion, UpstreamError
 from gateway.oauth.client import TokenClient
+
+from .helpers import Clock, Exchange, assertion, settings
 
 
 async def test_200_concurrent_requests_make_one_exchange(fake_as: FakeAuthorizationServer) -> None:

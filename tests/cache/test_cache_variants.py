@@ -7,13 +7,14 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from cache_helpers import T0, Clock, Exchange, MemoryShared, assertion, settings
 from lxml import etree
 
 from gateway.cache import TokenCache
 from gateway.devkit.idp import DemoIdP
 from gateway.errors import InvalidAssertion
 from gateway.saml import PinnedKey, TrustPolicy, assertion_digest, parse_xml, validate_assertion
+
+from .helpers import T0, Clock, Exchange, MemoryShared, assertion, settings
 
 ISSUER = "https://idp.variants.test"
 AUDIENCE = "https://as.variants.test"

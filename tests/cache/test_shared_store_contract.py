@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cache_helpers import Exchange, assertion, settings
 
 from gateway.cache import CachedToken, TokenCache
 from gateway.cache.entry import SharedStore
@@ -24,6 +23,8 @@ from gateway.cache.sqlite import SqliteTokenStore, create_database, new_secret
 from gateway.config import RedisSettings
 from gateway.devkit.redis_server import RedisServer, free_port, redis_server_binary
 from gateway.oauth.token import Token
+
+from .helpers import Exchange, assertion, settings
 
 REDIS_KEY = "contract-test-secret-0123456789abcdef"
 

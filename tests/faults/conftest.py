@@ -1,5 +1,5 @@
 """Fixtures shared by the fault tests: a background loop for the gateway's counterparts and
-a signing IdP. The gateway itself always runs as a real process (see ``support``)."""
+a signing IdP. The gateway itself always runs as a real process (see ``helpers``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from gateway.devkit.idp import DemoIdP
 
-from .support import ISSUER, Backstage
+from .helpers import ISSUER, Backstage
 
 
 @pytest.fixture(scope="module")

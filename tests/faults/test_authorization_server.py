@@ -17,7 +17,7 @@ import pytest
 
 from gateway.devkit.idp import DemoIdP
 
-from .support import (
+from .helpers import (
     SLACK,
     SOCKET_SLACK,
     Backstage,

@@ -14,7 +14,7 @@ import yaml
 
 from gateway.devkit.idp import DemoIdP
 
-from .support import (
+from .helpers import (
     SOCKET_SLACK,
     Backstage,
     Gateway,

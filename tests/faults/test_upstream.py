@@ -22,7 +22,7 @@ import pytest
 
 from gateway.devkit.idp import DemoIdP
 
-from .support import (
+from .helpers import (
     SLACK,
     SOCKET_SLACK,
     Backstage,

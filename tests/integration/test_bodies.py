@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import aiohttp
 import pytest
-from faults.support import client_session, raw_exchange
+from faults.helpers import client_session, raw_exchange
 
 from gateway.devkit.idp import DemoIdP
 

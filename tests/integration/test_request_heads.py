@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from faults.support import raw_exchange
+from faults.helpers import raw_exchange
 
 from gateway.devkit.idp import DemoIdP
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 import yaml
-from faults.support import (
+from faults.helpers import (
     Backstage,
     Gateway,
     Parts,

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from faults.support import Backstage, Gateway, gateway_yaml, header_for, issue
+from faults.helpers import Backstage, Gateway, gateway_yaml, header_for, issue
 
 from gateway.devkit.authorization_server import FakeAuthorizationServer
 from gateway.devkit.idp import DemoIdP

@@ -8,11 +8,12 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from oauth_helpers import MakeClient, StartAs, pem_private
 
 from gateway.config import AuthorizationServer
 from gateway.devkit.authorization_server import FakeAuthorizationServer
 from gateway.oauth.client import TokenClient
+
+from .helpers import MakeClient, StartAs, pem_private
 
 
 @pytest.fixture(scope="session")

@@ -6,10 +6,11 @@ import base64
 import json
 
 import aiohttp
-from oauth_helpers import StartAs, assertion
 
 from gateway.config import GRANT_TYPE_SAML2_BEARER
 from gateway.oauth.client_auth import b64url, basic_authorization
+
+from .helpers import StartAs, assertion
 
 
 async def _post(

@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from oauth_helpers import MakeClient, StartAs, assertion, pem_public, profile
 
 from gateway.errors import (
     ConfigError,
@@ -18,6 +17,8 @@ from gateway.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+
+from .helpers import MakeClient, StartAs, assertion, pem_public, profile
 
 
 def _observer() -> tuple[list[tuple[str, str]], Any]:

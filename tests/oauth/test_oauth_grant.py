@@ -12,7 +12,6 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from oauth_helpers import assertion, pem_private, profile
 
 from gateway.config import GRANT_TYPE_SAML2_BEARER
 from gateway.errors import ConfigError, InvalidAssertion, Unavailable, UpstreamError
@@ -23,6 +22,8 @@ from gateway.oauth.grant import (
     parse_token_response,
     server_problems,
 )
+
+from .helpers import assertion, pem_private, profile
 
 URL = "https://as.test/oauth2/token"
 RAW = assertion("_grant1").raw

@@ -10,12 +10,13 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import pytest
-from oauth_helpers import RecordingTokenEndpoint, assertion, profile
 
 from gateway.config import parse_config
 from gateway.errors import ConfigError
 from gateway.oauth.client import TokenClient
 from gateway.oauth.grant import build_token_request
+
+from .helpers import RecordingTokenEndpoint, assertion, profile
 
 URL = "https://as.test/oauth2/token"
 RAW = assertion("_options1").raw

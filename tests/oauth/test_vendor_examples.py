@@ -36,11 +36,12 @@ import aiohttp
 import pytest
 import yaml
 from aiohttp import web
-from oauth_helpers import RecordingTokenEndpoint
 
 from gateway.app import GatewayServer
 from gateway.devkit.idp import DemoIdP
 from gateway.preflight import preflight
+
+from .helpers import RecordingTokenEndpoint
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "config" / "examples"
 SAML2_BEARER = "urn:ietf:params:oauth:grant-type:saml2-bearer"

@@ -7,12 +7,13 @@ from collections.abc import AsyncIterator, Sequence
 import aiohttp
 import pytest
 from aiohttp import web
-from proxy_support import STRIP, TOKEN, Gateway, StartGateway
 
 from gateway.config import ProxySettings, Route
 from gateway.devkit.upstream import UpstreamApp
 from gateway.errors import GatewayError
 from gateway.proxy.forward import Forwarder
+
+from .helpers import STRIP, TOKEN, Gateway, StartGateway
 
 
 @pytest.fixture

@@ -12,11 +12,12 @@ from typing import Any
 import aiohttp
 import pytest
 from multidict import CIMultiDict
-from proxy_support import StartGateway, closed_port, make_route
 from yarl import URL
 
 from gateway.config import ProxySettings, RouteTimeouts
 from gateway.devkit.upstream import CHUNK, GZIP_BODY, UpstreamApp, pattern_bytes
+
+from .helpers import StartGateway, closed_port, make_route
 
 MB = 1024 * 1024
 FIFTY_MB = 50 * MB

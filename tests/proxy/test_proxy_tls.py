@@ -18,12 +18,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from proxy_support import StartGateway, make_route
 
 from gateway.config import ProxySettings, UpstreamTls
 from gateway.devkit.upstream import UpstreamApp
 from gateway.errors import ConfigError
 from gateway.proxy.forward import Forwarder, tls_context
+
+from .helpers import StartGateway, make_route
 
 
 @dataclass(frozen=True)

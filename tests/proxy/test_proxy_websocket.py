@@ -6,9 +6,10 @@ import asyncio
 from collections.abc import Callable
 
 import aiohttp
-from proxy_support import StartGateway, closed_port, make_route
 
 from gateway.devkit.upstream import UpstreamApp
+
+from .helpers import StartGateway, closed_port, make_route
 
 
 async def wait_for(condition: Callable[[], object], timeout: float = 5.0) -> None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-from saml_helpers import AUDIENCE, ISSUER, NOW, RECIPIENT, IssueFn, PolicyFactory
 
 from gateway.devkit.idp import DemoIdP
 from gateway.saml import PinnedKey, TrustPolicy
+
+from .helpers import AUDIENCE, ISSUER, NOW, RECIPIENT, IssueFn, PolicyFactory
 
 
 @pytest.fixture(scope="session")

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
-from saml_helpers import AUDIENCE, ISSUER, NOW, RECIPIENT
 
 from gateway.config import AssertionSettings, AuthorizationServer, IdentityProvider
 from gateway.devkit.idp import DemoIdP
 from gateway.errors import ConfigError
 from gateway.saml import build_trust_policy, validate_assertion
+
+from .helpers import AUDIENCE, ISSUER, NOW, RECIPIENT
 
 SERVER = AuthorizationServer(
     token_url=RECIPIENT,

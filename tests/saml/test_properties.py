@@ -8,7 +8,6 @@ from datetime import timedelta
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lxml import etree
-from saml_helpers import AUDIENCE, ISSUER, NOW, RECIPIENT
 
 from gateway.config import AssertionSettings
 from gateway.devkit.idp import DemoIdP
@@ -20,6 +19,8 @@ from gateway.saml import (
     parse_xml,
     validate_assertion,
 )
+
+from .helpers import AUDIENCE, ISSUER, NOW, RECIPIENT
 
 _IDP = DemoIdP.generate(ISSUER, "ec")  # EC keeps signing fast for the mutation corpus
 _POLICY = TrustPolicy(

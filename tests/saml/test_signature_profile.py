@@ -16,13 +16,14 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from lxml import etree
-from saml_helpers import AUDIENCE, NOW, RECIPIENT
 from signxml.verifier import SignatureConfiguration, XMLVerifier
 
 from gateway.devkit.idp import DS_NS, SAML_NS, SAMLP_NS, DemoIdP
 from gateway.errors import InvalidAssertion
 from gateway.saml import TrustPolicy, parse_xml, validate_assertion
 from gateway.saml.xml import hardened_parser
+
+from .helpers import AUDIENCE, NOW, RECIPIENT
 
 DS = f"{{{DS_NS}}}"
 SAMLP = f"{{{SAMLP_NS}}}"

@@ -7,11 +7,12 @@ from datetime import timedelta
 
 import pytest
 from lxml import etree
-from saml_helpers import AUDIENCE, ISSUER, NOW, RECIPIENT, IssueFn, PolicyFactory
 
 from gateway.devkit.idp import DS_NS, SAML_NS, SAMLP_NS, DemoIdP
 from gateway.errors import InvalidAssertion
 from gateway.saml import TrustPolicy, assertion_digest, parse_xml, validate_assertion
+
+from .helpers import AUDIENCE, ISSUER, NOW, RECIPIENT, IssueFn, PolicyFactory
 
 SAML = f"{{{SAML_NS}}}"
 DS = f"{{{DS_NS}}}"

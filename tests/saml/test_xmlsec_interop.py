@@ -13,11 +13,12 @@ from cryptography.hazmat.primitives.serialization import (
     PrivateFormat,
 )
 from lxml import etree
-from saml_helpers import AUDIENCE, NOW, RECIPIENT, PolicyFactory
 
 from gateway.devkit.idp import DS_NS, DemoIdP
 from gateway.errors import InvalidAssertion
 from gateway.saml import validate_assertion
+
+from .helpers import AUDIENCE, NOW, RECIPIENT, PolicyFactory
 
 XMLSEC1 = shutil.which("xmlsec1")
 pytestmark = pytest.mark.skipif(XMLSEC1 is None, reason="xmlsec1 CLI is not on PATH")
