@@ -29,7 +29,8 @@ from gateway.config import AuthorizationServer, Config, Route
 from gateway.errors import GatewayError, InvalidAssertion, NoRoute
 from gateway.metrics import Metrics
 from gateway.oauth.client import TokenClient
-from gateway.proxy.forward import Forwarder, request_target, wants_websocket
+from gateway.proxy.forward import Forwarder, request_target
+from gateway.proxy.websocket import wants_websocket
 from gateway.routing import Router, routable_path
 from gateway.saml import (
     TrustPolicy,

@@ -26,7 +26,7 @@ from gateway.config import (
 )
 from gateway.errors import ConfigError
 from gateway.oauth.client import TokenClient
-from gateway.proxy.forward import tls_context
+from gateway.proxy.tls import tls_context
 from gateway.saml.keys import build_trust_policy
 
 # A trust policy is built from an IdP and a server; only the IdP's keys are checked here.

@@ -1,1 +1,2 @@
-"""Forwarding to upstreams: pure header/URL rules (``headers``), streaming I/O (``forward``)."""
+"""Forwarding to upstreams: pure header/URL rules (``headers``), HTTP streaming (``forward``),
+WebSocket relaying (``websocket``), TLS contexts (``tls``), route plans (``upstream``)."""

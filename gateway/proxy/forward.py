@@ -1,6 +1,7 @@
-"""The streaming forwarder: one pooled client session, bodies streamed both ways, WebSockets too.
+"""The streaming forwarder: one pooled client session, HTTP bodies streamed both ways.
 
-Rules this module owns (the header and URL rules themselves live in ``headers``):
+A WebSocket handshake is handed to ``websocket``, TLS contexts come from ``tls`` and route
+plans from ``upstream``. Rules this module owns (the header and URL rules live in ``headers``):
 - Nothing is buffered, decoded or relabelled: request and response bodies pass chunk by
   chunk, with backpressure, byte for byte as sent (``Content-Encoding`` is the endpoints'
   business; the body limit counts bytes on the wire). What cannot be relayed exactly is
@@ -10,15 +11,13 @@ Rules this module owns (the header and URL rules themselves live in ``headers``)
 - Failures before the response starts become gateway errors (502/504/413) for the pipeline
   to answer; after it has started, the only honest signal is to cut the client connection,
   which is done quietly (one log line, no traceback) and without leaking the upstream one.
-- aiohttp's exceptions are translated here and go no further.
+- aiohttp's exceptions are translated here (and in ``upstream``) and go no further.
 """
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import logging
-import ssl
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,19 +25,17 @@ from types import MappingProxyType
 from typing import Final
 
 import aiohttp
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import WSCloseCode, web
 from multidict import CIMultiDict, MultiMapping
 from yarl import URL
 
-from gateway.config import ProxySettings, Route, UpstreamTls
+from gateway.config import ProxySettings, Route
 from gateway.errors import (
     BadRequest,
-    ConfigError,
     GatewayError,
     NotImplementedHere,
     RequestTooLarge,
     UpstreamError,
-    UpstreamTimeout,
 )
 from gateway.proxy.headers import (
     IPNetwork,
@@ -47,27 +44,14 @@ from gateway.proxy.headers import (
     upstream_request_headers,
     upstream_url,
 )
+from gateway.proxy.upstream import RoutePlan, RoutePlans, upstream_failure
+from gateway.proxy.websocket import UpgradeRefused, relay_websocket, wants_websocket
 
 log = logging.getLogger(__name__)
 
 _NO_STAMP: Final[Mapping[str, str]] = MappingProxyType({})
 _SMALL_BODY: Final = 64 * 1024  # bodies up to this size are relayed in one piece
 _POOL_LIMIT: Final = 1000  # open upstream connections in total; beyond this requests queue
-_WS_CLOSE_TIMEOUT: Final = 5.0  # how long a close handshake may take on either side
-_WS_MAX_MESSAGE: Final = 16 * 1024 * 1024
-# The gateway's WebSocket handshake with the upstream is its own: the client's key, version
-# and extension offers belong to the client's handshake with us.
-_WS_HANDSHAKE_HEADERS: Final = frozenset(
-    {
-        "sec-websocket-key",
-        "sec-websocket-version",
-        "sec-websocket-extensions",
-        "sec-websocket-accept",
-        "sec-websocket-protocol",
-    }
-)
-# Close codes that may appear in a close frame (RFC 6455 §7.4); 1005/1006/1015 may not.
-_SENDABLE_CLOSE: Final = frozenset({*range(1000, 1004), *range(1007, 1015), *range(3000, 5000)})
 # aiohttp sets these on its own when absent; a proxy must send only what the client sent.
 _NO_AUTO_HEADERS: Final = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
@@ -87,19 +71,6 @@ class ForwardResult:
     upstream_seconds: float
 
 
-@dataclass(frozen=True, slots=True)
-class _RoutePlan:
-    """What a route needs per request, worked out once."""
-
-    route: Route
-    upstream_host: str  # host[:port] for the Host header
-    ssl: ssl.SSLContext | bool
-    timeout: aiohttp.ClientTimeout
-    handshake_timeout: float
-    websocket_idle: float | None
-    websocket_lifetime: float | None
-
-
 @dataclass(slots=True)
 class _BodyProgress:
     limit: int
@@ -107,25 +78,6 @@ class _BodyProgress:
     too_large: bool = False
     client_failed: bool = False
     failure: str = field(default="")
-
-
-def tls_context(tls: UpstreamTls, where: str = "tls") -> ssl.SSLContext:
-    """The client-side TLS context for an upstream: CA bundle, client certificate, checks.
-
-    Raises ``ConfigError`` naming ``where`` when a file cannot be used.
-    """
-    try:
-        # A configured CA bundle replaces the system store: that is what pinning a private CA
-        # means; verification stays on unless the operator turns it off explicitly.
-        context = ssl.create_default_context(cafile=tls.ca_file)
-        if not tls.verify:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        if tls.cert_file:
-            context.load_cert_chain(tls.cert_file, tls.key_file)
-    except (ssl.SSLError, OSError, ValueError) as exc:
-        raise ConfigError([f"{where}: cannot use the TLS files: {exc}"]) from None
-    return context
 
 
 class Forwarder:
@@ -137,11 +89,7 @@ class Forwarder:
             ipaddress.ip_network(cidr, strict=False) for cidr in proxy.trusted_proxies
         )
         self.trusted_proxies = self._trusted  # also whose traceparent tracing continues
-        # One TLS context per distinct setting, built now so bad files fail at startup.
-        self._tls: dict[UpstreamTls, ssl.SSLContext] = {}
-        self._plans: dict[int, _RoutePlan] = {}
-        for i, route in enumerate(routes):
-            self._plans[id(route)] = self._make_plan(route, f"routes[{i}].tls")
+        self._plans = RoutePlans(routes)  # TLS files are read now: bad ones fail at startup
         self._session: aiohttp.ClientSession | None = None
         self._websockets: set[aiohttp.ClientWebSocketResponse] = set()
 
@@ -203,7 +151,7 @@ class Forwarder:
         session = self._session
         if session is None:
             raise RuntimeError("Forwarder.start() was not awaited")
-        plan = self._plan(route)
+        plan = self._plans.plan(route)
         self.admit(request, route)
         headers = upstream_request_headers(
             request.headers,
@@ -224,9 +172,17 @@ class Forwarder:
         url = upstream_url(
             route.upstream, request_target(request), route.path_prefix, route.strip_prefix
         )
-        if wants_websocket(request):
-            return await self._websocket(session, request, plan, url, headers, stamp)
-        return await self._http(session, request, plan, url, headers, stamp)
+        if not wants_websocket(request):
+            return await self._http(session, request, plan, url, headers, stamp)
+        try:
+            response, elapsed = await relay_websocket(
+                session, request, plan, url, headers, stamp, self._websockets
+            )
+        except UpgradeRefused as refused:
+            return await self._refused_upgrade(request, refused, stamp)
+        return ForwardResult(
+            response=response, upstream_status=101, token_rejected=False, upstream_seconds=elapsed
+        )
 
     # --- plain HTTP ---------------------------------------------------------------------
 
@@ -234,7 +190,7 @@ class Forwarder:
         self,
         session: aiohttp.ClientSession,
         request: web.BaseRequest,
-        plan: _RoutePlan,
+        plan: RoutePlan,
         url: URL,
         headers: CIMultiDict[str],
         stamp: Mapping[str, str],
@@ -344,89 +300,20 @@ class Forwarder:
             else:
                 upstream.close()
 
-    # --- WebSocket ----------------------------------------------------------------------
-
-    async def _websocket(
-        self,
-        session: aiohttp.ClientSession,
-        request: web.BaseRequest,
-        plan: _RoutePlan,
-        url: URL,
-        headers: CIMultiDict[str],
-        stamp: Mapping[str, str],
-    ) -> ForwardResult:
-        for name in list(headers.keys()):
-            if name.lower() in _WS_HANDSHAKE_HEADERS:
-                del headers[name]
-        offered = tuple(
-            protocol.strip()
-            for value in request.headers.getall("Sec-WebSocket-Protocol", [])
-            for protocol in value.split(",")
-            if protocol.strip()
-        )
-        started = time.monotonic()
-        try:
-            async with asyncio.timeout(plan.handshake_timeout):
-                upstream_ws = await session.ws_connect(
-                    url,
-                    headers=headers,
-                    protocols=offered,
-                    ssl=plan.ssl,
-                    autoclose=True,
-                    autoping=True,
-                    max_msg_size=_WS_MAX_MESSAGE,
-                    timeout=aiohttp.ClientWSTimeout(ws_close=_WS_CLOSE_TIMEOUT),
-                )
-        except aiohttp.WSServerHandshakeError as exc:
-            return await self._refused_upgrade(request, exc, time.monotonic() - started, stamp)
-        except (aiohttp.ClientError, OSError) as exc:
-            raise _translate(exc, None) from None
-        elapsed = time.monotonic() - started
-
-        self._websockets.add(upstream_ws)
-        try:
-            chosen = (upstream_ws.protocol,) if upstream_ws.protocol else ()
-            client_ws = web.WebSocketResponse(
-                protocols=chosen,
-                autoclose=True,
-                autoping=True,
-                max_msg_size=_WS_MAX_MESSAGE,
-                timeout=_WS_CLOSE_TIMEOUT,
-            )
-            client_ws.headers.update(stamp)
-            try:
-                await client_ws.prepare(request)
-            except (ConnectionError, web.HTTPException):
-                await upstream_ws.close(code=WSCloseCode.GOING_AWAY)
-                raise UpstreamError("client_websocket_handshake", "client went away") from None
-            await _relay_websocket(
-                client_ws, upstream_ws, plan.websocket_idle, plan.websocket_lifetime
-            )
-        finally:
-            self._websockets.discard(upstream_ws)
-            await upstream_ws.close()
-        return ForwardResult(
-            response=client_ws, upstream_status=101, token_rejected=False, upstream_seconds=elapsed
-        )
+    # --- a WebSocket upgrade the upstream answered with plain HTTP ------------------------
 
     async def _refused_upgrade(
-        self,
-        request: web.BaseRequest,
-        exc: aiohttp.WSServerHandshakeError,
-        elapsed: float,
-        stamp: Mapping[str, str],
+        self, request: web.BaseRequest, refused: UpgradeRefused, stamp: Mapping[str, str]
     ) -> ForwardResult:
         """The upstream answered the upgrade with an ordinary response: pass its status on."""
-        if exc.status < 200:
-            raise UpstreamError("upstream_websocket_handshake", exc.message) from None
-        upstream_headers = exc.headers if exc.headers is not None else CIMultiDict[str]()
+        upstream_headers = refused.headers
         _check_relayable(upstream_headers)
         headers = downstream_response_headers(upstream_headers)
         # aiohttp has discarded the body; its framing headers no longer apply.
         for name in ("Content-Length", "Content-Type", "Content-Encoding"):
             headers.popall(name, None)
         headers.update(stamp)
-        response = _Relayed(status=exc.status, headers=headers)
+        response = _Relayed(status=refused.status, headers=headers)
         response.typed = False
         challenge = ", ".join(upstream_headers.getall("WWW-Authenticate", [])) or None
         try:
@@ -436,42 +323,9 @@ class Forwarder:
             pass  # the client left; nothing more to tell it
         return ForwardResult(
             response=response,
-            upstream_status=exc.status,
-            token_rejected=token_rejected(exc.status, challenge),
-            upstream_seconds=elapsed,
-        )
-
-    # --- route plans --------------------------------------------------------------------
-
-    def _plan(self, route: Route) -> _RoutePlan:
-        plan = self._plans.get(id(route))
-        if plan is None or plan.route is not route:
-            try:
-                plan = self._make_plan(route, "route.tls")
-            except ConfigError as exc:
-                raise UpstreamError("upstream_tls_config", str(exc)) from None
-            self._plans[id(route)] = plan
-        return plan
-
-    def _make_plan(self, route: Route, where: str) -> _RoutePlan:
-        base = URL(route.upstream)
-        tls: ssl.SSLContext | bool = True  # plain http: unused
-        if base.scheme == "https":
-            context = self._tls.get(route.tls)
-            if context is None:
-                context = self._tls[route.tls] = tls_context(route.tls, where)
-            tls = context
-        limits = route.timeouts
-        return _RoutePlan(
-            route=route,
-            upstream_host=base.host_port_subcomponent or base.raw_host or "",
-            ssl=tls,
-            timeout=aiohttp.ClientTimeout(
-                total=limits.total, sock_connect=limits.connect, sock_read=limits.read
-            ),
-            handshake_timeout=min(limits.total, limits.connect + limits.read),
-            websocket_idle=limits.websocket_idle,
-            websocket_lifetime=limits.websocket_lifetime,
+            upstream_status=refused.status,
+            token_rejected=token_rejected(refused.status, challenge),
+            upstream_seconds=refused.elapsed,
         )
 
 
@@ -536,20 +390,6 @@ def request_target(request: web.BaseRequest) -> str:
     return target if target.startswith("/") else request.rel_url.raw_path_qs
 
 
-def wants_websocket(request: web.BaseRequest) -> bool:
-    """Whether ``request`` is a well-formed WebSocket handshake (relayed as one)."""
-    if request.method != "GET":
-        return False
-    upgrade = request.headers.get("Upgrade", "").lower()
-    if not upgrade:
-        return False
-    connection = {t.strip().lower() for t in request.headers.get("Connection", "").split(",")}
-    if "websocket" not in upgrade or "upgrade" not in connection:
-        return False
-    # A malformed handshake is forwarded as the plain GET it then is.
-    return web.WebSocketResponse().can_prepare(request).ok
-
-
 async def _stream_body(request: web.BaseRequest, progress: _BodyProgress) -> AsyncIterator[bytes]:
     """The client's body, chunk by chunk as it arrives, cut off past the route's limit."""
     try:
@@ -590,92 +430,4 @@ def _translate(exc: BaseException, progress: _BodyProgress | None) -> GatewayErr
         return RequestTooLarge("body_too_large", f"more than {progress.limit} bytes streamed")
     if progress is not None and progress.client_failed:
         return BadRequest("request_body_incomplete", progress.failure)
-    detail = type(exc).__name__
-    if isinstance(exc, TimeoutError):
-        return UpstreamTimeout("upstream_timeout", detail)
-    if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
-        return UpstreamError("upstream_tls", f"{detail}: {exc}")
-    if isinstance(exc, aiohttp.ClientResponseError):
-        # the message may quote whatever the upstream sent: keep logs short
-        return UpstreamError("upstream_invalid_response", f"{detail}: {exc.message[:120]!r}")
-    return UpstreamError("upstream_unreachable", f"{detail}: {str(exc)[:200]}")
-
-
-def _close_code(code: int | None, fallback: int) -> int:
-    return code if code is not None and code in _SENDABLE_CLOSE else fallback
-
-
-async def _relay_websocket(
-    client: web.WebSocketResponse,
-    upstream: aiohttp.ClientWebSocketResponse,
-    idle: float | None = None,
-    lifetime: float | None = None,
-) -> None:
-    """Relay messages both ways until one side closes; pass its close code to the other.
-
-    ``idle`` and ``lifetime`` (the route's ``websocket_idle``/``websocket_lifetime``) are the
-    only bounds: past either, both sides are closed with 1001.
-    """
-    loop = asyncio.get_running_loop()
-    last_message = loop.time()
-
-    async def pump(
-        source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
-        sink: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
-        lost_code: int,
-    ) -> None:
-        nonlocal last_message
-        try:
-            while True:
-                msg = await source.receive()
-                last_message = loop.time()
-                if msg.type is WSMsgType.TEXT:
-                    await sink.send_str(msg.data)
-                elif msg.type is WSMsgType.BINARY:
-                    await sink.send_bytes(msg.data)
-                elif msg.type is WSMsgType.CLOSE:
-                    reason = (msg.extra or "").encode()[:123]  # a close reason fits 123 bytes
-                    await sink.close(code=_close_code(msg.data, WSCloseCode.OK), message=reason)
-                    return
-                elif msg.type is WSMsgType.CLOSING:
-                    return  # the other pump is closing this side
-                else:  # CLOSED or ERROR: the connection is gone without a close frame
-                    await sink.close(code=lost_code)
-                    return
-        except (aiohttp.ClientError, OSError, RuntimeError):
-            # RuntimeError: aiohttp refuses to send on a socket that is already closing.
-            await sink.close(code=lost_code)
-
-    async def watch() -> None:
-        """Close both sides once the socket has idled or lived past its route's bound."""
-        end = loop.time() + lifetime if lifetime is not None else None
-        while True:
-            idle_end = last_message + idle if idle is not None else None
-            due = [t for t in (end, idle_end) if t is not None]
-            wait = min(due) - loop.time()
-            if wait <= 0:
-                break
-            await asyncio.sleep(wait)
-        lived = end is not None and loop.time() >= end
-        reason = b"websocket lifetime reached" if lived else b"websocket idle"
-        await asyncio.gather(
-            client.close(code=WSCloseCode.GOING_AWAY, message=reason),
-            upstream.close(code=WSCloseCode.GOING_AWAY, message=reason),
-            return_exceptions=True,
-        )
-
-    tasks = [
-        asyncio.create_task(pump(client, upstream, WSCloseCode.GOING_AWAY)),
-        asyncio.create_task(pump(upstream, client, WSCloseCode.BAD_GATEWAY)),
-    ]
-    if idle is not None or lifetime is not None:
-        tasks.append(asyncio.create_task(watch()))
-    try:
-        _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        if pending:  # the other side is being closed; let its pump see that
-            await asyncio.wait(tasks[:2], timeout=_WS_CLOSE_TIMEOUT)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await client.close()
+    return upstream_failure(exc)

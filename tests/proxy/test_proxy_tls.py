@@ -22,7 +22,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from gateway.config import ProxySettings, UpstreamTls
 from gateway.devkit.upstream import UpstreamApp
 from gateway.errors import ConfigError
-from gateway.proxy.forward import Forwarder, tls_context
+from gateway.proxy.forward import Forwarder
+from gateway.proxy.tls import tls_context
+from gateway.proxy.upstream import RoutePlans
 
 from .helpers import StartGateway, make_route
 
@@ -213,8 +215,8 @@ def test_one_context_per_distinct_tls_setting(pki: Pki) -> None:
         make_route("https://127.0.0.1:3", path_prefix="/c", tls=UpstreamTls(ca_file=str(pki.ca))),
         make_route("http://127.0.0.1:4", path_prefix="/d", tls=UpstreamTls(verify=False)),
     ]
-    forwarder = Forwarder(ProxySettings(), routes)
-    contexts = {id(forwarder._plan(route).ssl) for route in routes[:3]}
+    plans = RoutePlans(routes)
+    contexts = {id(plans.plan(route).ssl) for route in routes[:3]}
     assert len(contexts) == 2
 
 
