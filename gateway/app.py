@@ -34,6 +34,7 @@ from gateway.forward_auth import grant_headers, original_request
 from gateway.logs import ACCESS, access
 from gateway.metrics import Metrics
 from gateway.pipeline import Runtime, Trace, note_failure
+from gateway.routing import under_prefix
 from gateway.tracing import Tracing
 
 _NONE: dict[str, str] = {}  # no trace_id (tracing off): the access line is as it was
@@ -61,10 +62,6 @@ def request_id(inbound: str | None) -> str:
     if inbound and _SANE_REQUEST_ID.fullmatch(inbound):
         return inbound
     return f"{_ID_PREFIX}{next(_id_counter) & 0xFFFF_FFFF_FFFF_FFFF:016x}"
-
-
-def _within(path: str, prefix: str) -> bool:
-    return not prefix or path == prefix or path.startswith(prefix + "/")
 
 
 def error_response(error: GatewayError, trace: Trace) -> web.Response:
@@ -238,7 +235,7 @@ class GatewayServer:
                 tracing.start_request(request, trace, self.runtime.forwarder.trusted_proxies)
             status = 500
             try:
-                if auth_path is not None and _within(request.path, auth_path):
+                if auth_path is not None and under_prefix(request.path, auth_path):
                     response = await self._forward_auth(request, trace, auth)
                 elif proxy:
                     response = await self.runtime.proxy(request, trace)

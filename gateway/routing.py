@@ -141,13 +141,17 @@ def normalize_host(host: str | None) -> str:
     return name
 
 
-def _matches(prefix: str, path: str) -> bool:
-    if prefix.endswith("/"):
+def under_prefix(path: str, prefix: str) -> bool:
+    """Whether ``path`` lies under ``prefix`` on segment boundaries: ``/api`` covers ``/api``
+    and ``/api/x``, never ``/apix``; a prefix that ends with ``/`` (or is empty) covers every
+    path that starts with it. ``path`` is compared as given: routes pass the canonical path
+    (``routable_path``), so an encoded ``/`` counts as a boundary there."""
+    if not prefix or prefix.endswith("/"):
         return path.startswith(prefix)
     return path == prefix or path.startswith(prefix + "/")
 
 
-def _admit(route: Route, path: str) -> None:
+def _check_spelling(route: Route, path: str) -> None:
     """The matched route's say on the spellings a route must opt in to."""
     if not isinstance(path, RoutablePath):
         return
@@ -170,8 +174,8 @@ class Router:
         for route_host, route in self._routes:
             if route_host is not None and route_host != hostname:
                 continue
-            if _matches(route.path_prefix, path):
-                _admit(route, path)
+            if under_prefix(path, route.path_prefix):
+                _check_spelling(route, path)
                 return route
         return None
 

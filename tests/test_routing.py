@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from gateway.config import Route
 from gateway.errors import BadRequest
-from gateway.routing import Router, normalize_host, routable_path
+from gateway.proxy.headers import upstream_url
+from gateway.routing import Router, normalize_host, routable_path, under_prefix
 
 
 def route(prefix: str, host: str | None = None, name: str | None = None, **extra: bool) -> Route:
@@ -118,6 +119,51 @@ def test_longest_prefix_on_segment_boundaries_and_host_first() -> None:
     assert router.match("y.test", "/apix").label == "/"  # type: ignore[union-attr]
     assert router.match("X.TEST:8443", "/api/v2").label == "x"  # type: ignore[union-attr]
     assert Router([route("/api")]).match(None, "/other") is None
+
+
+@pytest.mark.parametrize(
+    ("path", "prefix", "under"),
+    [
+        ("/api", "/api", True),
+        ("/api/", "/api", True),
+        ("/api/x", "/api", True),
+        ("/apix", "/api", False),
+        ("/apix/y", "/api", False),
+        ("/ap", "/api", False),
+        ("/", "/api", False),
+        ("/api", "/api/", False),  # a prefix ending in '/' wants what follows it
+        ("/api/", "/api/", True),
+        ("/api/x", "/api/", True),
+        ("/apix", "/api/", False),
+        ("/anything", "/", True),
+        ("/anything", "", True),  # no prefix (forward-auth at '/'): everything
+        ("/api%2Fx", "/api", False),  # compared as given: routes pass the decoded path
+    ],
+)
+def test_under_prefix_on_segment_boundaries(path: str, prefix: str, under: bool) -> None:
+    assert under_prefix(path, prefix) is under
+
+
+def test_the_router_and_strip_prefix_draw_the_same_boundary() -> None:
+    router = Router([route("/"), route("/api")])
+    for path, label in (("/api", "/api"), ("/api/x", "/api"), ("/apix", "/"), ("/apix/y", "/")):
+        assert router.match(None, routable_path(path)).label == label  # type: ignore[union-attr]
+    assert str(upstream_url("http://u", "/api/x", "/api", True)) == "http://u/x"
+    assert str(upstream_url("http://u", "/api", "/api", True)) == "http://u/"
+    # not under the prefix: nothing is stripped
+    assert str(upstream_url("http://u", "/apix/y", "/api", True)) == "http://u/apix/y"
+
+
+def test_an_encoded_slash_is_a_boundary_only_where_the_route_allows_it() -> None:
+    routes = [route("/", allow_encoded_slashes=True), route("/api", allow_encoded_slashes=True)]
+    router = Router([*routes, route("/strict")])
+    assert router.match(None, routable_path("/api%2Fx")).label == "/api"  # type: ignore[union-attr]
+    assert router.match(None, routable_path("/apix%2Fy")).label == "/"  # type: ignore[union-attr]
+    with pytest.raises(BadRequest):
+        router.match(None, routable_path("/strict%2Fx"))
+    # Stripping cannot tell '/api' + '%2Fx' from one segment: refused, not forwarded whole.
+    with pytest.raises(BadRequest):
+        upstream_url("http://u", "/api%2Fx", "/api", True)
 
 
 @pytest.mark.parametrize("host", ["x.test", "X.Test", "x.test.", "x.test:443", "X.TEST.:80"])

@@ -29,6 +29,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.errors import BadRequest
+from gateway.routing import under_prefix
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -244,9 +245,9 @@ def _strip_prefix(path: str, prefix: str) -> str:
     encoded ``/`` inside it), the request is refused rather than forwarded unstripped.
     """
     bare = prefix.rstrip("/")
-    if _has_prefix(path, bare):
+    if under_prefix(path, bare):
         rest = path[len(bare) :]
-    elif not _has_prefix(_route_form(path), bare):
+    elif not under_prefix(_route_form(path), bare):
         return path  # not under this prefix at all: nothing to strip
     else:
         head = "/".join(path.split("/")[: bare.count("/") + 1])
@@ -263,12 +264,6 @@ def _route_form(path: str) -> str:
     if ";" not in decoded:
         return decoded
     return "/".join(segment.partition(";")[0] for segment in decoded.split("/"))
-
-
-def _has_prefix(path: str, prefix: str) -> bool:
-    """Path-segment-aware prefix match: ``/api`` matches ``/api`` and ``/api/x``, not ``/apix``."""
-    bare = prefix.rstrip("/")
-    return path == bare or path.startswith(bare + "/")
 
 
 _TCHARS: Final = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"  # RFC 9110 token
