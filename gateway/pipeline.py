@@ -83,8 +83,8 @@ class Runtime:
         self.router = Router(config.routes)
         self.sources = config.assertion.headers
         self.max_size = config.assertion.max_size
-        # Never forwarded: every header that may carry the assertion, and any Authorization.
-        self.strip = frozenset({h.name.lower() for h in self.sources} | {"authorization"})
+        # Never forwarded (nor any Authorization: proxy/headers.py adds that rule).
+        self.strip = frozenset(h.name.lower() for h in self.sources)
         self.policies: dict[tuple[str, str], TrustPolicy] = {}
         self.cache_keys: dict[tuple[str, str], str] = {}
         for route in config.routes:

@@ -26,8 +26,7 @@ from typing import Final
 
 import aiohttp
 from aiohttp import WSCloseCode, web
-from multidict import CIMultiDict, MultiMapping
-from yarl import URL
+from multidict import MultiMapping
 
 from gateway.config import ProxySettings, Route
 from gateway.errors import (
@@ -40,16 +39,17 @@ from gateway.errors import (
 from gateway.proxy.headers import (
     IPNetwork,
     downstream_response_headers,
+    is_utf8,
     token_rejected,
     upstream_request_headers,
     upstream_url,
 )
-from gateway.proxy.upstream import RoutePlan, RoutePlans, upstream_failure
+from gateway.proxy.upstream import RoutePlans, UpstreamCall, upstream_failure
 from gateway.proxy.websocket import UpgradeRefused, relay_websocket, wants_websocket
 
 log = logging.getLogger(__name__)
 
-_NO_STAMP: Final[Mapping[str, str]] = MappingProxyType({})
+_NO_HEADERS: Final[Mapping[str, str]] = MappingProxyType({})
 _SMALL_BODY: Final = 64 * 1024  # bodies up to this size are relayed in one piece
 _POOL_LIMIT: Final = 1000  # open upstream connections in total; beyond this requests queue
 # aiohttp sets these on its own when absent; a proxy must send only what the client sent.
@@ -72,7 +72,9 @@ class ForwardResult:
 
 
 @dataclass(slots=True)
-class _BodyProgress:
+class _Upload:
+    """The client's body on its way upstream: how much has gone, and why it stopped."""
+
     limit: int
     sent: int = 0
     too_large: bool = False
@@ -85,10 +87,10 @@ class Forwarder:
 
     def __init__(self, proxy: ProxySettings, routes: Sequence[Route]) -> None:
         self._proxy = proxy
-        self._trusted: tuple[IPNetwork, ...] = tuple(
+        # Whose X-Forwarded-* headers are kept (and whose traceparent tracing continues).
+        self.trusted_proxies: tuple[IPNetwork, ...] = tuple(
             ipaddress.ip_network(cidr, strict=False) for cidr in proxy.trusted_proxies
         )
-        self.trusted_proxies = self._trusted  # also whose traceparent tracing continues
         self._plans = RoutePlans(routes)  # TLS files are read now: bad ones fail at startup
         self._session: aiohttp.ClientSession | None = None
         self._websockets: set[aiohttp.ClientWebSocketResponse] = set()
@@ -135,14 +137,15 @@ class Forwarder:
         request: web.BaseRequest,
         route: Route,
         token: str,
-        strip: frozenset[str],
-        stamp: Mapping[str, str] = _NO_STAMP,
-        trace_headers: Mapping[str, str] = _NO_STAMP,
+        assertion_headers: frozenset[str],
+        answer_headers: Mapping[str, str] = _NO_HEADERS,
+        trace_headers: Mapping[str, str] = _NO_HEADERS,
     ) -> ForwardResult:
         """Forward ``request`` to ``route``'s upstream with ``token``; stream the answer back.
 
-        ``strip`` names the headers that carried the assertion; ``stamp`` holds headers the
-        gateway adds to the answer (its X-Request-ID), whatever the upstream said; its
+        ``assertion_headers`` names the headers that may carry the assertion (never
+        forwarded); ``answer_headers`` holds headers the gateway adds to the answer (its
+        X-Request-ID), whatever the upstream said; its
         X-Request-ID also replaces the client's on the request sent upstream. Raises
         ``RequestTooLarge``, ``UpstreamError`` or ``UpstreamTimeout`` when nothing has been
         sent to the client yet. ``trace_headers`` (tracing on: the gateway's ``traceparent``)
@@ -156,15 +159,15 @@ class Forwarder:
         headers = upstream_request_headers(
             request.headers,
             token=token,
-            strip=strip,
+            assertion_headers=assertion_headers,
             peer=request.remote or "",
             scheme=request.scheme,
             host=request.headers.get("Host", ""),
-            trusted_proxies=self._trusted,
+            trusted_proxies=self.trusted_proxies,
             preserve_host=route.preserve_host,
             upstream_host=plan.upstream_host,
             # The upstream's logs then name the request as ours and the client's answer do.
-            request_id=stamp.get("X-Request-ID"),
+            request_id=answer_headers.get("X-Request-ID"),
         )
         if trace_headers:
             headers.popall("tracestate", None)  # the client's belongs to the client's trace
@@ -172,31 +175,23 @@ class Forwarder:
         url = upstream_url(
             route.upstream, request_target(request), route.path_prefix, route.strip_prefix
         )
+        call = UpstreamCall(session, request, plan, url, headers, answer_headers)
         if not wants_websocket(request):
-            return await self._http(session, request, plan, url, headers, stamp)
+            return await self._relay_http(call)
         try:
-            response, elapsed = await relay_websocket(
-                session, request, plan, url, headers, stamp, self._websockets
-            )
+            response, elapsed = await relay_websocket(call, self._websockets)
         except UpgradeRefused as refused:
-            return await self._refused_upgrade(request, refused, stamp)
+            return await self._refused_upgrade(request, refused, answer_headers)
         return ForwardResult(
             response=response, upstream_status=101, token_rejected=False, upstream_seconds=elapsed
         )
 
     # --- plain HTTP ---------------------------------------------------------------------
 
-    async def _http(
-        self,
-        session: aiohttp.ClientSession,
-        request: web.BaseRequest,
-        plan: RoutePlan,
-        url: URL,
-        headers: CIMultiDict[str],
-        stamp: Mapping[str, str],
-    ) -> ForwardResult:
-        progress = _BodyProgress(limit=plan.route.max_body_size)
-        body = _stream_body(request, progress) if request.body_exists else None
+    async def _relay_http(self, call: UpstreamCall) -> ForwardResult:
+        request, plan = call.request, call.plan
+        upload = _Upload(limit=plan.route.max_body_size)
+        body = _stream_body(request, upload) if request.body_exists else None
         if (
             body is not None
             and request.version >= aiohttp.HttpVersion11
@@ -208,17 +203,17 @@ class Forwarder:
             request.writer.output_size = 0  # the response itself has not started
         started = time.monotonic()
         try:
-            upstream = await session.request(
+            upstream = await call.session.request(
                 request.method,
-                url,
-                headers=headers,
+                call.url,
+                headers=call.headers,
                 data=body,
                 allow_redirects=False,
                 timeout=plan.timeout,
                 ssl=plan.ssl,
             )
         except (aiohttp.ClientError, OSError) as exc:  # TimeoutError is an OSError
-            raise _translate(exc, progress) from None
+            raise _failure(exc, upload) from None
         elapsed = time.monotonic() - started
 
         try:
@@ -226,12 +221,11 @@ class Forwarder:
         except UpstreamError:
             upstream.close()
             raise
-        challenge = ", ".join(upstream.headers.getall("WWW-Authenticate", [])) or None
         headers = downstream_response_headers(upstream.headers)
-        headers.update(stamp)
+        headers.update(call.answer_headers)
         response: web.StreamResponse
         typed = "Content-Type" in upstream.headers
-        if _small_body(request, upstream):
+        if _read_whole(request, upstream):
             # A body announced as small is read whole and sent with the headers in one write
             # (memory stays bounded by _SMALL_BODY, as with nginx's proxy buffers); anything
             # larger or of unknown length is streamed.
@@ -239,23 +233,25 @@ class Forwarder:
                 content = await upstream.read()
             except (aiohttp.ClientError, OSError) as exc:
                 upstream.close()
-                raise _translate(exc, None) from None
-            response = _RelayedResponse(
+                raise _failure(exc, None) from None
+            response = _WholeAnswer(
                 status=upstream.status, reason=upstream.reason, headers=headers, body=content
             )
             response.typed = typed
         else:
-            response = _Relayed(status=upstream.status, reason=upstream.reason, headers=headers)
+            response = _RelayedAnswer(
+                status=upstream.status, reason=upstream.reason, headers=headers
+            )
             response.typed = typed
-            await self._relay_body(request, upstream, response)
+            await self._stream_answer(request, upstream, response)
         return ForwardResult(
             response=response,
             upstream_status=upstream.status,
-            token_rejected=token_rejected(upstream.status, challenge),
+            token_rejected=_token_refused(upstream.status, upstream.headers),
             upstream_seconds=elapsed,
         )
 
-    async def _relay_body(
+    async def _stream_answer(
         self,
         request: web.BaseRequest,
         upstream: aiohttp.ClientResponse,
@@ -303,7 +299,7 @@ class Forwarder:
     # --- a WebSocket upgrade the upstream answered with plain HTTP ------------------------
 
     async def _refused_upgrade(
-        self, request: web.BaseRequest, refused: UpgradeRefused, stamp: Mapping[str, str]
+        self, request: web.BaseRequest, refused: UpgradeRefused, answer_headers: Mapping[str, str]
     ) -> ForwardResult:
         """The upstream answered the upgrade with an ordinary response: pass its status on."""
         upstream_headers = refused.headers
@@ -312,10 +308,9 @@ class Forwarder:
         # aiohttp has discarded the body; its framing headers no longer apply.
         for name in ("Content-Length", "Content-Type", "Content-Encoding"):
             headers.popall(name, None)
-        headers.update(stamp)
-        response = _Relayed(status=refused.status, headers=headers)
+        headers.update(answer_headers)
+        response = _RelayedAnswer(status=refused.status, headers=headers)
         response.typed = False
-        challenge = ", ".join(upstream_headers.getall("WWW-Authenticate", [])) or None
         try:
             await response.prepare(request)
             await response.write_eof()
@@ -324,12 +319,12 @@ class Forwarder:
         return ForwardResult(
             response=response,
             upstream_status=refused.status,
-            token_rejected=token_rejected(refused.status, challenge),
+            token_rejected=_token_refused(refused.status, upstream_headers),
             upstream_seconds=refused.elapsed,
         )
 
 
-class _Relayed(web.StreamResponse):
+class _RelayedAnswer(web.StreamResponse):
     """An upstream's answer, with no header aiohttp would add on its own but ``Date``.
 
     aiohttp labels a body without ``Content-Type`` as ``application/octet-stream`` (a
@@ -350,8 +345,8 @@ class _Relayed(web.StreamResponse):
             headers.popall("Server", None)
 
 
-class _RelayedResponse(_Relayed, web.Response):
-    """A small upstream answer read whole, relayed like ``_Relayed``."""
+class _WholeAnswer(_RelayedAnswer, web.Response):
+    """A small upstream answer read whole, relayed like ``_RelayedAnswer``."""
 
 
 def _foreign_transfer_coding(headers: MultiMapping[str]) -> str | None:
@@ -372,16 +367,17 @@ def _check_relayable(headers: MultiMapping[str]) -> None:
     client undone and unlabelled.
     """
     for name, value in headers.items():
-        if not value.isascii():
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                raise UpstreamError(
-                    "upstream_header_encoding", f"header {name!r} is not valid UTF-8"
-                ) from None
+        if not is_utf8(value):
+            raise UpstreamError("upstream_header_encoding", f"header {name!r} is not valid UTF-8")
     coding = _foreign_transfer_coding(headers)
     if coding is not None:
         raise UpstreamError("upstream_transfer_coding", f"Transfer-Encoding {coding!r}")
+
+
+def _token_refused(status: int, headers: MultiMapping[str]) -> bool:
+    """Whether the upstream's answer refuses the Bearer token itself (``token_rejected``)."""
+    challenge = ", ".join(headers.getall("WWW-Authenticate", [])) or None
+    return token_rejected(status, challenge)
 
 
 def request_target(request: web.BaseRequest) -> str:
@@ -390,20 +386,20 @@ def request_target(request: web.BaseRequest) -> str:
     return target if target.startswith("/") else request.rel_url.raw_path_qs
 
 
-async def _stream_body(request: web.BaseRequest, progress: _BodyProgress) -> AsyncIterator[bytes]:
+async def _stream_body(request: web.BaseRequest, upload: _Upload) -> AsyncIterator[bytes]:
     """The client's body, chunk by chunk as it arrives, cut off past the route's limit."""
     try:
         async for chunk in request.content.iter_any():
-            progress.sent += len(chunk)
-            if progress.sent > progress.limit:
-                progress.too_large = True
+            upload.sent += len(chunk)
+            if upload.sent > upload.limit:
+                upload.too_large = True
                 break
             yield chunk
     except Exception as exc:
-        progress.client_failed = True
-        progress.failure = type(exc).__name__
+        upload.client_failed = True
+        upload.failure = type(exc).__name__
         raise
-    if progress.too_large:
+    if upload.too_large:
         # Raising (not just stopping) makes aiohttp abandon the upstream request, so the
         # upstream never takes a truncated body for a complete one.
         raise _BodyOverLimit
@@ -413,7 +409,7 @@ class _BodyOverLimit(Exception):
     pass
 
 
-def _small_body(request: web.BaseRequest, upstream: aiohttp.ClientResponse) -> bool:
+def _read_whole(request: web.BaseRequest, upstream: aiohttp.ClientResponse) -> bool:
     length = upstream.content_length
     return (
         length is not None
@@ -424,10 +420,10 @@ def _small_body(request: web.BaseRequest, upstream: aiohttp.ClientResponse) -> b
     )
 
 
-def _translate(exc: BaseException, progress: _BodyProgress | None) -> GatewayError:
+def _failure(exc: BaseException, upload: _Upload | None) -> GatewayError:
     """An aiohttp/OS failure before the response started, as the gateway's own error."""
-    if progress is not None and progress.too_large:
-        return RequestTooLarge("body_too_large", f"more than {progress.limit} bytes streamed")
-    if progress is not None and progress.client_failed:
-        return BadRequest("request_body_incomplete", progress.failure)
+    if upload is not None and upload.too_large:
+        return RequestTooLarge("body_too_large", f"more than {upload.limit} bytes streamed")
+    if upload is not None and upload.client_failed:
+        return BadRequest("request_body_incomplete", upload.failure)
     return upstream_failure(exc)

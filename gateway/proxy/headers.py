@@ -47,9 +47,10 @@ HOP_BY_HOP: Final[frozenset[str]] = frozenset(
     }
 )
 
-# The gateway answers ``Expect: 100-continue`` itself before the body is read; passing it on
-# would make the upstream wait for a continue that the client already got.
-_REQUEST_ONLY_DROPPED: Final[frozenset[str]] = frozenset({"expect"})
+# Never sent upstream, by their exact (lower-case) name: the hop-by-hop headers; ``Expect``,
+# because the gateway answers ``100-continue`` itself before the body is read (passing it on
+# would make the upstream wait for a continue the client already got); ``Host``, set anew.
+_NOT_FORWARDED: Final[frozenset[str]] = HOP_BY_HOP | {"expect", "host"}
 
 # Set by proxies and CDNs, read by upstreams as the client's address or as the URL to serve
 # (IIS/Symfony/Laravel read X-Original-URL and X-Rewrite-URL instead of the request line):
@@ -81,7 +82,27 @@ _FORWARDED_HOST: Final = "X-Forwarded-Host"
 
 def _canonical(name: str) -> str:
     """The form an upstream stack may reduce a header name to: lower-case, '_' as '-'."""
-    return name.lower().replace("_", "-")
+    lower = name.lower()
+    return lower.replace("_", "-") if "_" in lower else lower
+
+
+@functools.lru_cache(maxsize=64)  # one set per configuration: built once, not per request
+def credential_headers(assertion_headers: frozenset[str]) -> frozenset[str]:
+    """The headers that never reach the upstream in any spelling (canonical names): those
+    that may carry the assertion, and any ``Authorization`` (the gateway sets its own)."""
+    return frozenset(_canonical(name) for name in assertion_headers) | {"authorization"}
+
+
+def is_utf8(value: str) -> bool:
+    """Whether a parsed header value can be written out as the bytes it came as: the HTTP
+    parser keeps bytes that are not UTF-8 as surrogates, which writing would drop silently."""
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _connection_tokens(headers: Mapping[str, str]) -> frozenset[str]:
@@ -105,16 +126,6 @@ def _items(headers: Mapping[str, str]) -> list[tuple[str, str]]:
     return list(headers.items())
 
 
-def _require_utf8(name: str, value: str) -> None:
-    """Undecodable bytes (kept as surrogates by the HTTP parser) would be dropped silently
-    when the header is written upstream, so the upstream would see another value than any
-    filter in front of us did: such a request is refused instead."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise BadRequest("header_encoding", f"header {name!r} is not valid UTF-8") from None
-
-
 def peer_is_trusted(peer: str, trusted_proxies: Sequence[IPNetwork]) -> bool:
     """Whether ``peer`` (an IP address as text) lies in one of the trusted networks."""
     if not trusted_proxies or not peer:
@@ -132,7 +143,7 @@ def upstream_request_headers(
     inbound: Mapping[str, str],
     *,
     token: str,
-    strip: frozenset[str],
+    assertion_headers: frozenset[str],
     peer: str,
     scheme: str,
     host: str,
@@ -143,28 +154,28 @@ def upstream_request_headers(
 ) -> CIMultiDict[str]:
     """The headers to send upstream for a client request with headers ``inbound``.
 
-    ``strip`` names the headers that carried the assertion (lower case); ``peer`` is the
+    ``assertion_headers`` names the headers that may carry the assertion; ``peer`` is the
     client's IP address, ``scheme`` and ``host`` what the client used to reach us;
     ``upstream_host`` is the ``host[:port]`` of the upstream, used for ``Host`` unless
     ``preserve_host``; ``request_id`` replaces any client ``X-Request-ID``.
     """
     trusted = peer_is_trusted(peer, trusted_proxies)
     connection_named = _connection_tokens(inbound)
-    identity = frozenset(_canonical(name) for name in strip) | {"authorization"}
+    credentials = credential_headers(assertion_headers)
 
     out: CIMultiDict[str] = CIMultiDict()
     kept_forwarded: CIMultiDict[str] = CIMultiDict()
     for name, value in _items(inbound):
-        if not value.isascii():
-            _require_utf8(name, value)
-        lower = name.lower()
-        canonical = lower.replace("_", "-") if "_" in lower else lower
-        if lower in HOP_BY_HOP or lower in _REQUEST_ONLY_DROPPED or lower == "host":
+        if not is_utf8(value):
+            # The upstream would see another value than any filter in front of us did.
+            raise BadRequest("header_encoding", f"header {name!r} is not valid UTF-8")
+        if name.lower() in _NOT_FORWARDED:
             continue
+        canonical = _canonical(name)
         if canonical in connection_named:
             continue
         # The assertion and any client credential stop here, in every spelling.
-        if canonical in identity:
+        if canonical in credentials:
             continue
         if canonical == "forwarded" or canonical.startswith("x-forwarded-"):
             # Only a trusted proxy may speak for the client, and only in the exact
@@ -201,10 +212,9 @@ def downstream_response_headers(upstream: Mapping[str, str]) -> CIMultiDict[str]
     connection_named = _connection_tokens(upstream)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in _items(upstream):
-        lower = name.lower()
-        if lower in HOP_BY_HOP:
+        if name.lower() in HOP_BY_HOP:
             continue
-        if connection_named and lower.replace("_", "-") in connection_named:
+        if connection_named and _canonical(name) in connection_named:
             continue
         out.add(name, value)
     return out

@@ -2,7 +2,8 @@
 
 Rules this module owns:
 - A route's plan (the upstream's ``Host``, its TLS context, the timeouts) is worked out
-  once; TLS contexts are built at startup, one per distinct setting, so bad files fail then.
+  once, and each request goes out as an ``UpstreamCall`` that carries it. TLS contexts are
+  built at startup, one per distinct setting, so bad files fail then.
 - aiohttp's failures to reach an upstream become the gateway's own errors here
   (``upstream_failure``) and go no further.
 """
@@ -10,10 +11,12 @@ Rules this module owns:
 from __future__ import annotations
 
 import ssl
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.config import Route, UpstreamTls
@@ -32,6 +35,18 @@ class RoutePlan:
     handshake_timeout: float
     websocket_idle: float | None
     websocket_lifetime: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamCall:
+    """One client request on its way to its route's upstream, over either protocol."""
+
+    session: aiohttp.ClientSession
+    request: web.BaseRequest
+    plan: RoutePlan
+    url: URL
+    headers: CIMultiDict[str]  # what the upstream is sent
+    answer_headers: Mapping[str, str]  # what the gateway adds to the client's answer
 
 
 class RoutePlans:

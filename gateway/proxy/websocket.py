@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
 from typing import Final
 
 import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, web
 from multidict import CIMultiDict, MultiMapping
-from yarl import URL
 
 from gateway.errors import UpstreamError
-from gateway.proxy.upstream import RoutePlan, upstream_failure
+from gateway.proxy.upstream import UpstreamCall, upstream_failure
 
 CLOSE_TIMEOUT: Final = 5.0  # how long a close handshake may take on either side
 _MAX_MESSAGE: Final = 16 * 1024 * 1024
@@ -69,13 +67,7 @@ def wants_websocket(request: web.BaseRequest) -> bool:
 
 
 async def relay_websocket(
-    session: aiohttp.ClientSession,
-    request: web.BaseRequest,
-    plan: RoutePlan,
-    url: URL,
-    headers: CIMultiDict[str],
-    answer_headers: Mapping[str, str],
-    open_sockets: set[aiohttp.ClientWebSocketResponse],
+    call: UpstreamCall, open_sockets: set[aiohttp.ClientWebSocketResponse]
 ) -> tuple[web.WebSocketResponse, float]:
     """Open the upstream socket, answer the client's handshake, relay until either closes.
 
@@ -84,6 +76,7 @@ async def relay_websocket(
     gateway can close it. Raises ``UpgradeRefused``, or a ``GatewayError`` when the
     handshake fails on either side.
     """
+    request, plan, headers = call.request, call.plan, call.headers
     for name in list(headers.keys()):
         if name.lower() in _HANDSHAKE_HEADERS:
             del headers[name]
@@ -96,8 +89,8 @@ async def relay_websocket(
     started = time.monotonic()
     try:
         async with asyncio.timeout(plan.handshake_timeout):
-            upstream_ws = await session.ws_connect(
-                url,
+            upstream_ws = await call.session.ws_connect(
+                call.url,
                 headers=headers,
                 protocols=offered,
                 ssl=plan.ssl,
@@ -126,7 +119,7 @@ async def relay_websocket(
             max_msg_size=_MAX_MESSAGE,
             timeout=CLOSE_TIMEOUT,
         )
-        client_ws.headers.update(answer_headers)
+        client_ws.headers.update(call.answer_headers)
         try:
             await client_ws.prepare(request)
         except (ConnectionError, web.HTTPException):

@@ -36,7 +36,7 @@ def outgoing(
     return upstream_request_headers(
         headers,
         token="tok-123",
-        strip=frozenset({"x-saml-assertion"}),
+        assertion_headers=frozenset({"x-saml-assertion"}),
         peer=peer,
         scheme="https",
         host="gw.example",
