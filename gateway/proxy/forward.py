@@ -122,7 +122,8 @@ class Forwarder:
     @staticmethod
     def admit(request: web.BaseRequest, route: Route) -> None:
         """Refuse, before any other work, a body declared larger than the route allows and
-        one whose framing cannot be relayed as sent."""
+        one whose framing cannot be relayed as sent. Run once per request, before
+        ``forward``: it is the only check of the request's transfer coding."""
         declared = request.content_length
         if declared is not None and declared > route.max_body_size:
             raise RequestTooLarge("body_too_large", f"Content-Length {declared}")
@@ -141,12 +142,13 @@ class Forwarder:
         answer_headers: Mapping[str, str] = _NO_HEADERS,
         trace_headers: Mapping[str, str] = _NO_HEADERS,
     ) -> ForwardResult:
-        """Forward ``request`` to ``route``'s upstream with ``token``; stream the answer back.
+        """Forward ``request`` (``admit`` passed) to ``route``'s upstream with ``token``;
+        stream the answer back.
 
         ``assertion_headers`` names the headers that may carry the assertion (never
         forwarded); ``answer_headers`` holds headers the gateway adds to the answer (its
-        X-Request-ID), whatever the upstream said; its
-        X-Request-ID also replaces the client's on the request sent upstream. Raises
+        X-Request-ID), whatever the upstream said; its X-Request-ID also replaces the
+        client's on the request sent upstream. Raises
         ``RequestTooLarge``, ``UpstreamError`` or ``UpstreamTimeout`` when nothing has been
         sent to the client yet. ``trace_headers`` (tracing on: the gateway's ``traceparent``)
         replace the client's.
@@ -155,7 +157,6 @@ class Forwarder:
         if session is None:
             raise RuntimeError("Forwarder.start() was not awaited")
         plan = self._plans.plan(route)
-        self.admit(request, route)
         headers = upstream_request_headers(
             request.headers,
             token=token,
