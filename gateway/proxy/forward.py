@@ -190,33 +190,8 @@ class Forwarder:
     # --- plain HTTP ---------------------------------------------------------------------
 
     async def _relay_http(self, call: UpstreamCall) -> ForwardResult:
-        request, plan = call.request, call.plan
-        upload = _Upload(limit=plan.route.max_body_size)
-        body = _stream_body(request, upload) if request.body_exists else None
-        if (
-            body is not None
-            and request.version >= aiohttp.HttpVersion11
-            and request.headers.get("Expect", "").lower() == "100-continue"
-        ):
-            # The client waits for this before its upload; it comes only now, with the
-            # assertion accepted, so a refused request never costs the client its body.
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            request.writer.output_size = 0  # the response itself has not started
-        started = time.monotonic()
-        try:
-            upstream = await call.session.request(
-                request.method,
-                call.url,
-                headers=call.headers,
-                data=body,
-                allow_redirects=False,
-                timeout=plan.timeout,
-                ssl=plan.ssl,
-            )
-        except (aiohttp.ClientError, OSError) as exc:  # TimeoutError is an OSError
-            raise _failure(exc, upload) from None
-        elapsed = time.monotonic() - started
-
+        request = call.request
+        upstream, elapsed = await _send(call)
         try:
             _check_relayable(upstream.headers)
         except UpstreamError:
@@ -385,6 +360,38 @@ def request_target(request: web.BaseRequest) -> str:
     """Path and query as the client sent them, still encoded (absolute-form reduced to them)."""
     target = request.raw_path
     return target if target.startswith("/") else request.rel_url.raw_path_qs
+
+
+async def _send(call: UpstreamCall) -> tuple[aiohttp.ClientResponse, float]:
+    """Send the request with its body streamed; the upstream's answer (headers read) and
+    the seconds it took to come."""
+    request, plan = call.request, call.plan
+    upload = _Upload(limit=plan.route.max_body_size)
+    body = _stream_body(request, upload) if request.body_exists else None
+    if (
+        body is not None
+        and request.version >= aiohttp.HttpVersion11
+        and request.headers.get("Expect", "").lower() == "100-continue"
+    ):
+        # The client waits for this before its upload; it comes only now, with the
+        # assertion accepted, so a refused request never costs the client its body.
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the response itself has not started
+    started = time.monotonic()
+    try:
+        upstream = await call.session.request(
+            request.method,
+            call.url,
+            headers=call.headers,
+            data=body,
+            allow_redirects=False,
+            timeout=plan.timeout,
+            ssl=plan.ssl,
+        )
+    except (aiohttp.ClientError, OSError) as exc:  # TimeoutError is an OSError
+        raise _failure(exc, upload) from None
+    elapsed = time.monotonic() - started
+    return upstream, elapsed
 
 
 async def _stream_body(request: web.BaseRequest, upload: _Upload) -> AsyncIterator[bytes]:

@@ -164,7 +164,7 @@ def upstream_request_headers(
     credentials = credential_headers(assertion_headers)
 
     out: CIMultiDict[str] = CIMultiDict()
-    kept_forwarded: CIMultiDict[str] = CIMultiDict()
+    from_proxy: CIMultiDict[str] = CIMultiDict()
     for name, value in _items(inbound):
         if not is_utf8(value):
             # The upstream would see another value than any filter in front of us did.
@@ -181,7 +181,7 @@ def upstream_request_headers(
             # Only a trusted proxy may speak for the client, and only in the exact
             # spelling: an underscore variant is never a proxy's doing.
             if trusted and "_" not in name:
-                kept_forwarded.add(name, value)
+                from_proxy.add(name, value)
             continue
         if canonical in PROXY_ONLY and not (trusted and "_" not in name):
             continue
@@ -194,17 +194,24 @@ def upstream_request_headers(
     if request_id is not None:
         out["X-Request-ID"] = request_id
 
-    prior_for = ", ".join(v.strip() for v in kept_forwarded.popall(_FORWARDED_FOR, []))
-    out.extend(kept_forwarded)
+    _add_forwarded(out, from_proxy, peer=peer, scheme=scheme, host=host)
+    return out
+
+
+def _add_forwarded(
+    out: CIMultiDict[str], from_proxy: CIMultiDict[str], *, peer: str, scheme: str, host: str
+) -> None:
+    """The forwarding headers: a trusted proxy's, with the peer appended to its chain."""
+    prior_for = ", ".join(v.strip() for v in from_proxy.popall(_FORWARDED_FOR, []))
+    out.extend(from_proxy)
     chain = [part for part in (prior_for, peer) if part]
     if chain:
         out[_FORWARDED_FOR] = ", ".join(chain)
     # A trusted proxy in front of us knows the client's original scheme and host better.
-    if _FORWARDED_PROTO not in kept_forwarded:
+    if _FORWARDED_PROTO not in from_proxy:
         out[_FORWARDED_PROTO] = scheme
-    if _FORWARDED_HOST not in kept_forwarded and host:
+    if _FORWARDED_HOST not in from_proxy and host:
         out[_FORWARDED_HOST] = host
-    return out
 
 
 def downstream_response_headers(upstream: Mapping[str, str]) -> CIMultiDict[str]:

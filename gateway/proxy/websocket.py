@@ -76,37 +76,8 @@ async def relay_websocket(
     gateway can close it. Raises ``UpgradeRefused``, or a ``GatewayError`` when the
     handshake fails on either side.
     """
-    request, plan, headers = call.request, call.plan, call.headers
-    for name in list(headers.keys()):
-        if name.lower() in _HANDSHAKE_HEADERS:
-            del headers[name]
-    offered = tuple(
-        protocol.strip()
-        for value in request.headers.getall("Sec-WebSocket-Protocol", [])
-        for protocol in value.split(",")
-        if protocol.strip()
-    )
     started = time.monotonic()
-    try:
-        async with asyncio.timeout(plan.handshake_timeout):
-            upstream_ws = await call.session.ws_connect(
-                call.url,
-                headers=headers,
-                protocols=offered,
-                ssl=plan.ssl,
-                autoclose=True,
-                autoping=True,
-                max_msg_size=_MAX_MESSAGE,
-                timeout=aiohttp.ClientWSTimeout(ws_close=CLOSE_TIMEOUT),
-            )
-    except aiohttp.WSServerHandshakeError as exc:
-        elapsed = time.monotonic() - started
-        if exc.status < 200:
-            raise UpstreamError("upstream_websocket_handshake", exc.message) from None
-        refused_headers = exc.headers if exc.headers is not None else CIMultiDict[str]()
-        raise UpgradeRefused(exc.status, refused_headers, elapsed) from None
-    except (aiohttp.ClientError, OSError) as exc:
-        raise upstream_failure(exc) from None
+    upstream_ws = await _connect(call, started)
     elapsed = time.monotonic() - started
 
     open_sockets.add(upstream_ws)
@@ -121,10 +92,11 @@ async def relay_websocket(
         )
         client_ws.headers.update(call.answer_headers)
         try:
-            await client_ws.prepare(request)
+            await client_ws.prepare(call.request)
         except (ConnectionError, web.HTTPException):
             await upstream_ws.close(code=WSCloseCode.GOING_AWAY)
             raise UpstreamError("client_websocket_handshake", "client went away") from None
+        plan = call.plan
         await _MessageRelay(
             client_ws, upstream_ws, plan.websocket_idle, plan.websocket_lifetime
         ).run()
@@ -132,6 +104,40 @@ async def relay_websocket(
         open_sockets.discard(upstream_ws)
         await upstream_ws.close()
     return client_ws, elapsed
+
+
+async def _connect(call: UpstreamCall, started: float) -> aiohttp.ClientWebSocketResponse:
+    """The gateway's own handshake with the upstream, offering the client's subprotocols."""
+    headers = call.headers
+    for name in list(headers.keys()):
+        if name.lower() in _HANDSHAKE_HEADERS:
+            del headers[name]
+    offered = tuple(
+        protocol.strip()
+        for value in call.request.headers.getall("Sec-WebSocket-Protocol", [])
+        for protocol in value.split(",")
+        if protocol.strip()
+    )
+    try:
+        async with asyncio.timeout(call.plan.handshake_timeout):
+            return await call.session.ws_connect(
+                call.url,
+                headers=headers,
+                protocols=offered,
+                ssl=call.plan.ssl,
+                autoclose=True,
+                autoping=True,
+                max_msg_size=_MAX_MESSAGE,
+                timeout=aiohttp.ClientWSTimeout(ws_close=CLOSE_TIMEOUT),
+            )
+    except aiohttp.WSServerHandshakeError as exc:
+        elapsed = time.monotonic() - started
+        if exc.status < 200:
+            raise UpstreamError("upstream_websocket_handshake", exc.message) from None
+        refused_headers = exc.headers if exc.headers is not None else CIMultiDict[str]()
+        raise UpgradeRefused(exc.status, refused_headers, elapsed) from None
+    except (aiohttp.ClientError, OSError) as exc:
+        raise upstream_failure(exc) from None
 
 
 def _close_code(code: int | None, fallback: int) -> int:
