@@ -71,17 +71,6 @@ class ForwardResult:
     upstream_seconds: float
 
 
-@dataclass(slots=True)
-class _Upload:
-    """The client's body on its way upstream: how much has gone, and why it stopped."""
-
-    limit: int
-    sent: int = 0
-    too_large: bool = False
-    client_failed: bool = False
-    failure: str = field(default="")
-
-
 class Forwarder:
     """Sends requests to upstreams and streams their answers back."""
 
@@ -148,10 +137,9 @@ class Forwarder:
         ``assertion_headers`` names the headers that may carry the assertion (never
         forwarded); ``answer_headers`` holds headers the gateway adds to the answer (its
         X-Request-ID), whatever the upstream said; its X-Request-ID also replaces the
-        client's on the request sent upstream. Raises
-        ``RequestTooLarge``, ``UpstreamError`` or ``UpstreamTimeout`` when nothing has been
-        sent to the client yet. ``trace_headers`` (tracing on: the gateway's ``traceparent``)
-        replace the client's.
+        client's on the request sent upstream. ``trace_headers`` (tracing on: the gateway's
+        ``traceparent``) replace the client's. Raises ``RequestTooLarge``, ``UpstreamError``
+        or ``UpstreamTimeout`` when nothing has been sent to the client yet.
         """
         session = self._session
         if session is None:
@@ -178,188 +166,58 @@ class Forwarder:
         )
         call = UpstreamCall(session, request, plan, url, headers, answer_headers)
         if not wants_websocket(request):
-            return await self._relay_http(call)
+            return await _relay_http(call)
         try:
             response, elapsed = await relay_websocket(call, self._websockets)
         except UpgradeRefused as refused:
-            return await self._refused_upgrade(request, refused, answer_headers)
+            return await _refused_upgrade(request, refused, answer_headers)
         return ForwardResult(
             response=response, upstream_status=101, token_rejected=False, upstream_seconds=elapsed
         )
-
-    # --- plain HTTP ---------------------------------------------------------------------
-
-    async def _relay_http(self, call: UpstreamCall) -> ForwardResult:
-        request = call.request
-        upstream, elapsed = await _send(call)
-        try:
-            _check_relayable(upstream.headers)
-        except UpstreamError:
-            upstream.close()
-            raise
-        headers = downstream_response_headers(upstream.headers)
-        headers.update(call.answer_headers)
-        response: web.StreamResponse
-        typed = "Content-Type" in upstream.headers
-        if _read_whole(request, upstream):
-            # A body announced as small is read whole and sent with the headers in one write
-            # (memory stays bounded by _SMALL_BODY, as with nginx's proxy buffers); anything
-            # larger or of unknown length is streamed.
-            try:
-                content = await upstream.read()
-            except (aiohttp.ClientError, OSError) as exc:
-                upstream.close()
-                raise _failure(exc, None) from None
-            response = _WholeAnswer(
-                status=upstream.status, reason=upstream.reason, headers=headers, body=content
-            )
-            response.typed = typed
-        else:
-            response = _RelayedAnswer(
-                status=upstream.status, reason=upstream.reason, headers=headers
-            )
-            response.typed = typed
-            await self._stream_answer(request, upstream, response)
-        return ForwardResult(
-            response=response,
-            upstream_status=upstream.status,
-            token_rejected=_token_refused(upstream.status, upstream.headers),
-            upstream_seconds=elapsed,
-        )
-
-    async def _stream_answer(
-        self,
-        request: web.BaseRequest,
-        upstream: aiohttp.ClientResponse,
-        response: web.StreamResponse,
-    ) -> None:
-        complete = False
-        written = 0
-        side = "client"  # whose failure an exception means, by the step that raised it
-        try:
-            await response.prepare(request)
-            chunks = upstream.content.iter_any().__aiter__()
-            while True:
-                side = "upstream"
-                try:
-                    chunk = await anext(chunks)
-                except StopAsyncIteration:
-                    break
-                side = "client"
-                await response.write(chunk)
-                written += len(chunk)
-            side = "client"
-            await response.write_eof()
-            complete = True
-        except (aiohttp.ClientError, OSError) as exc:  # TimeoutError included
-            # Headers are out: a short body must not look complete, so the client
-            # connection is cut (a chunked body then lacks its final chunk).
-            log.log(
-                logging.WARNING if side == "upstream" else logging.INFO,
-                "response to %s %s cut after %d body bytes: %s failed (%s)",
-                request.method,
-                request.path,
-                written,
-                side,
-                type(exc).__name__,
-            )
-            if request.transport is not None:
-                request.transport.close()
-        finally:
-            # An unfinished upstream connection cannot be reused; a finished one goes back.
-            if complete:
-                upstream.release()
-            else:
-                upstream.close()
-
-    # --- a WebSocket upgrade the upstream answered with plain HTTP ------------------------
-
-    async def _refused_upgrade(
-        self, request: web.BaseRequest, refused: UpgradeRefused, answer_headers: Mapping[str, str]
-    ) -> ForwardResult:
-        """The upstream answered the upgrade with an ordinary response: pass its status on."""
-        upstream_headers = refused.headers
-        _check_relayable(upstream_headers)
-        headers = downstream_response_headers(upstream_headers)
-        # aiohttp has discarded the body; its framing headers no longer apply.
-        for name in ("Content-Length", "Content-Type", "Content-Encoding"):
-            headers.popall(name, None)
-        headers.update(answer_headers)
-        response = _RelayedAnswer(status=refused.status, headers=headers)
-        response.typed = False
-        try:
-            await response.prepare(request)
-            await response.write_eof()
-        except ConnectionError:
-            pass  # the client left; nothing more to tell it
-        return ForwardResult(
-            response=response,
-            upstream_status=refused.status,
-            token_rejected=_token_refused(refused.status, upstream_headers),
-            upstream_seconds=refused.elapsed,
-        )
-
-
-class _RelayedAnswer(web.StreamResponse):
-    """An upstream's answer, with no header aiohttp would add on its own but ``Date``.
-
-    aiohttp labels a body without ``Content-Type`` as ``application/octet-stream`` (a
-    browser then downloads what it would have sniffed and shown) and names itself in
-    ``Server``; a proxy relays what the upstream said. ``Date`` stays: RFC 9110 §6.6.1
-    requires a forwarder to add one that is missing.
-    """
-
-    typed = True  # whether the upstream sent a Content-Type
-
-    async def _prepare_headers(self) -> None:
-        headers = self.headers
-        had_server = "Server" in headers
-        await super()._prepare_headers()
-        if not self.typed:
-            headers.popall("Content-Type", None)
-        if not had_server:
-            headers.popall("Server", None)
-
-
-class _WholeAnswer(_RelayedAnswer, web.Response):
-    """A small upstream answer read whole, relayed like ``_RelayedAnswer``."""
-
-
-def _foreign_transfer_coding(headers: MultiMapping[str]) -> str | None:
-    """The first transfer coding other than ``chunked`` in ``headers``, if any."""
-    for value in headers.getall("Transfer-Encoding", ()):
-        for coding in value.split(","):
-            coding = coding.strip().lower()
-            if coding and coding != "chunked":
-                return coding
-    return None
-
-
-def _check_relayable(headers: MultiMapping[str]) -> None:
-    """Refuse an upstream answer that cannot reach the client as it was sent.
-
-    A header with bytes that are not UTF-8 (kept as surrogates by the parser) would lose
-    them silently on the way out; a transfer coding other than chunked would reach the
-    client undone and unlabelled.
-    """
-    for name, value in headers.items():
-        if not is_utf8(value):
-            raise UpstreamError("upstream_header_encoding", f"header {name!r} is not valid UTF-8")
-    coding = _foreign_transfer_coding(headers)
-    if coding is not None:
-        raise UpstreamError("upstream_transfer_coding", f"Transfer-Encoding {coding!r}")
-
-
-def _token_refused(status: int, headers: MultiMapping[str]) -> bool:
-    """Whether the upstream's answer refuses the Bearer token itself (``token_rejected``)."""
-    challenge = ", ".join(headers.getall("WWW-Authenticate", [])) or None
-    return token_rejected(status, challenge)
 
 
 def request_target(request: web.BaseRequest) -> str:
     """Path and query as the client sent them, still encoded (absolute-form reduced to them)."""
     target = request.raw_path
     return target if target.startswith("/") else request.rel_url.raw_path_qs
+
+
+async def _relay_http(call: UpstreamCall) -> ForwardResult:
+    """An ordinary request: sent with its body streamed, the answer relayed as it comes."""
+    request = call.request
+    upstream, elapsed = await _send(call)
+    try:
+        _check_relayable(upstream.headers)
+    except UpstreamError:
+        upstream.close()
+        raise
+    headers = downstream_response_headers(upstream.headers)
+    headers.update(call.answer_headers)
+    response: web.StreamResponse
+    typed = "Content-Type" in upstream.headers
+    if _read_whole(request, upstream):
+        # A body announced as small is read whole and sent with the headers in one write
+        # (memory stays bounded by _SMALL_BODY, as with nginx's proxy buffers); anything
+        # larger or of unknown length is streamed.
+        try:
+            content = await upstream.read()
+        except (aiohttp.ClientError, OSError) as exc:
+            upstream.close()
+            raise _failure(exc, None) from None
+        response = _WholeAnswer(
+            status=upstream.status, reason=upstream.reason, headers=headers, body=content
+        )
+        response.typed = typed
+    else:
+        response = _RelayedAnswer(status=upstream.status, reason=upstream.reason, headers=headers)
+        response.typed = typed
+        await _stream_answer(request, upstream, response)
+    return ForwardResult(
+        response=response,
+        upstream_status=upstream.status,
+        token_rejected=_token_refused(upstream.status, upstream.headers),
+        upstream_seconds=elapsed,
+    )
 
 
 async def _send(call: UpstreamCall) -> tuple[aiohttp.ClientResponse, float]:
@@ -394,6 +252,17 @@ async def _send(call: UpstreamCall) -> tuple[aiohttp.ClientResponse, float]:
     return upstream, elapsed
 
 
+@dataclass(slots=True)
+class _Upload:
+    """The client's body on its way upstream: how much has gone, and why it stopped."""
+
+    limit: int
+    sent: int = 0
+    too_large: bool = False
+    client_failed: bool = False
+    failure: str = field(default="")
+
+
 async def _stream_body(request: web.BaseRequest, upload: _Upload) -> AsyncIterator[bytes]:
     """The client's body, chunk by chunk as it arrives, cut off past the route's limit."""
     try:
@@ -417,6 +286,46 @@ class _BodyOverLimit(Exception):
     pass
 
 
+def _failure(exc: BaseException, upload: _Upload | None) -> GatewayError:
+    """An aiohttp/OS failure before the response started, as the gateway's own error."""
+    if upload is not None and upload.too_large:
+        return RequestTooLarge("body_too_large", f"more than {upload.limit} bytes streamed")
+    if upload is not None and upload.client_failed:
+        return BadRequest("request_body_incomplete", upload.failure)
+    return upstream_failure(exc)
+
+
+def _check_relayable(headers: MultiMapping[str]) -> None:
+    """Refuse an upstream answer that cannot reach the client as it was sent.
+
+    A header with bytes that are not UTF-8 (kept as surrogates by the parser) would lose
+    them silently on the way out; a transfer coding other than chunked would reach the
+    client undone and unlabelled.
+    """
+    for name, value in headers.items():
+        if not is_utf8(value):
+            raise UpstreamError("upstream_header_encoding", f"header {name!r} is not valid UTF-8")
+    coding = _foreign_transfer_coding(headers)
+    if coding is not None:
+        raise UpstreamError("upstream_transfer_coding", f"Transfer-Encoding {coding!r}")
+
+
+def _foreign_transfer_coding(headers: MultiMapping[str]) -> str | None:
+    """The first transfer coding other than ``chunked`` in ``headers``, if any."""
+    for value in headers.getall("Transfer-Encoding", ()):
+        for coding in value.split(","):
+            coding = coding.strip().lower()
+            if coding and coding != "chunked":
+                return coding
+    return None
+
+
+def _token_refused(status: int, headers: MultiMapping[str]) -> bool:
+    """Whether the upstream's answer refuses the Bearer token itself (``token_rejected``)."""
+    challenge = ", ".join(headers.getall("WWW-Authenticate", [])) or None
+    return token_rejected(status, challenge)
+
+
 def _read_whole(request: web.BaseRequest, upstream: aiohttp.ClientResponse) -> bool:
     length = upstream.content_length
     return (
@@ -428,10 +337,97 @@ def _read_whole(request: web.BaseRequest, upstream: aiohttp.ClientResponse) -> b
     )
 
 
-def _failure(exc: BaseException, upload: _Upload | None) -> GatewayError:
-    """An aiohttp/OS failure before the response started, as the gateway's own error."""
-    if upload is not None and upload.too_large:
-        return RequestTooLarge("body_too_large", f"more than {upload.limit} bytes streamed")
-    if upload is not None and upload.client_failed:
-        return BadRequest("request_body_incomplete", upload.failure)
-    return upstream_failure(exc)
+async def _stream_answer(
+    request: web.BaseRequest,
+    upstream: aiohttp.ClientResponse,
+    response: web.StreamResponse,
+) -> None:
+    complete = False
+    written = 0
+    side = "client"  # whose failure an exception means, by the step that raised it
+    try:
+        await response.prepare(request)
+        chunks = upstream.content.iter_any().__aiter__()
+        while True:
+            side = "upstream"
+            try:
+                chunk = await anext(chunks)
+            except StopAsyncIteration:
+                break
+            side = "client"
+            await response.write(chunk)
+            written += len(chunk)
+        side = "client"
+        await response.write_eof()
+        complete = True
+    except (aiohttp.ClientError, OSError) as exc:  # TimeoutError included
+        # Headers are out: a short body must not look complete, so the client
+        # connection is cut (a chunked body then lacks its final chunk).
+        log.log(
+            logging.WARNING if side == "upstream" else logging.INFO,
+            "response to %s %s cut after %d body bytes: %s failed (%s)",
+            request.method,
+            request.path,
+            written,
+            side,
+            type(exc).__name__,
+        )
+        if request.transport is not None:
+            request.transport.close()
+    finally:
+        # An unfinished upstream connection cannot be reused; a finished one goes back.
+        if complete:
+            upstream.release()
+        else:
+            upstream.close()
+
+
+class _RelayedAnswer(web.StreamResponse):
+    """An upstream's answer, with no header aiohttp would add on its own but ``Date``.
+
+    aiohttp labels a body without ``Content-Type`` as ``application/octet-stream`` (a
+    browser then downloads what it would have sniffed and shown) and names itself in
+    ``Server``; a proxy relays what the upstream said. ``Date`` stays: RFC 9110 §6.6.1
+    requires a forwarder to add one that is missing.
+    """
+
+    typed = True  # whether the upstream sent a Content-Type
+
+    async def _prepare_headers(self) -> None:
+        headers = self.headers
+        had_server = "Server" in headers
+        await super()._prepare_headers()
+        if not self.typed:
+            headers.popall("Content-Type", None)
+        if not had_server:
+            headers.popall("Server", None)
+
+
+class _WholeAnswer(_RelayedAnswer, web.Response):
+    """A small upstream answer read whole, relayed like ``_RelayedAnswer``."""
+
+
+async def _refused_upgrade(
+    request: web.BaseRequest, refused: UpgradeRefused, answer_headers: Mapping[str, str]
+) -> ForwardResult:
+    """The upstream answered the upgrade with an ordinary response: pass its status on."""
+    upstream_headers = refused.headers
+    _check_relayable(upstream_headers)
+    headers = downstream_response_headers(upstream_headers)
+    # aiohttp has discarded the body; its framing headers no longer apply.
+    for name in ("Content-Length", "Content-Type", "Content-Encoding"):
+        headers.popall(name, None)
+    headers.update(answer_headers)
+    response = _RelayedAnswer(status=refused.status, headers=headers)
+    response.typed = False
+    try:
+        await response.prepare(request)
+        await response.write_eof()
+    except ConnectionError:
+        pass  # the client left; nothing more to tell it
+    return ForwardResult(
+        response=response,
+        upstream_status=refused.status,
+        token_rejected=_token_refused(refused.status, upstream_headers),
+        upstream_seconds=refused.elapsed,
+    )
