@@ -6,20 +6,21 @@ segment, merges ``//`` and resolves ``..`` after both. Its access log records, p
 the request line, the status, the bytes sent and the ``Authorization`` header it received,
 so a test can tell which token reached which file.
 
-Standard library only, like ``tests/forward_auth/nginx_runner.py``.
+Standard library and ``gateway.devkit.servers`` only, like ``tests/forward_auth/nginx_runner.py``.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+
+from gateway.devkit.servers import free_port, stop_process, wait_ready
 
 CATALINA_HOME = Path("/usr/share/tomcat10")  # Debian's tomcat10 package
 # One line per request: the request line as received, status, bytes, the Authorization it got.
@@ -51,12 +52,6 @@ def tomcat_available() -> str | None:
     return None
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class Tomcat:
     proc: subprocess.Popen[bytes]
@@ -77,13 +72,7 @@ class Tomcat:
 
     def stop(self, timeout: float = 20) -> None:
         """SIGTERM runs the JVM's shutdown hook (Tomcat stops cleanly); kill past ``timeout``."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=timeout)
+        stop_process(self.proc, timeout)
 
 
 def start_tomcat(
@@ -124,18 +113,15 @@ def start_tomcat(
         )
     tomcat = Tomcat(proc, base, port)
     probes = [f"/{context}/{next(iter(files))}" for context, files in webapps.items()]
-    deadline = time.monotonic() + startup_timeout
-    while probes:
-        if proc.poll() is not None:
-            raise RuntimeError(f"Tomcat exited with {proc.returncode}:\n{tomcat.output()}")
-        if time.monotonic() > deadline:
-            tomcat.stop()
-            raise RuntimeError(f"Tomcat did not serve {probes}:\n{tomcat.output()}")
-        if _status(port, probes[0]) == 200:
-            probes.pop(0)
-        else:
-            time.sleep(0.2)
+    serves = partial(_serves, port)
+    wait_ready(
+        tomcat, probes, serves, name="Tomcat", what="serve", timeout=startup_timeout, pause=0.2
+    )
     return tomcat
+
+
+def _serves(port: int, path: str) -> bool:
+    return _status(port, path) == 200
 
 
 def _status(port: int, path: str) -> int | None:

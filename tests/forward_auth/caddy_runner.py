@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from gateway.devkit.servers import accepts, stop_process, wait_ready
 
 
 def caddy_binary() -> str | None:
@@ -31,18 +30,12 @@ class Caddy:
     def log(self) -> Path:
         return self.prefix / "caddy.log"
 
-    def errors(self) -> str:
+    def output(self) -> str:
         return self.log.read_text() if self.log.exists() else ""
 
     def stop(self, timeout: float = 10) -> None:
         """Graceful stop (SIGTERM); kill if Caddy has not gone within ``timeout``."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=timeout)
+        stop_process(self.proc, timeout)
 
 
 def start_caddy(prefix: Path, caddyfile: str, port: int, *, startup_timeout: float = 10) -> Caddy:
@@ -70,15 +63,5 @@ def start_caddy(prefix: Path, caddyfile: str, port: int, *, startup_timeout: flo
     )
     log.close()
     server = Caddy(proc, prefix)
-    deadline = time.monotonic() + startup_timeout
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"caddy exited with {proc.returncode}:\n{server.errors()}")
-        if time.monotonic() > deadline:
-            server.stop()
-            raise RuntimeError(f"caddy did not listen on {port}:\n{server.errors()}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return server
-        except OSError:
-            time.sleep(0.02)
+    wait_ready(server, [port], accepts, name="caddy", what="listen on", timeout=startup_timeout)
+    return server

@@ -7,8 +7,8 @@ configuration whose every path (pid, logs, temp files) lies inside the prefix (a
 ``nginx -p prefix -c nginx.conf -g 'daemon off;'`` and waits, within a deadline, until the
 listening ports accept connections.
 
-Standard library only: ``bench/_harness.py`` loads this file by path, so the benchmarks and
-the tests drive nginx the same way.
+Standard library and ``gateway.devkit.servers`` only: ``bench/_harness.py`` loads this file
+by path, so the benchmarks and the tests drive nginx the same way.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import signal
-import socket
 import subprocess
-import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+from gateway.devkit.servers import accepts, stop_process, wait_ready
+from gateway.devkit.servers import free_port as free_port  # the tests' and bench's port picker
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "config" / "forward-auth"
 _TEMP_KINDS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
@@ -36,12 +36,6 @@ def nginx_binary() -> str | None:
         return found
     fallback = Path("/usr/sbin/nginx")
     return str(fallback) if fallback.is_file() and os.access(fallback, os.X_OK) else None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def example(name: str, replacements: Mapping[str, str]) -> str:
@@ -105,18 +99,12 @@ class Nginx:
     def error_log(self) -> Path:
         return self.prefix / "logs" / "error.log"
 
-    def errors(self) -> str:
+    def output(self) -> str:
         return self.error_log.read_text() if self.error_log.exists() else ""
 
     def stop(self, timeout: float = 10) -> None:
         """Fast shutdown (SIGTERM); kill if nginx has not gone within ``timeout``."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=timeout)
+        stop_process(self.proc, timeout)
 
 
 def start_nginx(
@@ -148,17 +136,5 @@ def start_nginx(
         stderr=subprocess.DEVNULL,
     )
     server = Nginx(proc, prefix)
-    waiting = list(ports)
-    deadline = time.monotonic() + startup_timeout
-    while waiting:
-        if proc.poll() is not None:
-            raise RuntimeError(f"nginx exited with {proc.returncode}:\n{server.errors()}")
-        if time.monotonic() > deadline:
-            server.stop()
-            raise RuntimeError(f"nginx did not listen on {waiting}:\n{server.errors()}")
-        try:
-            with socket.create_connection(("127.0.0.1", waiting[0]), timeout=0.2):
-                waiting.pop(0)
-        except OSError:
-            time.sleep(0.02)
+    wait_ready(server, ports, accepts, name="nginx", what="listen on", timeout=startup_timeout)
     return server
