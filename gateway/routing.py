@@ -28,10 +28,9 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Sequence
-from typing import Final
+from typing import Final, Generic, Protocol, TypeVar
 from urllib.parse import unquote
 
-from gateway.config import Route
 from gateway.errors import BadRequest
 
 # C0 controls, DEL, C1 controls and the Unicode line and paragraph separators.
@@ -45,6 +44,24 @@ _REFUSED_ESCAPE: Final = re.compile(r"%(?:2[eE]|5[cC]|3[bBfF]|23|[01][0-9A-Fa-f]
 _ENCODED_SLASH: Final = re.compile(r"%2[fF]")
 _HOST_NAME: Final = re.compile(r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)*")
 _HOST_IPV6: Final = re.compile(r"\[[0-9a-f:.]+\]")
+
+
+class RouteRule(Protocol):
+    """What the router reads of a route (``config.Route`` is one): routing needs no config."""
+
+    @property
+    def host(self) -> str | None: ...
+    @property
+    def path_prefix(self) -> str: ...
+    @property
+    def label(self) -> str: ...
+    @property
+    def allow_path_parameters(self) -> bool: ...
+    @property
+    def allow_encoded_slashes(self) -> bool: ...
+
+
+_Route = TypeVar("_Route", bound=RouteRule)
 
 
 class RoutablePath(str):
@@ -151,7 +168,7 @@ def under_prefix(path: str, prefix: str) -> bool:
     return path == prefix or path.startswith(prefix + "/")
 
 
-def _check_spelling(route: Route, path: str) -> None:
+def _check_spelling(route: RouteRule, path: str) -> None:
     """The matched route's say on the spellings a route must opt in to."""
     if not isinstance(path, RoutablePath):
         return
@@ -161,13 +178,13 @@ def _check_spelling(route: Route, path: str) -> None:
         raise BadRequest("path", f"an encoded '/' in the path (route {route.label!r})")
 
 
-class Router:
-    def __init__(self, routes: Sequence[Route]) -> None:
+class Router(Generic[_Route]):
+    def __init__(self, routes: Sequence[_Route]) -> None:
         # Most specific first: host-bound before host-less, then longer prefixes first.
         ordered = sorted(routes, key=lambda r: (r.host is None, -len(r.path_prefix)))
         self._routes = [(None if r.host is None else _configured_host(r.host), r) for r in ordered]
 
-    def match(self, host: str | None, path: str) -> Route | None:
+    def match(self, host: str | None, path: str) -> _Route | None:
         """The route for ``host`` and ``path`` (from ``routable_path``); ``BadRequest`` when
         the Host is malformed or the route does not accept how the path is spelled."""
         hostname = normalize_host(host)
