@@ -40,6 +40,7 @@ from types import ModuleType
 from typing import Any
 
 from gateway.devkit.loopback import write_loopback_config
+from gateway.devkit.servers import stop_process
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -89,13 +90,7 @@ def load_average() -> str:
 
 
 def stop(proc: subprocess.Popen[Any], timeout: float = 10) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=timeout)
+    stop_process(proc, timeout)
 
 
 # --- memory --------------------------------------------------------------------------------
