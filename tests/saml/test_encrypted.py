@@ -7,10 +7,16 @@ import copy
 from pathlib import Path
 
 import pytest
+import yaml
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 from lxml import etree
 
-from gateway.config import AssertionSettings, AuthorizationServer, IdentityProvider
+from gateway.config import (
+    AssertionSettings,
+    AuthorizationServer,
+    IdentityProvider,
+    parse_config,
+)
 from gateway.devkit.idp import DS_NS, SAML_NS, XENC_NS, DemoIdP, encrypt_assertion
 from gateway.errors import ConfigError, InvalidAssertion
 from gateway.saml import (
@@ -298,3 +304,42 @@ def test_ec_key_is_refused_at_load(tmp_path: Path, idp: DemoIdP, ec_idp: DemoIdP
     with pytest.raises(ConfigError) as caught:
         _trust(tmp_path, idp, decryption_keys=(_pem(ec_idp).decode(),))
     assert "RSA" in str(caught.value) and "BEGIN" not in str(caught.value)
+
+
+def _config(tmp_path: Path, idp: DemoIdP, keys: list[str]) -> dict[str, object]:
+    idp.write_certificate(tmp_path / "idp.pem")
+    return {
+        "identity_providers": {
+            "corp": {"issuer": ISSUER, "certificates": ["idp.pem"], "decryption_keys": keys}
+        },
+        "authorization_servers": {
+            "as": {"token_url": RECIPIENT, "client_auth": "none", "audience": AUDIENCE}
+        },
+        "routes": [
+            {
+                "upstream": "http://127.0.0.1:1",
+                "identity_provider": "corp",
+                "authorization_server": "as",
+            }
+        ],
+    }
+
+
+def test_check_config_output_never_shows_a_decryption_key(
+    tmp_path: Path, idp: DemoIdP, sp: DemoIdP, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "k.pem").write_bytes(_pem(sp))
+    monkeypatch.setenv("TEST_DECRYPTION_KEY", _pem(sp).decode())
+    keys = ["${TEST_DECRYPTION_KEY}", "${file:k.pem}", "k.pem"]
+    config = parse_config(_config(tmp_path, idp, keys), tmp_path)
+    printed = yaml.safe_dump(config.redacted())
+    assert "PRIVATE" not in printed and "MII" not in printed
+    assert printed.count("'**********'") >= 3
+    loaded = config.identity_providers["corp"].decryption_keys
+    assert loaded[2].get_secret_value() == str(tmp_path / "k.pem")  # a path, made absolute
+
+
+def test_a_missing_decryption_key_file_names_its_key(tmp_path: Path, idp: DemoIdP) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(_config(tmp_path, idp, ["missing.pem"]), tmp_path)
+    assert "identity_providers.corp.decryption_keys: [0]" in str(caught.value)
