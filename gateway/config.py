@@ -55,6 +55,10 @@ def is_pem_text(value: str) -> bool:
     return value.lstrip().startswith("-----BEGIN ")
 
 
+def _version_text(value: Any) -> Any:
+    return f"{value:.1f}" if isinstance(value, float) else value
+
+
 def _existing_file(value: str) -> str:
     if not Path(value).is_file():
         raise ValueError(f"file not found: {value!r}")
@@ -153,6 +157,10 @@ class IdentityProvider(_Frozen):
         for key in ("certificates", "metadata", "saml_versions", "decryption_keys"):
             if isinstance(data, dict) and isinstance(data.get(key), str):
                 data = {**data, key: [data[key]]}
+        if isinstance(data, dict) and isinstance(data.get("saml_versions"), list):
+            # YAML reads an unquoted 2.0 as a number: take it as the version it spells.
+            versions = data["saml_versions"]
+            data = {**data, "saml_versions": [_version_text(v) for v in versions]}
         return data
 
     @field_validator("saml_versions")

@@ -163,7 +163,13 @@ def decrypt_assertion(
         for old in attempt.findall(_KEY_INFO):
             attempt.remove(old)
         key_info = etree.Element(_KEY_INFO)
-        key_info.append(copy.deepcopy(encrypted_key))
+        transported = copy.deepcopy(encrypted_key)
+        # The EncryptedKey's own KeyInfo only hints at which of our keys it is for (AD FS
+        # names the certificate): every configured key is tried anyway, and xmlsec must take
+        # no key, and follow no reference, from the document.
+        for hint in transported.findall(_KEY_INFO):
+            transported.remove(hint)
+        key_info.append(transported)
         attempt.insert(1, key_info)  # after EncryptionMethod, as the schema orders them
         try:
             plain = xmlsec.EncryptionContext(key.manager).decrypt(attempt)

@@ -68,7 +68,7 @@ def signed(idp: DemoIdP, subject: str = "alice@example.test") -> bytes:
 
 def _flip(raw: bytes, path: str) -> bytes:
     """One bit of the CipherValue at ``path`` changed (the base64 stays valid)."""
-    root = etree.fromstring(raw)  # noqa: TID251 - a test editing its own document
+    root = parse_xml(raw)
     value = root.find(path)
     data = bytearray(base64.b64decode(value.text))
     data[len(data) // 2] ^= 0x01
@@ -138,6 +138,22 @@ def test_key_rollover_any_configured_key_opens_it(
     assert validate_assertion(raw, make_policy(decryption_keys=keys), NOW).id
 
 
+def test_a_key_hint_in_the_encrypted_key_decides_nothing(
+    idp: DemoIdP, sp: DemoIdP, other_sp: DemoIdP, enc_policy: TrustPolicy
+) -> None:
+    # AD FS names the certificate it encrypted to in the EncryptedKey's KeyInfo; a name (or
+    # a public key) there is no reason to use or skip any configured key.
+    root = parse_xml(encrypt_assertion(signed(idp), sp.certificate_pem))
+    encrypted_key = root.find(f".//{XENC}EncryptedKey")
+    hint = etree.Element(f"{{{DS_NS}}}KeyInfo")
+    encrypted_key.insert(1, hint)
+    x509 = etree.SubElement(
+        etree.SubElement(hint, f"{{{DS_NS}}}X509Data"), f"{{{DS_NS}}}X509Certificate"
+    )
+    x509.text = base64.b64encode(other_sp.certificate.public_bytes(Encoding.DER)).decode()
+    assert validate_assertion(etree.tostring(root), enc_policy, NOW).subject == "alice@example.test"
+
+
 # --- refused: decryption ---------------------------------------------------------------------
 
 
@@ -188,7 +204,7 @@ def test_tampered_encrypted_key_is_refused(
 
 
 def test_cipher_reference_is_refused(idp: DemoIdP, sp: DemoIdP, enc_policy: TrustPolicy) -> None:
-    root = etree.fromstring(encrypt_assertion(signed(idp), sp.certificate_pem))  # noqa: TID251
+    root = parse_xml(encrypt_assertion(signed(idp), sp.certificate_pem))
     cipher_data = root.find(f"{XENC}EncryptedData/{XENC}CipherData")
     cipher_data.remove(cipher_data[0])
     etree.SubElement(cipher_data, f"{XENC}CipherReference", URI="file:///etc/passwd")
@@ -196,7 +212,7 @@ def test_cipher_reference_is_refused(idp: DemoIdP, sp: DemoIdP, enc_policy: Trus
 
 
 def test_two_encrypted_keys_are_refused(idp: DemoIdP, sp: DemoIdP, enc_policy: TrustPolicy) -> None:
-    root = etree.fromstring(encrypt_assertion(signed(idp), sp.certificate_pem, key_outside=True))  # noqa: TID251
+    root = parse_xml(encrypt_assertion(signed(idp), sp.certificate_pem, key_outside=True))
     key_info = root.find(f"{XENC}EncryptedData/{{{DS_NS}}}KeyInfo")
     second = copy.deepcopy(root.find(f"{XENC}EncryptedKey"))
     del second.attrib["Id"]  # (a duplicate Id would be refused as wrapping first)

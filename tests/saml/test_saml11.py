@@ -345,3 +345,47 @@ def test_comment_in_name_identifier_keeps_the_full_subject(
     commented = raw.replace(b">paul@example.test<", b">paul@<!-- x -->example.test<")
     assert commented.count(b"<!-- x -->") == 3  # both NameIdentifiers and the email attribute
     assert validate_assertion(commented, policy11, NOW).subject == "paul@example.test"
+
+
+# --- configuration ----------------------------------------------------------------------------
+
+
+def _idp_config(tmp_path, idp: DemoIdP, **fields: object) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    idp.write_certificate(tmp_path / "idp.pem")
+    return {
+        "identity_providers": {"adfs": {"issuer": ISSUER, "certificates": ["idp.pem"], **fields}},
+        "authorization_servers": {
+            "as": {
+                "token_url": "https://as.example.test/token",
+                "client_auth": "none",
+                "audience": AUDIENCE,
+            }
+        },
+        "routes": [
+            {
+                "upstream": "http://127.0.0.1:1",
+                "identity_provider": "adfs",
+                "authorization_server": "as",
+            }
+        ],
+    }
+
+
+def test_saml_versions_default_and_yaml_numbers(tmp_path, idp: DemoIdP) -> None:  # type: ignore[no-untyped-def]
+    from gateway.config import parse_config
+
+    default = parse_config(_idp_config(tmp_path, idp), tmp_path)
+    assert default.identity_providers["adfs"].saml_versions == ("2.0",)
+    # unquoted in YAML, 1.1 and 2.0 are numbers: they mean the versions they spell
+    both = parse_config(_idp_config(tmp_path, idp, saml_versions=[1.1, 2.0]), tmp_path)
+    assert both.identity_providers["adfs"].saml_versions == ("1.1", "2.0")
+
+
+@pytest.mark.parametrize("versions", [["1.0"], [], ["2.0", "2.0"], ["3"]])
+def test_bad_saml_versions_name_the_key(tmp_path, idp: DemoIdP, versions: list[str]) -> None:  # type: ignore[no-untyped-def]
+    from gateway.config import parse_config
+    from gateway.errors import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        parse_config(_idp_config(tmp_path, idp, saml_versions=versions), tmp_path)
+    assert "identity_providers.adfs.saml_versions" in str(caught.value)
