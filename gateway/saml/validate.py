@@ -785,6 +785,14 @@ def _validate_encrypted(
     """Open the EncryptedAssertion, then hold what it held to every rule, as if bare."""
     _check_structure(root, None)
     response_signature = _response_signature(root, policy.allow_sha1)
+    if ev is not None:
+        where = "a bare" if encrypted is root else "a samlp:Response holding one"
+        ev.passed(
+            "envelope",
+            _ONE_ASSERTION + "; unique IDs, no ds:Object",
+            f"{where} saml:EncryptedAssertion"
+            + ("; the Response signed" if response_signature else ""),
+        )
     if response_signature is not None:
         # Checked before anything is decrypted: a forged envelope costs no private-key work.
         response_key = _verify_response(raw, root, response_signature[0], policy, now)

@@ -359,3 +359,33 @@ def test_a_missing_decryption_key_file_names_its_key(tmp_path: Path, idp: DemoId
     with pytest.raises(ConfigError) as caught:
         parse_config(_config(tmp_path, idp, ["missing.pem"]), tmp_path)
     assert "identity_providers.corp.decryption_keys: [0]" in str(caught.value)
+
+
+def test_explain_shows_decryption_and_then_every_rule(
+    idp: DemoIdP, sp: DemoIdP, enc_policy: TrustPolicy
+) -> None:
+    from gateway.saml.evidence import Evidence
+
+    evidence = Evidence()
+    raw = encrypt_assertion(signed(idp, "hidden@example.test"), sp.certificate_pem)
+    validate_assertion(raw, enc_policy, NOW, evidence=evidence)
+    names = [check.name for check in evidence.checks]
+    assert names[:3] == ["parse", "envelope", "decryption"]
+    assert names.index("signature") > names.index("decryption")
+    assert {"issuer", "audience", "recipient", "bearer confirmation"} <= set(names)
+    decryption = evidence.checks[2]
+    assert decryption.passed and "AES-256-GCM" in decryption.found and "test" in decryption.found
+    assert not any("hidden" in c.found or "hidden" in c.expected for c in evidence.checks)
+
+
+def test_explain_records_the_decryption_refusal_last(
+    idp: DemoIdP, sp: DemoIdP, enc_policy: TrustPolicy
+) -> None:
+    from gateway.saml.evidence import Evidence
+
+    evidence = Evidence()
+    raw = encrypt_assertion(signed(idp), sp.certificate_pem, transport="rsa-1_5")
+    with pytest.raises(InvalidAssertion):
+        validate_assertion(raw, enc_policy, NOW, evidence=evidence)
+    last = evidence.checks[-1]
+    assert (last.name, last.passed, last.reason) == ("decryption", False, "decryption")
