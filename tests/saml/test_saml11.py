@@ -389,3 +389,10 @@ def test_bad_saml_versions_name_the_key(tmp_path, idp: DemoIdP, versions: list[s
     with pytest.raises(ConfigError) as caught:
         parse_config(_idp_config(tmp_path, idp, saml_versions=versions), tmp_path)
     assert "identity_providers.adfs.saml_versions" in str(caught.value)
+
+
+def test_doctype_in_a_signed_saml11_assertion_is_refused(
+    idp: DemoIdP, policy11: TrustPolicy
+) -> None:
+    raw = idp.issue_saml11("j", audience=AUDIENCE, now=NOW)
+    assert reason_of(b'<!DOCTYPE a [<!ENTITY e "x">]>' + raw, policy11) == "dtd"
