@@ -18,13 +18,17 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from types import ModuleType
+from typing import TYPE_CHECKING
 
-import xmlsec
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from lxml import etree
 
 from gateway.errors import InvalidAssertion
+
+if TYPE_CHECKING:
+    import xmlsec
 
 _XENC = "http://www.w3.org/2001/04/xmlenc#"
 _XENC11 = "http://www.w3.org/2009/xmlenc11#"
@@ -53,9 +57,22 @@ _CBC = {
     f"{_XENC}aes256-cbc": "AES-256-CBC",
 }
 
-# xmlsec resolves URIs (CipherReference, RetrievalMethod) through its IO callbacks: with none
-# registered it can read no file and reach no network, whatever a document asks for.
-xmlsec.cleanup_callbacks()
+_LIBRARY: list[ModuleType] = []
+
+
+def _xmlsec() -> ModuleType:
+    """python-xmlsec, loaded on first use: only an IdP with decryption_keys needs it, so a
+    broken libxmlsec1 (its libxml2 must be lxml's) stops those IdPs' startup, not the rest."""
+    if not _LIBRARY:
+        try:
+            import xmlsec as library
+        except Exception as exc:  # ImportError, or xmlsec's libxml2 version check
+            raise ValueError(f"python-xmlsec cannot be loaded ({exc})") from None
+        # xmlsec resolves URIs (CipherReference, RetrievalMethod) through its IO callbacks:
+        # with none registered it reads no file and reaches no network, whatever is asked.
+        library.cleanup_callbacks()
+        _LIBRARY.append(library)
+    return _LIBRARY[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,11 +92,12 @@ class DecryptionKey:
             raise ValueError("not an unencrypted PEM private key") from None
         if not isinstance(private, rsa.RSAPrivateKey):
             raise ValueError(f"a {type(private).__name__}, not an RSA private key (RSA-OAEP)")
+        library = _xmlsec()
         try:
-            key = xmlsec.Key.from_memory(pem, xmlsec.constants.KeyDataFormatPem, None)
-        except xmlsec.Error:
+            key = library.Key.from_memory(pem, library.constants.KeyDataFormatPem, None)
+        except library.Error:
             raise ValueError("not a readable unencrypted PEM private key") from None
-        manager = xmlsec.KeysManager()
+        manager = library.KeysManager()
         manager.add_key(key)
         return cls(source, manager)
 
@@ -138,6 +156,7 @@ def decrypt_assertion(
     """The plaintext of ``encrypted`` (a saml:EncryptedAssertion) and words for explain."""
     if not keys:
         raise _refuse("no decryption_keys for this IdP", "decryption_keys to open it")
+    library = _xmlsec()  # loaded already: keys were made with it
     children = list(encrypted.iterchildren(etree.Element))
     data_elements = [c for c in children if c.tag == _ENCRYPTED_DATA]
     if len(data_elements) != 1 or any(
@@ -172,8 +191,8 @@ def decrypt_assertion(
         key_info.append(transported)
         attempt.insert(1, key_info)  # after EncryptionMethod, as the schema orders them
         try:
-            plain = xmlsec.EncryptionContext(key.manager).decrypt(attempt)
-        except (xmlsec.Error, ValueError, TypeError):
+            plain = library.EncryptionContext(key.manager).decrypt(attempt)
+        except (library.Error, ValueError, TypeError):
             continue  # the next key, for rollover; which one failed is nobody else's business
         if isinstance(plain, bytes) and plain:
             return plain, f"{content_name}, {transport} key transport, with {key.source}"
