@@ -389,3 +389,21 @@ def test_explain_records_the_decryption_refusal_last(
         validate_assertion(raw, enc_policy, NOW, evidence=evidence)
     last = evidence.checks[-1]
     assert (last.name, last.passed, last.reason) == ("decryption", False, "decryption")
+
+
+def test_an_unloadable_xmlsec_is_a_config_error_naming_the_key(
+    tmp_path: Path, idp: DemoIdP, sp: DemoIdP, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    from gateway.saml import decrypt
+
+    monkeypatch.setattr(decrypt, "_LIBRARY", [])
+    monkeypatch.setitem(sys.modules, "xmlsec", None)  # as if it failed to import
+    with pytest.raises(ConfigError) as caught:
+        _trust(tmp_path, idp, decryption_keys=(_pem(sp).decode(),))
+    message = str(caught.value)
+    assert "identity_providers.corp.decryption_keys[0]" in message
+    assert "python-xmlsec cannot be loaded" in message and "BEGIN" not in message
+    # and an IdP without decryption keys does not need it at all
+    assert _trust(tmp_path, idp).decryption_keys == ()
