@@ -50,6 +50,15 @@ def _http_url(value: str) -> str:
     return value
 
 
+def is_pem_text(value: str) -> bool:
+    """A key given inline (through ``${ENV}`` or ``${file:}``) rather than as a path."""
+    return value.lstrip().startswith("-----BEGIN ")
+
+
+def _version_text(value: Any) -> Any:
+    return f"{value:.1f}" if isinstance(value, float) else value
+
+
 def _existing_file(value: str) -> str:
     if not Path(value).is_file():
         raise ValueError(f"file not found: {value!r}")
@@ -130,6 +139,13 @@ class IdentityProvider(_Frozen):
     metadata: tuple[FilePath, ...] = ()
     allow_sha1: bool = False
     min_rsa_key_bits: int = Field(2048, ge=512)
+    # SAML 1.1 (AD FS, WS-Trust) is accepted only where an operator opts in.
+    saml_versions: tuple[Literal["1.1", "2.0"], ...] = Field(("2.0",), min_length=1)
+    # Private keys for saml:EncryptedAssertion (several for rollover): each a PEM file path or
+    # the PEM text itself (``${file:key.pem}``, ``${ENV}``); secret, so never printed.
+    decryption_keys: tuple[SecretStr, ...] = ()
+    # AES-CBC content encryption is open to padding-oracle attacks; GCM is the default.
+    allow_cbc_encryption: bool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -138,10 +154,35 @@ class IdentityProvider(_Frozen):
             data = dict(data)
             issuer = data.pop("issuer")
             data.setdefault("issuers", [issuer] if isinstance(issuer, str) else issuer)
-        for key in ("certificates", "metadata"):
+        for key in ("certificates", "metadata", "saml_versions", "decryption_keys"):
             if isinstance(data, dict) and isinstance(data.get(key), str):
                 data = {**data, key: [data[key]]}
+        if isinstance(data, dict) and isinstance(data.get("saml_versions"), list):
+            # YAML reads an unquoted 2.0 as a number: take it as the version it spells.
+            versions = data["saml_versions"]
+            data = {**data, "saml_versions": [_version_text(v) for v in versions]}
         return data
+
+    @field_validator("saml_versions")
+    @classmethod
+    def _versions_once(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(value)) != len(value):
+            raise ValueError("lists a version twice")
+        return value
+
+    @field_validator("decryption_keys")
+    @classmethod
+    def _readable_keys(cls, value: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
+        # The value is never quoted: it may be the key itself.
+        problems = [
+            f"[{i}]: neither PEM text nor an existing file"
+            for i, key in enumerate(value)
+            if not is_pem_text(key.get_secret_value())
+            and not Path(key.get_secret_value()).is_file()
+        ]
+        if problems:
+            raise ValueError("\n".join(problems))
+        return value
 
     @model_validator(mode="after")
     def _needs_keys(self) -> IdentityProvider:
@@ -703,7 +744,9 @@ def reference_problems(
 # --- loading ---------------------------------------------------------------------------
 
 _REFERENCE = re.compile(r"\$\{(?:(file):)?([^}]+)\}")
-_PATH_KEYS = frozenset({"certificates", "metadata", "key_file", "cert_file", "ca_file"})
+_PATH_KEYS = frozenset(
+    {"certificates", "metadata", "key_file", "cert_file", "ca_file", "decryption_keys"}
+)
 
 
 def _path(loc: tuple[int | str, ...]) -> str:
@@ -763,6 +806,8 @@ def _resolve(
 
 
 def _absolute_paths(value: Any, base: Path) -> Any:
+    if isinstance(value, str) and is_pem_text(value):  # a key given inline is no path
+        return value
     if isinstance(value, str):
         return str(base / value) if not Path(value).is_absolute() else value
     if isinstance(value, list):

@@ -249,6 +249,7 @@ def _cache_key(names: tuple[str, str], policy: TrustPolicy, server: Authorizatio
         policy.clock_skew.total_seconds(),
         policy.allow_sha1,
         policy.min_rsa_key_bits,
+        (sorted(policy.saml_versions), policy.allow_cbc_encryption),
     )
     fingerprint.update(repr(trust).encode())
     fingerprint.update(server.model_dump_json().encode())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Literal
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +28,9 @@ class Assertion:
     fingerprint: bytes = b""
     # The tolerance validation allowed on the time conditions (see ``accepted_until``).
     clock_skew: timedelta = timedelta(0)
+    # "1.1" (AD FS, WS-Trust) or "2.0": which grant or token type can carry ``raw``. For
+    # SAML 1.1, ``recipient`` is the audience that was matched (1.1 has no Recipient).
+    saml_version: Literal["1.1", "2.0"] = "2.0"
 
     @property
     def accepted_until(self) -> datetime:

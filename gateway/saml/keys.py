@@ -21,8 +21,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.utils import CryptographyDeprecationWarning
 
-from gateway.config import AssertionSettings, AuthorizationServer, IdentityProvider
+from gateway.config import AssertionSettings, AuthorizationServer, IdentityProvider, is_pem_text
 from gateway.errors import ConfigError, GatewayError
+from gateway.saml.decrypt import DecryptionKey
 from gateway.saml.xml import parse_xml
 
 _MD = "urn:oasis:names:tc:SAML:2.0:metadata"
@@ -64,6 +65,9 @@ class TrustPolicy:
     allow_sha1: bool = False
     min_rsa_key_bits: int = 2048
     idp_name: str = ""
+    saml_versions: frozenset[str] = frozenset({"2.0"})
+    decryption_keys: tuple[DecryptionKey, ...] = field(default=(), repr=False)
+    allow_cbc_encryption: bool = False
 
     def __post_init__(self) -> None:
         if not self.keys:
@@ -180,6 +184,16 @@ def build_trust_policy(
             problems.append(f"{where}: {exc}: {path!r}")
             continue
         add(ders, where, path)
+    decryption_keys: list[DecryptionKey] = []
+    for i, secret in enumerate(idp.decryption_keys):
+        where = f"{prefix}.decryption_keys[{i}]"
+        value = secret.get_secret_value()
+        # The value is never quoted, since it may be the key itself; a path may be.
+        pem = value.encode() if is_pem_text(value) else _read(value, where)
+        try:
+            decryption_keys.append(DecryptionKey.from_pem(pem, where))
+        except ValueError as exc:
+            problems.append(f"{where}: {exc}")
     if problems:
         raise ConfigError(problems)
     if not keys:
@@ -193,4 +207,7 @@ def build_trust_policy(
         allow_sha1=idp.allow_sha1,
         min_rsa_key_bits=idp.min_rsa_key_bits,
         idp_name=idp_name,
+        saml_versions=frozenset(idp.saml_versions),
+        decryption_keys=tuple(decryption_keys),
+        allow_cbc_encryption=idp.allow_cbc_encryption,
     )

@@ -1,8 +1,15 @@
 """Decide whether one decoded SAML document carries an assertion we accept.
 
 Rules this module owns (each check below names the attack it stops):
-- Exactly one ``saml:Assertion`` in the whole document, either the root or the only
+- Exactly one assertion (SAML 2.0 or 1.1) in the whole document, either the root or the only
   assertion child of a ``samlp:Response``; the assertion itself carries the signature.
+- A SAML 1.1 assertion (AD FS, WS-Trust) only for an IdP that opts in (``saml_versions``),
+  under the same rules: one place per rule, a version only says where SAML put each value
+  (``AssertionID``, the ``Issuer`` attribute, ``AudienceRestrictionCondition``, a Subject
+  per statement). SAML 1.1 has no Recipient: the audience stands in for it.
+- A ``saml:EncryptedAssertion`` (bare or the only one in a ``samlp:Response``) is opened
+  with the IdP's decryption keys (``decrypt``), and what it held is parsed by the one
+  hardened parser and must pass every rule here as if presented bare: signed, by itself.
 - The signature is pinned: a direct child of that assertion, one Reference to ``#<its ID>``,
   transforms exactly [enveloped-signature, exclusive c14n], no ``ds:Object``, allowed
   algorithms only; verified by signxml against the pinned keys only.
@@ -24,8 +31,9 @@ import base64
 import hashlib
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from typing import Literal
 
 from lxml import etree
 from signxml.algorithms import CanonicalizationMethod, DigestAlgorithm, SignatureMethod
@@ -34,6 +42,7 @@ from signxml.verifier import SignatureConfiguration, VerifyResult, XMLVerifier
 
 from gateway.errors import InvalidAssertion
 from gateway.saml.assertion import Assertion
+from gateway.saml.decrypt import decrypt_assertion
 from gateway.saml.evidence import (
     Evidence,
     duration_text,
@@ -47,10 +56,14 @@ from gateway.saml.keys import PinnedKey, TrustPolicy
 from gateway.saml.xml import hardened_parser, parse_xml
 
 _SAML = "urn:oasis:names:tc:SAML:2.0:assertion"
+_SAML1 = "urn:oasis:names:tc:SAML:1.0:assertion"
 _SAMLP = "urn:oasis:names:tc:SAML:2.0:protocol"
 _DS = "http://www.w3.org/2000/09/xmldsig#"
 
 _ASSERTION = f"{{{_SAML}}}Assertion"
+_ASSERTION1 = f"{{{_SAML1}}}Assertion"
+_ASSERTIONS = frozenset({_ASSERTION, _ASSERTION1})
+_ENCRYPTED_ASSERTION = f"{{{_SAML}}}EncryptedAssertion"
 _RESPONSE = f"{{{_SAMLP}}}Response"
 _SIGNATURE = f"{{{_DS}}}Signature"
 _OBJECT = f"{{{_DS}}}Object"
@@ -63,8 +76,44 @@ _CONDITIONS = f"{{{_SAML}}}Conditions"
 _AUDIENCE_RESTRICTION = f"{{{_SAML}}}AudienceRestriction"
 _AUDIENCE = f"{{{_SAML}}}Audience"
 _STATUS_CODE = f"{{{_SAMLP}}}Status/{{{_SAMLP}}}StatusCode"
+_SAML1_PREFIX = f"{{{_SAML1}}}"
+_SUBJECT1 = f"{{{_SAML1}}}Subject"
+_NAME_IDENTIFIER = f"{{{_SAML1}}}NameIdentifier"
+_CONFIRMATION1 = f"{{{_SAML1}}}SubjectConfirmation"
+_CONFIRMATION_METHOD1 = f"{{{_SAML1}}}ConfirmationMethod"
+
+
+@dataclass(frozen=True, slots=True)
+class _Version:
+    """Where one SAML version puts what the rules read; the rules themselves are shared."""
+
+    name: Literal["1.1", "2.0"]
+    id_attribute: str
+    conditions: str
+    audience_restriction: str
+    audience: str
+    restriction_words: str
+
+
+_SAML2 = _Version(
+    "2.0",
+    "ID",
+    _CONDITIONS,
+    _AUDIENCE_RESTRICTION,
+    _AUDIENCE,
+    "AudienceRestriction",
+)
+_SAML1_1 = _Version(
+    "1.1",
+    "AssertionID",
+    f"{{{_SAML1}}}Conditions",
+    f"{{{_SAML1}}}AudienceRestrictionCondition",
+    f"{{{_SAML1}}}Audience",
+    "AudienceRestrictionCondition",
+)
 
 _BEARER = "urn:oasis:names:tc:SAML:2.0:cm:bearer"
+_BEARER1 = "urn:oasis:names:tc:SAML:1.0:cm:bearer"
 _SUCCESS = "urn:oasis:names:tc:SAML:2.0:status:Success"
 _EXC_C14N = CanonicalizationMethod.EXCLUSIVE_XML_CANONICALIZATION_1_0.value
 _ENVELOPED = "http://www.w3.org/2000/09/xmldsig#enveloped-signature"
@@ -72,8 +121,9 @@ _ALLOWED_TRANSFORMS = frozenset({_ENVELOPED, _EXC_C14N})
 _TRANSFORMS = f"{{{_DS}}}Transforms"
 _TRANSFORM = f"{{{_DS}}}Transform"
 _INCLUSIVE_NAMESPACES = f"{{{_EXC_C14N}}}InclusiveNamespaces"
-# Attribute names signxml treats as IDs when it resolves a Reference: all must be unique.
-_ID_NAMES = frozenset({"ID", "Id", "id", "{http://www.w3.org/XML/1998/namespace}id"})
+# Attribute names signxml may treat as IDs when it resolves a Reference (it matches the local
+# name, whatever the namespace): all their values must be unique in the document.
+_ID_NAMES = frozenset({"ID", "Id", "id", "AssertionID"})
 
 _STRONG_METHODS = frozenset(
     {
@@ -119,11 +169,15 @@ def _reject(reason: str, check: str, found: str, expected: str = "") -> InvalidA
 
 # --- structure: which assertion, and is its signature where it must be ------------------
 
-_ONE_ASSERTION = "a saml:Assertion, or a samlp:Response (Status Success) holding exactly one"
+_ONE_ASSERTION = (
+    "a saml:Assertion or saml:EncryptedAssertion, or a samlp:Response (Status Success)"
+    " holding exactly one"
+)
 
 
 def _locate_assertion(root: etree._Element) -> etree._Element:
-    if root.tag == _ASSERTION:
+    """The one assertion (or EncryptedAssertion) of the document."""
+    if root.tag in _ASSERTIONS or root.tag == _ENCRYPTED_ASSERTION:
         assertion = root
     elif root.tag == _RESPONSE:
         code = root.find(_STATUS_CODE)
@@ -131,11 +185,9 @@ def _locate_assertion(root: etree._Element) -> etree._Element:
             raise _reject(
                 "malformed", "structure", f"Response status {shown(code.get('Value'))}", _SUCCESS
             )
-        children = root.findall(_ASSERTION)
+        children = root.findall(_ASSERTION) + root.findall(_ENCRYPTED_ASSERTION)
         if not children:
-            raise _reject(
-                "malformed", "structure", "a Response with no (unencrypted) saml:Assertion"
-            )
+            raise _reject("malformed", "structure", "a Response with no saml:Assertion")
         if len(children) > 1:
             raise _reject(
                 "wrapping", "structure", f"a Response holding {len(children)}", _ONE_ASSERTION
@@ -148,19 +200,20 @@ def _locate_assertion(root: etree._Element) -> etree._Element:
             f"document element {shown(etree.QName(root).localname)}",
             _ONE_ASSERTION,
         )
-    # Any other assertion in the document (inside Advice, ds:Object, a foreign wrapper) is
-    # how signature-wrapping attacks smuggle a second identity: refuse them all.
-    count = sum(1 for _ in root.iter(_ASSERTION))
+    # Any other assertion in the document (inside Advice, ds:Object, a foreign wrapper), of
+    # either version, is how signature-wrapping attacks smuggle a second identity.
+    count = sum(1 for _ in root.iter(_ASSERTION, _ASSERTION1, _ENCRYPTED_ASSERTION))
     if count != 1:
         raise _reject("wrapping", "structure", f"{count} saml:Assertion elements", "one")
     return assertion
 
 
-def _check_structure(root: etree._Element, assertion: etree._Element) -> None:
+def _check_structure(root: etree._Element, assertion: etree._Element | None) -> None:
+    """Unique IDs, no ds:Object, and signatures only on ``assertion`` and a Response."""
     seen: set[str | bytes] = set()
     for element in root.iter(etree.Element):
         for name, value in element.attrib.items():
-            if name in _ID_NAMES:
+            if str(name).rpartition("}")[2] in _ID_NAMES:
                 # Duplicate IDs let a Reference resolve to a different element than we read.
                 if value in seen:
                     raise _reject(
@@ -326,6 +379,7 @@ def _verify(
     policy: TrustPolicy,
     now: datetime,
     check: str = "signature",
+    id_attribute: str | None = None,
 ) -> tuple[etree._Element, PinnedKey]:
     """signxml's verdict on the serialised assertion ``data`` with each pinned key in turn.
 
@@ -340,6 +394,7 @@ def _verify(
                 data,
                 x509_cert=key.certificate,
                 parser=hardened_parser(),
+                id_attribute=id_attribute,
                 expect_config=config,
             )
         except InvalidDigest:
@@ -465,65 +520,147 @@ def _not_on_or_after(
             ev.passed(what, expected, found)
 
 
-def _claims(
-    signed: etree._Element, policy: TrustPolicy, now: datetime, ev: Evidence | None
-) -> tuple[str, str, tuple[str, ...], str, datetime]:
-    skew = policy.clock_skew
-    issuers = _texts(signed.findall(_ISSUER))
-    if len(issuers) != 1:
-        raise _reject(
-            "issuer", "issuer", f"{len(issuers)} Issuer elements", _one_of(policy.issuers)
-        )
-    if issuers[0] not in policy.issuers:
-        raise _reject("issuer", "issuer", shown(issuers[0]), _one_of(policy.issuers))
-    issuer = issuers[0]
+def _check_issuer(values: list[str], policy: TrustPolicy, ev: Evidence | None) -> str:
+    """Exactly one Issuer, and it is in the allow-list."""
+    if len(values) != 1:
+        raise _reject("issuer", "issuer", f"{len(values)} Issuer elements", _one_of(policy.issuers))
+    if values[0] not in policy.issuers:
+        raise _reject("issuer", "issuer", shown(values[0]), _one_of(policy.issuers))
     if ev is not None:
-        ev.passed("issuer", _one_of(policy.issuers), shown(issuer))
+        ev.passed("issuer", _one_of(policy.issuers), shown(values[0]))
+    return values[0]
 
-    conditions = signed.findall(_CONDITIONS)
+
+def _check_conditions(
+    signed: etree._Element,
+    version: _Version,
+    policy: TrustPolicy,
+    now: datetime,
+    ev: Evidence | None,
+) -> tuple[tuple[str, ...], datetime | None]:
+    """Conditions' time window and audience restrictions: the audiences and the expiry."""
+    skew = policy.clock_skew
+    conditions = signed.findall(version.conditions)
     if len(conditions) > 1:
         raise _reject("malformed", "audience", f"{len(conditions)} Conditions", "one")
-    limit: datetime | None = None
+    if not conditions:
+        found = f"no Conditions, so no {version.restriction_words}"
+        raise _reject("audience", "audience", found, shown(policy.audience))
+    cond = conditions[0]
+    not_before = _parse_instant(cond.get("NotBefore"), "Conditions NotBefore")
+    limit = _parse_instant(cond.get("NotOnOrAfter"), "Conditions NotOnOrAfter")
+    _not_before(not_before, now, skew, "Conditions NotBefore", ev)
+    _not_on_or_after(limit, now, skew, "Conditions NotOnOrAfter", ev)
+    restrictions = cond.findall(version.audience_restriction)
     audiences: list[str] = []
-    if conditions:
-        cond = conditions[0]
-        not_before = _parse_instant(cond.get("NotBefore"), "Conditions NotBefore")
-        limit = _parse_instant(cond.get("NotOnOrAfter"), "Conditions NotOnOrAfter")
-        _not_before(not_before, now, skew, "Conditions NotBefore", ev)
-        _not_on_or_after(limit, now, skew, "Conditions NotOnOrAfter", ev)
-        restrictions = cond.findall(_AUDIENCE_RESTRICTION)
-        # Each AudienceRestriction must name us (SAML core 2.5.1.4), and there must be one.
-        for restriction in restrictions:
-            values = _texts(restriction.findall(_AUDIENCE))
-            if policy.audience not in values:
-                found = ", ".join(shown(v) for v in values) or "an empty AudienceRestriction"
-                raise _reject("audience", "audience", found, shown(policy.audience))
-            audiences.extend(values)
-        if not restrictions:
-            raise _reject("audience", "audience", "no AudienceRestriction", shown(policy.audience))
-    else:
-        found = "no Conditions, so no AudienceRestriction"
+    # Each restriction must name us (SAML 2.0 core 2.5.1.4, SAML 1.1 core 2.3.2.1.1), and
+    # there must be one: an assertion meant for everyone is meant for any relying party.
+    for restriction in restrictions:
+        values = _texts(restriction.findall(version.audience))
+        if policy.audience not in values:
+            found = ", ".join(shown(v) for v in values) or f"an empty {version.restriction_words}"
+            raise _reject("audience", "audience", found, shown(policy.audience))
+        audiences.extend(values)
+    if not restrictions:
+        found = f"no {version.restriction_words}"
         raise _reject("audience", "audience", found, shown(policy.audience))
     if ev is not None:
         ev.passed("audience", shown(policy.audience), ", ".join(shown(a) for a in audiences))
+    return tuple(audiences), limit
 
+
+def _plain_name(subject: etree._Element, tag: str) -> str:
+    """The one plain-text name identifier of a Subject."""
+    names = subject.findall(tag)
+    if len(names) != 1 or len(names[0]) or not (names[0].text or "").strip():
+        what = etree.QName(tag).localname
+        raise _reject(
+            "malformed", "subject", "none, several or structured", f"one plain-text {what}"
+        )
+    # Comments were dropped before verification and signxml re-parses canonical text, so this
+    # is the whole value, exactly as signed.
+    return (names[0].text or "").strip()
+
+
+def _claims(
+    signed: etree._Element, policy: TrustPolicy, now: datetime, ev: Evidence | None
+) -> tuple[str, str, tuple[str, ...], str, datetime]:
+    issuer = _check_issuer(_texts(signed.findall(_ISSUER)), policy, ev)
+    audiences, limit = _check_conditions(signed, _SAML2, policy, now, ev)
     subjects = signed.findall(_SUBJECT)
     if len(subjects) != 1:
         raise _reject("subject_confirmation", "subject", f"{len(subjects)} Subject", "one")
-    name_ids = subjects[0].findall(_NAME_ID)
-    if len(name_ids) != 1 or len(name_ids[0]) or not (name_ids[0].text or "").strip():
-        raise _reject(
-            "malformed", "subject", "none, several or structured", "one plain-text NameID"
-        )
-    # Comments were dropped before verification and signxml re-parses canonical text, so this
-    # is the whole NameID value, exactly as signed.
-    subject = (name_ids[0].text or "").strip()
+    subject = _plain_name(subjects[0], _NAME_ID)
     if ev is not None:  # the NameID is personal data: its value is never shown
         ev.passed("subject", "one plain-text NameID", "one NameID (value not shown)")
 
     recipient, confirmation_limit = _bearer_confirmation(subjects[0], policy, now, ev)
     limit = confirmation_limit if limit is None else min(limit, confirmation_limit)
-    return issuer, subject, tuple(audiences), recipient, limit
+    return issuer, subject, audiences, recipient, limit
+
+
+def _claims_saml11(
+    signed: etree._Element, policy: TrustPolicy, now: datetime, ev: Evidence | None
+) -> tuple[str, str, tuple[str, ...], str, datetime]:
+    """SAML 1.1: Issuer is an attribute, each statement has its own Subject, no Recipient."""
+    issuer_value = signed.get("Issuer")
+    issuer = _check_issuer([] if issuer_value is None else [issuer_value.strip()], policy, ev)
+    audiences, limit = _check_conditions(signed, _SAML1_1, policy, now, ev)
+    if limit is None:
+        # 2.0 takes its expiry from the bearer confirmation; 1.1 has only this one.
+        raise _reject(
+            "malformed",
+            "Conditions NotOnOrAfter",
+            "none",
+            "an expiry (SAML 1.1 has no other)",
+        )
+    statements = [
+        child
+        for child in signed.iterchildren(etree.Element)
+        if child.tag.startswith(_SAML1_PREFIX) and child.tag.endswith("Statement")
+    ]
+    if not statements:
+        raise _reject(
+            "subject_confirmation", "subject", "no statement", "a statement with a Subject"
+        )
+    subject: str | None = None
+    for statement in statements:
+        subjects = statement.findall(_SUBJECT1)
+        if len(subjects) != 1:
+            found = f"{len(subjects)} Subject in a {etree.QName(statement).localname}"
+            raise _reject("subject_confirmation", "subject", found, "one in every statement")
+        name = _plain_name(subjects[0], _NAME_IDENTIFIER)
+        # Every statement speaks of one principal: two names would let the authorization
+        # server and the gateway read different identities from one signed assertion.
+        if subject is not None and name != subject:
+            raise _reject(
+                "malformed", "subject", "statements naming different subjects", "one NameIdentifier"
+            )
+        subject = name
+        # A holder-of-key or sender-vouches statement is not ours to accept as a bearer.
+        methods = _texts(subjects[0].iterfind(f"{_CONFIRMATION1}/{_CONFIRMATION_METHOD1}"))
+        if _BEARER1 not in methods:
+            raise _reject(
+                "subject_confirmation",
+                "bearer confirmation",
+                f"a {etree.QName(statement).localname} without it",
+                f"ConfirmationMethod {_BEARER1} in every statement's Subject",
+            )
+    if ev is not None:
+        ev.passed(
+            "subject",
+            "one plain-text NameIdentifier, the same in every statement",
+            f"{len(statements)} statement(s), one NameIdentifier (value not shown)",
+        )
+        ev.passed(
+            "bearer confirmation", f"ConfirmationMethod {_BEARER1} in each", "present in each"
+        )
+        ev.passed(
+            "recipient",
+            "SAML 1.1 has no Recipient: the audience stands in for it",
+            shown(policy.audience),
+        )
+    return issuer, subject or "", audiences, policy.audience, limit
 
 
 def _bearer_confirmation(
@@ -605,7 +742,7 @@ def validate_assertion(
     """
     if now.tzinfo is None:
         now = now.replace(tzinfo=UTC)
-    assertion: etree._Element | None = None
+    located: list[etree._Element] = []  # the assertion checked last, for the log's ID
     try:
         root = parse_xml(raw)
         if evidence is not None:
@@ -615,17 +752,77 @@ def validate_assertion(
                 f"<{printable(etree.QName(root).localname)}>, {len(raw)} bytes",
             )
         assertion = _locate_assertion(root)
+        located.append(assertion)
+        if assertion.tag == _ENCRYPTED_ASSERTION:
+            return _validate_encrypted(raw, root, assertion, policy, now, digest, evidence, located)
         return _validate(raw, root, assertion, policy, now, digest, evidence)
     except InvalidAssertion as exc:
         if not exc.check:  # the parser's own refusals (malformed, dtd)
             exc = _reject(exc.reason, "parse", exc.detail)
         if evidence is not None:
             evidence.failed(exc.check, exc.reason, exc.expected, exc.found)
-        if assertion is not None:
-            exc.unverified_id = assertion.get("ID")
-            issuer = assertion.find(_ISSUER)
-            exc.unverified_issuer = None if issuer is None else (issuer.text or "").strip()
+        if located:
+            last = located[-1]
+            exc.unverified_id = last.get("ID") or last.get("AssertionID")
+            issuer = last.find(_ISSUER)
+            if issuer is not None:
+                exc.unverified_issuer = (issuer.text or "").strip()
+            elif last.get("Issuer") is not None:
+                exc.unverified_issuer = (last.get("Issuer") or "").strip()
         raise exc from None
+
+
+def _validate_encrypted(
+    raw: bytes,
+    root: etree._Element,
+    encrypted: etree._Element,
+    policy: TrustPolicy,
+    now: datetime,
+    digest: bytes | None,
+    ev: Evidence | None,
+    located: list[etree._Element],
+) -> Assertion:
+    """Open the EncryptedAssertion, then hold what it held to every rule, as if bare."""
+    _check_structure(root, None)
+    response_signature = _response_signature(root, policy.allow_sha1)
+    if ev is not None:
+        where = "a bare" if encrypted is root else "a samlp:Response holding one"
+        ev.passed(
+            "envelope",
+            _ONE_ASSERTION + "; unique IDs, no ds:Object",
+            f"{where} saml:EncryptedAssertion"
+            + ("; the Response signed" if response_signature else ""),
+        )
+    if response_signature is not None:
+        # Checked before anything is decrypted: a forged envelope costs no private-key work.
+        response_key = _verify_response(raw, root, response_signature[0], policy, now)
+        if ev is not None:
+            ev.passed(
+                "Response signature",
+                "a signature by a pinned certificate",
+                f"verified by {key_text(response_key)}",
+            )
+    plain, words = decrypt_assertion(encrypted, policy.decryption_keys, policy.allow_cbc_encryption)
+    if ev is not None:
+        ev.passed(
+            "decryption", "RSA-OAEP key transport, AES-GCM content (or CBC if allowed)", words
+        )
+    try:
+        inner_root = parse_xml(plain)  # the one hardened parser, for decrypted bytes too
+    except InvalidAssertion as exc:
+        if exc.reason != "malformed":
+            raise
+        # Garbage out of a tampered ciphertext is a decryption failure like any other.
+        raise _reject(
+            "decryption", "decryption", "the plaintext is not XML", "an assertion"
+        ) from None
+    if inner_root.tag not in _ASSERTIONS:
+        found = f"an EncryptedAssertion holding {shown(etree.QName(inner_root).localname)}"
+        raise _reject("malformed", "structure", found, "one saml:Assertion")
+    inner = _locate_assertion(inner_root)  # one assertion in there too, nothing wrapped
+    located.append(inner)
+    # The presented bytes stay the cache's digest; the plaintext goes to the token request.
+    return _validate(plain, inner_root, inner, policy, now, digest or assertion_digest(raw), ev)
 
 
 def _validate(
@@ -637,12 +834,33 @@ def _validate(
     digest: bytes | None,
     ev: Evidence | None,
 ) -> Assertion:
-    assertion_id = assertion.get("ID")
+    version = _SAML1_1 if assertion.tag == _ASSERTION1 else _SAML2
+    assertion_id = assertion.get(version.id_attribute)
     if not assertion_id:
-        raise _reject("malformed", "structure", "an assertion with no ID", "an ID attribute")
-    if assertion.get("Version") != "2.0":
+        raise _reject(
+            "malformed",
+            "structure",
+            "an assertion with no ID",
+            f"an {version.id_attribute} attribute",
+        )
+    if version is _SAML2 and assertion.get("Version") != "2.0":
         raise _reject(
             "malformed", "structure", f"Version {shown(assertion.get('Version'))}", "SAML 2.0"
+        )
+    if version is _SAML1_1 and (assertion.get("MajorVersion"), assertion.get("MinorVersion")) != (
+        "1",
+        "1",
+    ):
+        found = f"MajorVersion {shown(assertion.get('MajorVersion'))}, MinorVersion "
+        found += shown(assertion.get("MinorVersion"))
+        raise _reject("malformed", "structure", found, "SAML 1.1")
+    if version.name not in policy.saml_versions:
+        # An IdP that never sends 1.1 should not have its keys accepted on 1.1 documents.
+        raise _reject(
+            "version",
+            "structure",
+            f"a SAML {version.name} assertion",
+            "SAML " + " or ".join(sorted(policy.saml_versions)) + " (saml_versions)",
         )
     _check_structure(root, assertion)
     signature = _only_signature(assertion, "assertion")
@@ -650,7 +868,7 @@ def _validate(
     response_signature = _response_signature(root, policy.allow_sha1)
     if ev is not None:
         where = (
-            "a bare saml:Assertion"
+            f"a bare SAML {version.name} assertion"
             if assertion is root
             else "a samlp:Response holding one saml:Assertion"
         )
@@ -675,9 +893,10 @@ def _validate(
     # Reference anywhere else in the document. lxml keeps the in-scope namespace declarations
     # and exclusive c14n ignores unused ones, so these bytes stand alone, signature valid.
     assertion_xml = etree.tostring(assertion, with_tail=False)
-    signed, key = _verify(assertion_xml, signature, policy, now)
+    id_attribute = version.id_attribute if version is _SAML1_1 else None
+    signed, key = _verify(assertion_xml, signature, policy, now, id_attribute=id_attribute)
     # What signxml vouches for must be the assertion we located, not some other element.
-    if signed.tag != _ASSERTION or signed.get("ID") != assertion_id:
+    if signed.tag != assertion.tag or signed.get(version.id_attribute) != assertion_id:
         raise _reject(
             "wrapping", "signature", "it covers another element", "the presented assertion"
         )
@@ -693,7 +912,8 @@ def _validate(
                 "a signature by a pinned certificate",
                 f"verified by {key_text(response_key)}",
             )
-    issuer, subject, audiences, recipient, limit = _claims(signed, policy, now, ev)
+    read_claims = _claims_saml11 if version is _SAML1_1 else _claims
+    issuer, subject, audiences, recipient, limit = read_claims(signed, policy, now, ev)
     return Assertion(
         id=assertion_id,
         issuer=issuer,
@@ -711,6 +931,7 @@ def _validate(
             etree.tostring(signed, method="c14n", exclusive=True, with_comments=False)
         ).digest(),
         clock_skew=policy.clock_skew,
+        saml_version=version.name,
     )
 
 

@@ -100,3 +100,50 @@ def test_xmlsec1_signed_assertion_is_accepted(
     with pytest.raises(InvalidAssertion) as caught:
         validate_assertion(raw.replace(b"xmlsec@", b"xmlsex@"), make_policy(signer), NOW)
     assert caught.value.reason == "signature"
+
+
+def _saml11_template(idp: DemoIdP) -> etree._Element:
+    """A SAML 1.1 assertion with an empty signature template last, as AD FS places it."""
+    assertion = idp.build_saml11_assertion("adfs@example.test", audience=AUDIENCE, now=NOW)
+    template = _template(idp, "rsa").find(f"{{{DS_NS}}}Signature")  # the 2.0 one's shape
+    reference = template.find(f"{{{DS_NS}}}SignedInfo/{{{DS_NS}}}Reference")
+    reference.set("URI", "#" + assertion.get("AssertionID"))
+    assertion.append(template)
+    return assertion
+
+
+def test_xmlsec1_signed_saml11_assertion_is_accepted(
+    idp: DemoIdP, make_policy: PolicyFactory, tmp_path: Path
+) -> None:
+    key = tmp_path / "key.pem"
+    key.write_bytes(
+        idp.private_key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+    )
+    cert = idp.write_certificate(tmp_path / "cert.pem")
+    template = tmp_path / "template11.xml"
+    template.write_bytes(etree.tostring(_saml11_template(idp)))
+    out = tmp_path / "signed11.xml"
+    subprocess.run(
+        [
+            str(XMLSEC1),
+            "--sign",
+            "--privkey-pem",
+            f"{key},{cert}",
+            "--id-attr:AssertionID",
+            "urn:oasis:names:tc:SAML:1.0:assertion:Assertion",
+            "--output",
+            str(out),
+            str(template),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    raw = out.read_bytes()
+    assert b"<ds:SignatureValue>" in raw and b"<ds:SignatureValue/>" not in raw
+    policy = make_policy(idp, saml_versions=frozenset({"1.1"}))
+    result = validate_assertion(raw, policy, NOW)
+    assert (result.saml_version, result.subject) == ("1.1", "adfs@example.test")
+    with pytest.raises(InvalidAssertion) as caught:
+        validate_assertion(raw.replace(b"adfs@", b"adfx@"), policy, NOW)
+    assert caught.value.reason == "signature"
