@@ -31,7 +31,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from gateway.config import GRANT_TYPE_SAML2_BEARER, AuthorizationServer
-from gateway.errors import ConfigError, InvalidAssertion, Unavailable, UpstreamError
+from gateway.errors import ConfigError, InvalidAssertion, ServerFault, Unavailable, UpstreamError
 from gateway.oauth.client_auth import (
     CLIENT_ASSERTION_TYPE,
     SigningKey,
@@ -72,6 +72,7 @@ SERVER_ERROR = "as_server_error"
 BAD_RESPONSE = "as_bad_response"
 TOO_LARGE = "as_response_too_large"
 REJECTED = "as_rejected"
+GRANT_MISMATCH = "as_grant_mismatch"
 
 # RFC 6750 §2.1 allows a narrower alphabet, but real tokens (JWTs, opaque strings) stay within
 # visible ASCII; anything else could split or forge a header when we forward it.
@@ -131,12 +132,17 @@ def build_token_request(
     now: float,
     jti: str,
     signing_key: SigningKey | None = None,
+    saml_version: str = "2.0",
 ) -> TokenRequest:
     """The RFC 7522 request for ``assertion`` (the decoded document) at ``server``.
 
     ``jti`` makes the ``private_key_jwt`` client assertion unique; ``signing_key`` is the key
     loaded once for that method and is ignored by the others.
     """
+    if saml_version != "2.0":
+        raise UpstreamError(
+            GRANT_MISMATCH, f"the grant cannot carry a SAML {saml_version} assertion"
+        )
     fields: list[tuple[str, str]] = [
         ("grant_type", GRANT_TYPE_SAML2_BEARER),
         ("assertion", encode_assertion(assertion, server.assertion_encoding)),
@@ -201,7 +207,7 @@ def parse_token_response(
     if isinstance(error, str) and (status >= 400 or "access_token" not in fields):
         _raise_oauth_error(error, fields, status, retry_after)
     if status >= 500:
-        raise UpstreamError(SERVER_ERROR, f"HTTP {status}")
+        raise ServerFault(SERVER_ERROR, f"HTTP {status}")
     if status in (401, 403):
         # RFC 6749 §5.2: a 401 without a usable body is still a client-authentication failure.
         raise UpstreamError("invalid_client", f"HTTP {status} without an OAuth error body")
@@ -243,7 +249,7 @@ def _raise_oauth_error(
     if error in CLIENT_ERRORS:
         raise UpstreamError(error, detail)
     if error == "server_error" or status >= 500:
-        raise UpstreamError(SERVER_ERROR, f"HTTP {status} {_code(error)} {detail}".strip())
+        raise ServerFault(SERVER_ERROR, f"HTTP {status} {_code(error)} {detail}".strip())
     raise UpstreamError(REJECTED, f"HTTP {status} {_code(error)} {detail}".strip())
 
 
