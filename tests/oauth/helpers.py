@@ -88,11 +88,17 @@ class RecordingTokenEndpoint:
         self.origin = ""
 
     async def handle(self, request: web.Request) -> web.Response:
-        self.requests.append(
-            Recorded(request.method, request.path_qs, dict(request.headers), await request.read())
-        )
-        token = f"vendor-token-{len(self.requests)}"
-        return web.json_response({"access_token": token, "token_type": "Bearer", "expires_in": 600})
+        body = await request.read()
+        self.requests.append(Recorded(request.method, request.path_qs, dict(request.headers), body))
+        answer = {
+            "access_token": f"vendor-token-{len(self.requests)}",
+            "token_type": "Bearer",
+            "expires_in": 600,
+        }
+        if b"grant-type%3Atoken-exchange" in body:
+            # RFC 8693 §2.2.1: a token exchange answer says what it issued.
+            answer["issued_token_type"] = "urn:ietf:params:oauth:token-type:access_token"
+        return web.json_response(answer)
 
     async def start(self) -> None:
         app = web.Application()
