@@ -1,14 +1,17 @@
-"""Helpers for the RFC 7522 client tests: assertion values, server profiles, PEM keys."""
+"""Helpers for the token client tests: assertion values, server settings, PEM keys, a form
+poster and a recording token endpoint."""
 
 from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -55,6 +58,15 @@ def profile(token_url: str, **overrides: Any) -> AuthorizationServer:
     }
     data.update(overrides)
     return AuthorizationServer.model_validate(data)
+
+
+async def post_form(
+    url: str, form: dict[str, str], headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, object]]:
+    """POST ``form`` as a client would; the status and the JSON answer."""
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url, data=form, headers=headers or {}) as response:
+            return response.status, json.loads(await response.read())
 
 
 def pem_private(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> bytes:

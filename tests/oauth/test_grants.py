@@ -22,6 +22,7 @@ from gateway.config import IdentityProvider, parse_config
 from gateway.errors import ConfigError, InvalidAssertion, UpstreamError
 
 from .helpers import MakeClient, StartAs, assertion, profile
+from .helpers import post_form as _post
 
 SAML2_BEARER = "urn:ietf:params:oauth:grant-type:saml2-bearer"
 SAML1_BEARER = "urn:ietf:params:oauth:grant-type:saml1_1-bearer"
@@ -264,8 +265,6 @@ def _exchange_form(raw: bytes, **changes: str | None) -> dict[str, str]:
 async def test_fake_refuses_a_bad_token_exchange(
     changes: dict[str, str | None], error: str, start_as: StartAs
 ) -> None:
-    from .test_fake_as import _post
-
     fake = await start_as(client_auth="none", client_id=None, grant_types=[TOKEN_EXCHANGE])
     raw = assertion().raw
     assert (await _post(fake.token_url, _exchange_form(raw)))[0] == 200
@@ -275,8 +274,6 @@ async def test_fake_refuses_a_bad_token_exchange(
 
 
 async def test_fake_refuses_padding_where_base64url_is_required(start_as: StartAs) -> None:
-    from .test_fake_as import _post
-
     fake = await start_as(
         client_auth="none", client_id=None, grant_types=[TOKEN_EXCHANGE, SAML1_BEARER]
     )
