@@ -80,6 +80,8 @@ class Documented:
     basic: str | None  # the decoded "id:secret" of Authorization: Basic, None: no header
     form: dict[str, str]  # every field but the assertion
     assertion_field: str = "assertion"  # where the assertion goes (RFC 8693: subject_token)
+    assertion_encoding: str = "base64url"
+    saml11: bool = False  # the IdP issues SAML 1.1 (AD FS over WS-Trust)
     headers: dict[str, str] = field(default_factory=dict)  # further headers required
     assertion_attributes: dict[str, str] = field(default_factory=dict)
     # A variant of an example: the file, and the changes its comments describe.
@@ -144,7 +146,27 @@ DOCUMENTED = {
         },
         assertion_field="subject_token",
     ),
+    "entra-id-adfs": Documented(
+        method="POST",
+        path_and_query="/contoso.onmicrosoft.com/oauth2/v2.0/token",
+        basic=None,
+        form={
+            "grant_type": SAML1_BEARER,
+            "client_id": "11111111-2222-3333-4444-555555555555",
+            "client_secret": "Entra~Secret.9+/=",
+            "scope": "https://graph.microsoft.com/.default",
+        },
+        assertion_encoding="base64",
+        saml11=True,
+    ),
 }
+# The whole way for SAML 1.1 needs the SAML 1.1 validator and the demo IdP's SAML 1.1
+# issuer (their branch): a strict xfail until they are there, an ordinary test after.
+SAML11_PENDING = pytest.mark.xfail(
+    not hasattr(DemoIdP, "issue_saml11"),
+    reason="SAML 1.1 validation and issue_saml11 come with the SAML 1.1 branch",
+    strict=True,
+)
 
 
 class Upstream:
@@ -206,7 +228,13 @@ def b64url_decode(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-@pytest.mark.parametrize("name", sorted(DOCUMENTED))
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(name, marks=SAML11_PENDING) if DOCUMENTED[name].saml11 else name
+        for name in sorted(DOCUMENTED)
+    ],
+)
 async def test_example_sends_the_documented_request(
     name: str,
     tmp_path: Path,
@@ -226,13 +254,18 @@ async def test_example_sends_the_documented_request(
         on_loopback(name, tmp_path, idp, token_endpoint.origin, upstream.url, documented.changes)
     )
     (loaded,) = config.authorization_servers.values()
-    raw = idp.issue(
-        "alice@example.com",
-        audience=server["audience"],
-        recipient=loaded.recipients[0],
-        now=datetime.now(UTC),
-        attributes=documented.assertion_attributes or None,
-    )
+    if documented.saml11:
+        raw = idp.issue_saml11(
+            "alice@example.com", audience=server["audience"], now=datetime.now(UTC)
+        )
+    else:
+        raw = idp.issue(
+            "alice@example.com",
+            audience=server["audience"],
+            recipient=loaded.recipients[0],
+            now=datetime.now(UTC),
+            attributes=documented.assertion_attributes or None,
+        )
     gateway = GatewayServer(config)
     await gateway.start()
     try:
@@ -267,9 +300,12 @@ async def test_example_sends_the_documented_request(
     form = dict(fields)
     assertion = form.pop(documented.assertion_field)
     assert form == documented.form
-    # base64url without padding (RFC 7522 §2.1), of the very bytes the IdP signed
-    assert re.fullmatch(r"[A-Za-z0-9_-]+", assertion)
-    assert b64url_decode(assertion) == raw
+    if documented.assertion_encoding == "base64":
+        assert base64.b64decode(assertion, validate=True) == raw
+    else:
+        # base64url without padding (RFC 7522 §2.1), of the very bytes the IdP signed
+        assert re.fullmatch(r"[A-Za-z0-9_-]+", assertion)
+        assert b64url_decode(assertion) == raw
 
 
 async def test_entra_example_sends_microsofts_request(
