@@ -109,7 +109,7 @@ async def bench_burst() -> None:
         nonlocal max_waiters
         entry = cache.lookup("as", presented.digest)
         if entry is None:
-            pending = cache.obtain("as", presented, lambda a: client.exchange("as", a))
+            pending = cache.obtain("as", presented, lambda a: client.exchange("as", a.raw))
             task = asyncio.ensure_future(pending)
             await asyncio.sleep(0)
             max_waiters = max(max_waiters, cache.waiters)

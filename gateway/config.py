@@ -36,7 +36,15 @@ from pydantic import (
 
 from gateway.errors import ConfigError
 
+# Grant and token type identifiers (RFC 7522, Entra ID's SAML 1.1 grant, RFC 8693 §3):
+# names, not secrets, whatever the linter's S105 guesses from "TOKEN".
 GRANT_TYPE_SAML2_BEARER = "urn:ietf:params:oauth:grant-type:saml2-bearer"
+GRANT_TYPE_SAML1_BEARER = "urn:ietf:params:oauth:grant-type:saml1_1-bearer"
+GRANT_TYPE_TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"  # noqa: S105
+TOKEN_TYPE_SAML2 = "urn:ietf:params:oauth:token-type:saml2"  # noqa: S105
+TOKEN_TYPE_SAML1 = "urn:ietf:params:oauth:token-type:saml1"  # noqa: S105
+TOKEN_TYPE_ACCESS_TOKEN = "urn:ietf:params:oauth:token-type:access_token"  # noqa: S105
+TOKEN_TYPE_JWT = "urn:ietf:params:oauth:token-type:jwt"  # noqa: S105
 
 
 class _Frozen(BaseModel):
@@ -236,8 +244,48 @@ _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 §5.6.2
 _HEADER_VALUE = re.compile(r"[\x20-\x7e]*")
 
 
+Grant = Literal["saml2-bearer", "saml1-bearer", "token-exchange"]
+# The SAML versions each grant can carry: the bearer grants name their version in the
+# grant_type, RFC 8693 names it in subject_token_type.
+GRANT_SAML_VERSIONS: Mapping[str, tuple[str, ...]] = {
+    "saml2-bearer": ("2.0",),
+    "saml1-bearer": ("1.1",),
+    "token-exchange": ("1.1", "2.0"),
+}
+
+
+def _absolute_uri(value: str) -> str:
+    # RFC 8693 §2.1: a resource is an absolute URI without a fragment.
+    parts = urlsplit(value)
+    if not parts.scheme or not (parts.netloc or parts.path) or "#" in value:
+        raise ValueError(f"not an absolute URI without a fragment: {value!r}")
+    return value
+
+
+class TokenExchange(_Frozen):
+    """The RFC 8693 request parameters of a ``grant: token-exchange`` server."""
+
+    requested_token_type: (
+        Literal[
+            "urn:ietf:params:oauth:token-type:access_token", "urn:ietf:params:oauth:token-type:jwt"
+        ]
+        | None
+    ) = None
+    audience: str | None = None
+    resource: tuple[Annotated[str, AfterValidator(_absolute_uri)], ...] = ()
+    scope: tuple[str, ...] = ()
+
+    @field_validator("scope", "resource", mode="before")
+    @classmethod
+    def _one_or_several(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, str):
+            return value.split() if info.field_name == "scope" else [value]
+        return value
+
+
 class AuthorizationServer(_Frozen):
-    """An OAuth token endpoint that accepts the RFC 7522 SAML 2.0 bearer grant."""
+    """An OAuth token endpoint that takes a SAML assertion: the RFC 7522 bearer grant (SAML
+    2.0 or, as Entra ID does, 1.1) or an RFC 8693 token exchange."""
 
     token_url: HttpUrl
     client_id: str | None = None
@@ -266,6 +314,8 @@ class AuthorizationServer(_Frozen):
     client_id_in_body: bool = False
     # Static extra headers on the token request (X-CF-ENCODED-CREDENTIALS for UAA/XSUAA).
     headers: Mapping[str, SecretStr] = Field(default_factory=dict)
+    grant: Grant = "saml2-bearer"
+    token_exchange: TokenExchange | None = None
 
     @field_validator("scope", mode="before")
     @classmethod
@@ -333,6 +383,24 @@ class AuthorizationServer(_Frozen):
                 raise ValueError(f"client_auth {self.client_auth!r} needs 'client_secret'")
         if self.client_auth == "private_key_jwt" and self.private_key_jwt is None:
             raise ValueError("client_auth 'private_key_jwt' needs 'private_key_jwt.key_file'")
+        return self
+
+    @model_validator(mode="after")
+    def _grant_fits(self) -> AuthorizationServer:
+        problems = []
+        if self.grant != "token-exchange" and self.token_exchange is not None:
+            problems.append(_at("token_exchange", f"set, but grant is {self.grant!r}"))
+        if self.grant == "token-exchange":
+            if self.scope:
+                # One place for the scope: the RFC 8693 parameters live together.
+                problems.append(_at("scope", "with grant token-exchange, use token_exchange.scope"))
+            if self.assertion_encoding != "base64url":
+                # RFC 8693 §3: a SAML subject_token is base64url; there is no other spelling.
+                problems.append(
+                    _at("assertion_encoding", "grant token-exchange sends base64url only")
+                )
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
     @property
@@ -711,6 +779,10 @@ class Config(_Frozen):
     def _references_exist(self) -> Config:
         routes = [(r.identity_provider, r.authorization_server) for r in self.routes]
         problems = reference_problems(routes, self.identity_providers, self.authorization_servers)
+        if not problems:
+            problems = grant_problems(
+                self.routes, self.identity_providers, self.authorization_servers
+            )
         if problems:
             raise ConfigError(problems)
         return self
@@ -739,6 +811,36 @@ def reference_problems(
                 listed = ", ".join(sorted(known))
                 problems.append(f"routes[{i}].{key}: unknown {kind} {name!r} (known: {listed})")
     return problems
+
+
+def grant_problems(
+    routes: Sequence[Route],
+    identity_providers: Mapping[str, IdentityProvider],
+    authorization_servers: Mapping[str, AuthorizationServer],
+) -> list[str]:
+    """Servers whose grant cannot carry the SAML versions their routes' IdPs accept."""
+    problems = []
+    for i, route in enumerate(routes):
+        server = authorization_servers[route.authorization_server]
+        idp = identity_providers[route.identity_provider]
+        # saml_versions is the identity provider's opt-in; without it, SAML 2.0 only.
+        versions: tuple[str, ...] = getattr(idp, "saml_versions", ("2.0",))
+        carried = GRANT_SAML_VERSIONS[server.grant]
+        missing = [version for version in versions if version not in carried]
+        if missing:
+            problems.append(
+                f"authorization_servers.{route.authorization_server}.grant: {server.grant!r} "
+                f"cannot carry SAML {', '.join(missing)}, which identity provider "
+                f"{route.identity_provider!r} of routes[{i}] accepts "
+                f"(identity_providers.{route.identity_provider}.saml_versions); grants that "
+                f"can: {_grants_for(versions)}"
+            )
+    return problems
+
+
+def _grants_for(versions: Sequence[str]) -> str:
+    fitting = [g for g, carried in GRANT_SAML_VERSIONS.items() if set(versions) <= set(carried)]
+    return ", ".join(fitting)
 
 
 # --- loading ---------------------------------------------------------------------------

@@ -9,12 +9,18 @@
     ├── RequestTooLarge       413     request body over the route's limit
     ├── NotImplementedHere    501     a request that cannot be relayed as sent
     ├── UpstreamError         502     authorization server or upstream misbehaved
+    │   └── ServerFault       502     the authorization server failed (5xx) or was not reached:
+    │                                 the one error the token exchange retries
     ├── Unavailable           503     authorization server asked us to back off
     └── UpstreamTimeout       504     authorization server or upstream did not answer in time
 
     ConfigError                       startup/reload error naming the key path (not HTTP)
 
-Every error carries a machine-readable ``reason`` for logs and metrics. Only
+Every error carries a machine-readable ``reason`` for logs and metrics, and says by its
+type what may be done about it: ``retryable`` (another attempt at the token exchange may
+succeed: nothing was consumed, the fault was passing) and ``remembered`` (the negative cache
+may keep the refusal for this assertion, because asking again would get the same answer).
+Only
 ``public_message`` ever reaches a client: the precise reason and ``detail`` stay
 in logs, so a probing client learns nothing about which check failed.
 
@@ -34,6 +40,8 @@ class GatewayError(Exception):
     status: int = 500
     error: str = "server_error"
     public_message: str = "the gateway could not handle this request"
+    retryable: bool = False
+    remembered: bool = False
 
     def __init__(
         self,
@@ -86,6 +94,8 @@ class InvalidAssertion(GatewayError):
         self.unverified_issuer: str | None = None
         if reason == "missing":
             self.public_message = "no SAML assertion in the request"
+        # The authorization server's own refusal of this assertion: it would refuse it again.
+        self.remembered = reason == "invalid_grant"
 
 
 class NoRoute(GatewayError):
@@ -112,6 +122,13 @@ class UpstreamError(GatewayError):
     status = 502
     error = "bad_gateway"
     public_message = "an upstream service failed"
+
+
+class ServerFault(UpstreamError):
+    """The authorization server failed (5xx) or could not be reached: nothing was consumed
+    that another attempt would miss, so the token exchange may be retried."""
+
+    retryable = True
 
 
 class Unavailable(GatewayError):

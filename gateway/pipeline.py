@@ -18,7 +18,6 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -97,7 +96,7 @@ class Runtime:
                 self.policies[key] = policy
                 self.cache_keys[key] = _cache_key(key, policy, server)
         self.token_client = TokenClient(
-            config.authorization_servers, observer=metrics.observe_exchange, tracing=tracing
+            config.authorization_servers, observer=metrics.observe_exchange, tracer=tracing
         )
         self.forwarder = Forwarder(config.proxy, config.routes)
         # (cache key, assertion ID) of tokens the upstream refused lately: a refused token is
@@ -185,8 +184,10 @@ class Runtime:
                 assertion = validate_assertion(raw, policy, datetime.now(UTC), digest=digest)
                 span.set_attribute("gateway.assertion_id", assertion.id)
         trace.assertion_id, trace.issuer = assertion.id, assertion.issuer
-        exchange = partial(self.token_client.exchange, route.authorization_server)
-        return await self.cache.obtain(key, assertion, exchange)
+        server = route.authorization_server
+        return await self.cache.obtain(
+            key, assertion, lambda verified: self.token_client.exchange(server, verified.raw)
+        )
 
     def cache_key(self, route: Route) -> str:
         """Whose tokens a route's requests share (see ``_cache_key``)."""

@@ -21,6 +21,8 @@ PROFILES = (
     "sap-xsuaa",
     "wso2",
     "pingfederate",
+    "entra-id-adfs",
+    "google-sts",
 )
 CERTIFICATE_VARIABLE = "IDP_SIGNING_CERTIFICATE"
 _PLACEHOLDER_LINE = re.compile(r"certificates: \[certs/idp-signing\.pem\].*")

@@ -8,7 +8,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from gateway.config import load_config
+from gateway.config import IdentityProvider, load_config
 from gateway.oauth.client import TokenClient
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "config" / "examples"
@@ -20,7 +20,17 @@ NAMES = [
     "sap-xsuaa",
     "wso2",
     "pingfederate",
+    "google-sts",
+    "entra-id-adfs",
 ]
+# Until the IdP model has saml_versions (the SAML 1.1 branch), the Entra ID example cannot
+# load: a strict xfail, which turns into an ordinary test once the key is there.
+SAML1_PENDING = pytest.mark.xfail(
+    "saml_versions" not in IdentityProvider.model_fields,
+    reason="identity_providers.NAME.saml_versions comes with the SAML 1.1 branch",
+    strict=True,
+)
+LOADED = [pytest.param(n, marks=SAML1_PENDING) if n == "entra-id-adfs" else n for n in NAMES]
 
 
 @pytest.fixture
@@ -44,6 +54,7 @@ def environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         "WSO2_CLIENT_KEY": "wso2-key",
         "WSO2_CLIENT_SECRET": "wso2-secret",
         "PF_CLIENT_KEY_FILE": str(key),
+        "ENTRA_CLIENT_SECRET": "entra-secret",
     }.items():
         monkeypatch.setenv(name, value)
 
@@ -53,17 +64,18 @@ def test_every_example_is_listed() -> None:
 
 
 @pytest.mark.usefixtures("environment")
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", LOADED)
 async def test_example_loads_and_builds_a_token_request(name: str) -> None:
     config = load_config(EXAMPLES / f"{name}.yaml")
     assert len(config.authorization_servers) == 1
-    (profile,) = config.authorization_servers
-    client = TokenClient(config.authorization_servers)  # keys load, no profile problems
+    ((server, settings),) = config.authorization_servers.items()
+    client = TokenClient(config.authorization_servers)  # keys load, no server problems
+    version = "1.1" if settings.grant == "saml1-bearer" else "2.0"
     try:
-        request = client.build_request(profile, b"<Assertion ID='_x'/>")
+        request = client.build_request(server, b"<Assertion ID='_x'/>", saml_version=version)
     finally:
         await client.close()
-    assert request.value("assertion")
+    assert request.value("assertion") or request.value("subject_token")
     # Each example documents, in comments, what its server expects in the assertion.
     text = (EXAMPLES / f"{name}.yaml").read_text()
     for word in ("Audience", "Recipient", "NameID"):

@@ -404,7 +404,7 @@ class TokenCache:
         try:
             token = await exchange(assertion)
         except InvalidAssertion as exc:
-            if exc.reason == "invalid_grant" and self._settings.negative_ttl > 0:
+            if exc.remembered and self._settings.negative_ttl > 0:
                 until = self._clock() + self._settings.negative_ttl
                 self._negative[(profile, assertion.id)] = until
             raise

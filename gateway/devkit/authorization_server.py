@@ -1,9 +1,16 @@
-"""A fake RFC 7522 authorization server on loopback, for tests and ``saml-gateway demo``.
+"""A fake authorization server on loopback, for tests and ``saml-gateway demo``.
 
-It checks what a real token endpoint checks: the grant type, the assertion's encoding,
-client authentication (each of the four methods, and never two at once), optionally that an
-assertion ID is used once. Its ``mode`` makes it misbehave on purpose: answer an OAuth
-error, fail with 500, hang, answer slowly, answer garbage or an HTML page, rate-limit.
+It speaks the grants it is told to (``grant_types``): RFC 7522's SAML 2.0 bearer grant,
+Entra ID's SAML 1.1 bearer grant, RFC 8693 token exchange with a SAML subject token. It
+checks what a real token endpoint checks: the grant type, that the assertion's version is
+the one the grant names, the assertion's encoding (base64url without padding where RFC 7522
+and RFC 8693 §3 say base64url), for a token exchange a present ``subject_token`` of the
+right ``subject_token_type`` and a known ``requested_token_type``, client authentication
+(each of the four methods, and never two at once), optionally that an assertion ID is used
+once and that the audience asked for is one it serves (else ``invalid_target``).
+
+Its ``mode`` makes it misbehave on purpose: answer an OAuth error, fail with 500, hang,
+answer slowly, answer garbage or an HTML page, rate-limit.
 
 It reads the assertion's root ``ID`` with a regular expression on the decoded bytes on
 purpose: it is a fake, and only ``gateway.saml.xml`` parses XML in this code base.
@@ -18,8 +25,9 @@ import json
 import re
 import secrets
 import time
+from collections.abc import Collection
 from typing import Any
-from urllib.parse import unquote_plus
+from urllib.parse import parse_qsl, unquote_plus
 
 from aiohttp import web
 from cryptography.exceptions import InvalidSignature
@@ -27,7 +35,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from gateway.config import GRANT_TYPE_SAML2_BEARER
+from gateway.config import (
+    GRANT_TYPE_SAML1_BEARER,
+    GRANT_TYPE_SAML2_BEARER,
+    GRANT_TYPE_TOKEN_EXCHANGE,
+    TOKEN_TYPE_ACCESS_TOKEN,
+    TOKEN_TYPE_JWT,
+    TOKEN_TYPE_SAML1,
+    TOKEN_TYPE_SAML2,
+)
 
 CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 TOKEN_PATH = "/oauth2/token"  # noqa: S105 - a URL path, not a password
@@ -65,6 +81,9 @@ _OAUTH_ERRORS = frozenset(
 _HANG_LIMIT = 60.0  # a hanging answer still ends, so no test can wait forever
 _FIRST_TAG = re.compile(rb"<(?![?!])[^>]*>")
 _ID_ATTRIBUTE = re.compile(rb"""\sID\s*=\s*["']([^"']*)["']""")
+_SAML1_ID_ATTRIBUTE = re.compile(rb"""\sAssertionID\s*=\s*["']([^"']*)["']""")
+_SAML1_VERSION = re.compile(rb"""\sMajorVersion\s*=\s*["']1["']""")
+_REPEATABLE = frozenset({"resource", "audience"})  # RFC 8693 §2.1 allows several
 _B64URL = re.compile(r"[A-Za-z0-9_-]+")
 _B64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
 
@@ -88,6 +107,8 @@ class FakeAuthorizationServer:
         assertion_encoding: str = "base64url",
         token_type: str = "Bearer",  # noqa: S107 - a token type, not a password
         retry_after: str | None = "7",
+        grant_types: Collection[str] = (GRANT_TYPE_SAML2_BEARER,),
+        audiences: Collection[str] | None = None,
     ) -> None:
         self.client_id = client_id
         self.client_secret = client_secret
@@ -100,6 +121,10 @@ class FakeAuthorizationServer:
         self.assertion_encoding = assertion_encoding
         self.token_type = token_type
         self.retry_after = retry_after
+        self.grant_types = frozenset(grant_types)
+        self.audiences = audiences  # None: any RFC 8693 audience is served
+        # A token exchange answers this issued_token_type (None: the one asked for; "": none).
+        self.issued_token_type: str | None = None
         self.mode = "ok"
         self.delay = 0.0  # seconds, for mode "slow"
         self.fail_next = 0  # answer this many calls with 500, then recover
@@ -108,6 +133,8 @@ class FakeAuthorizationServer:
         self.assertion_ids: list[str] = []
         self.refusals: list[str] = []  # why requests were refused, newest last
         self.last_form: dict[str, str] = {}
+        self.last_fields: list[tuple[str, str]] = []
+        self.last_body = b""  # the token request's body as it arrived
         self.last_headers: dict[str, str] = {}
         self._used_ids: set[str] = set()
         self._used_jtis: set[str] = set()
@@ -149,7 +176,7 @@ class FakeAuthorizationServer:
         try:
             form = await self._form(request)
             self._check_client(request, form)
-            assertion_id = self._check_grant(form)
+            assertion_id, issued_type = self._check_grant(form)
         except _Refused as refused:
             self.refusals.append(f"{refused.error}: {refused.description}")
             return _error(refused.status, refused.error, refused.description)
@@ -157,6 +184,8 @@ class FakeAuthorizationServer:
         self.issued.append(access_token)
         self._used_ids.add(assertion_id)
         answer: dict[str, Any] = {"access_token": access_token, "token_type": self.token_type}
+        if issued_type:
+            answer["issued_token_type"] = issued_type
         if self.expires_in is not None:
             answer["expires_in"] = self.expires_in
         if "scope" in form:
@@ -209,34 +238,80 @@ class FakeAuthorizationServer:
     async def _form(self, request: web.Request) -> dict[str, str]:
         if request.content_type != "application/x-www-form-urlencoded":
             raise _Refused(400, "invalid_request", f"content type {request.content_type}")
-        posted = await request.post()
+        self.last_body = await request.read()
+        try:
+            fields = parse_qsl(
+                self.last_body.decode("ascii"), keep_blank_values=True, strict_parsing=True
+            )
+        except (UnicodeDecodeError, ValueError):
+            raise _Refused(400, "invalid_request", "body is not a form") from None
         form: dict[str, str] = {}
-        for key in posted:
-            values = posted.getall(key)
-            if len(values) != 1 or not isinstance(values[0], str):
-                raise _Refused(400, "invalid_request", f"field {key!r} repeated or not text")
-            form[key] = values[0]
+        for key, value in fields:
+            if key in form and key not in _REPEATABLE:
+                raise _Refused(400, "invalid_request", f"field {key!r} repeated")
+            form.setdefault(key, value)
         self.last_form = form
+        self.last_fields = fields
         return form
 
-    def _check_grant(self, form: dict[str, str]) -> str:
-        if form.get("grant_type") != GRANT_TYPE_SAML2_BEARER:
-            raise _Refused(400, "unsupported_grant_type", str(form.get("grant_type")))
-        encoded = form.get("assertion", "")
-        pattern = _B64URL if self.assertion_encoding == "base64url" else _B64
+    def _check_grant(self, form: dict[str, str]) -> tuple[str, str | None]:
+        """The assertion's ID, and for a token exchange the issued_token_type to answer."""
+        grant_type = form.get("grant_type")
+        if grant_type not in self.grant_types:
+            raise _Refused(400, "unsupported_grant_type", str(grant_type))
+        if grant_type == GRANT_TYPE_TOKEN_EXCHANGE:
+            return self._check_token_exchange(form)
+        raw = self._decode(form.get("assertion", ""), self.assertion_encoding, "invalid_grant")
+        saml1 = grant_type == GRANT_TYPE_SAML1_BEARER
+        # Entra ID takes only AD FS's SAML 1.1 on its grant; RFC 7522 is SAML 2.0 only.
+        if self._is_saml1(raw) != saml1:
+            wanted = "1.1" if saml1 else "2.0"
+            raise _Refused(400, "invalid_grant", f"assertion is not SAML {wanted}")
+        return self._use(raw, saml1, "invalid_grant"), None
+
+    def _check_token_exchange(self, form: dict[str, str]) -> tuple[str, str]:
+        # RFC 8693 §2.2.2: a missing or unacceptable subject_token is invalid_request.
+        if "subject_token" not in form:
+            raise _Refused(400, "invalid_request", "subject_token missing")
+        token_type = form.get("subject_token_type")
+        if token_type not in (TOKEN_TYPE_SAML2, TOKEN_TYPE_SAML1):
+            raise _Refused(400, "invalid_request", f"subject_token_type {token_type!r}")
+        raw = self._decode(form["subject_token"], "base64url", "invalid_request")
+        saml1 = self._is_saml1(raw)
+        if saml1 != (token_type == TOKEN_TYPE_SAML1):
+            raise _Refused(400, "invalid_request", "subject_token is not of subject_token_type")
+        requested = form.get("requested_token_type", TOKEN_TYPE_ACCESS_TOKEN)
+        if requested not in (TOKEN_TYPE_ACCESS_TOKEN, TOKEN_TYPE_JWT):
+            raise _Refused(400, "invalid_request", f"requested_token_type {requested!r}")
+        audiences = [value for key, value in self.last_fields if key == "audience"]
+        if self.audiences is not None and any(a not in self.audiences for a in audiences):
+            raise _Refused(400, "invalid_target", "audience not served here")
+        assertion_id = self._use(raw, saml1, "invalid_request")
+        return assertion_id, requested if self.issued_token_type is None else self.issued_token_type
+
+    def _decode(self, encoded: str, encoding: str, error: str) -> bytes:
+        pattern = _B64URL if encoding == "base64url" else _B64
         if not pattern.fullmatch(encoded):
-            raise _Refused(400, "invalid_grant", f"assertion is not {self.assertion_encoding}")
+            # base64url here is RFC 7522's: no padding, no '+' or '/'.
+            raise _Refused(400, error, f"assertion is not {encoding}")
         try:
-            if self.assertion_encoding == "base64url":
-                raw = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
-            else:
-                raw = base64.b64decode(encoded, validate=True)
+            if encoding == "base64url":
+                return base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
+            return base64.b64decode(encoded, validate=True)
         except (binascii.Error, ValueError):
-            raise _Refused(400, "invalid_grant", "assertion does not decode") from None
+            raise _Refused(400, error, "assertion does not decode") from None
+
+    @staticmethod
+    def _is_saml1(raw: bytes) -> bool:
         tag = _FIRST_TAG.search(raw)
-        found = _ID_ATTRIBUTE.search(tag.group(0)) if tag else None
+        return tag is not None and _SAML1_VERSION.search(tag.group(0)) is not None
+
+    def _use(self, raw: bytes, saml1: bool, error: str) -> str:
+        tag = _FIRST_TAG.search(raw)
+        pattern = _SAML1_ID_ATTRIBUTE if saml1 else _ID_ATTRIBUTE
+        found = pattern.search(tag.group(0)) if tag else None
         if found is None:
-            raise _Refused(400, "invalid_grant", "assertion has no root ID")
+            raise _Refused(400, error, "assertion has no root ID")
         assertion_id = found.group(1).decode("utf-8", "replace")
         self.assertion_ids.append(assertion_id)
         if self.one_time_use and assertion_id in self._used_ids:

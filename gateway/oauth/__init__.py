@@ -1,4 +1,5 @@
-"""RFC 7522: exchange a verified SAML assertion for an OAuth access token.
+"""Exchange a verified SAML assertion for an OAuth access token: the RFC 7522 bearer grant
+(SAML 2.0, or 1.1 as Entra ID takes it) or an RFC 8693 token exchange.
 
 The pure parts (request building, response parsing, client authentication) load eagerly;
 ``TokenClient`` pulls in aiohttp, so it loads on first use: the core modules that only need

@@ -1,17 +1,19 @@
-"""The HTTP edge towards authorization servers: sends RFC 7522 requests, with retries.
+"""The HTTP edge towards authorization servers: sends token requests, with retries.
 
 Rules this module owns:
 - One dedicated aiohttp ``ClientSession`` for authorization servers, created lazily inside
   the running loop: no cookie jar (a token endpoint must not make us stateful), no proxy
   settings from the environment, no redirects followed, its own connection limits.
-- Every attempt has the profile's connect and total timeouts; all attempts together fit in
-  ``retries.deadline``. Only 5xx answers and failures to connect are retried, with
-  exponential backoff and jitter. A read timeout is not retried: the server may already
-  have consumed a one-time assertion, and the time budget is spent anyway.
+- Every attempt has the server's connect and total timeouts; all attempts together fit in
+  ``retries.deadline``. Only ``retryable`` errors (5xx answers, failures to connect) are
+  retried, with exponential backoff and jitter. A read timeout is not retried: the server
+  may already have consumed a one-time assertion, and the time budget is spent anyway.
 - aiohttp's exceptions stop here and become gateway errors.
 - A client or configuration error (``invalid_client``…) is logged at ERROR naming the
-  profile, because only an operator can fix it. Tokens, assertions and secrets are never
+  server, because only an operator can fix it. Tokens, assertions and secrets are never
   logged.
+- It knows assertions only as bytes and a SAML version, and tracing only as the small
+  ``Tracer`` below (``gateway.tracing.Tracing`` is one): oauth sits beside saml, not on it.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ import random
 import secrets
 import time
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -33,6 +36,7 @@ from gateway.errors import (
     ConfigError,
     GatewayError,
     InvalidAssertion,
+    ServerFault,
     Unavailable,
     UpstreamError,
     UpstreamTimeout,
@@ -40,7 +44,6 @@ from gateway.errors import (
 from gateway.oauth.client_auth import SigningKey, load_signing_key
 from gateway.oauth.grant import (
     CLIENT_ERRORS,
-    SERVER_ERROR,
     TOO_LARGE,
     TokenRequest,
     build_token_request,
@@ -48,19 +51,28 @@ from gateway.oauth.grant import (
     server_problems,
 )
 from gateway.oauth.token import Token
-from gateway.saml.assertion import Assertion
-
-if TYPE_CHECKING:
-    from opentelemetry.trace import Span
-
-    from gateway.tracing import Tracing
 
 logger = logging.getLogger("gateway.oauth")
 
 UNREACHABLE = "as_unreachable"
-RETRYABLE = frozenset({SERVER_ERROR, UNREACHABLE})
 
 Observer = Callable[[str, str, float], None]
+_Presented = tuple[bytes, str]  # the verified document and its SAML version
+
+
+class Span(Protocol):
+    def set_attribute(self, key: str, value: str | int) -> None: ...
+
+
+class Tracer(Protocol):
+    """What the client needs of tracing: a span around each attempt, and the headers that
+    carry the current span's context (``traceparent``) to the server."""
+
+    def span(
+        self, name: str, attributes: Mapping[str, str] | None = None, *, client: bool = False
+    ) -> AbstractContextManager[Span]: ...
+
+    def headers(self) -> dict[str, str]: ...
 
 
 class TokenClient:
@@ -74,7 +86,7 @@ class TokenClient:
         max_connections: int = 100,
         max_connections_per_host: int = 32,
         rng: Callable[[], float] = random.random,
-        tracing: Tracing | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         problems: list[str] = []
         keys: dict[str, SigningKey] = {}
@@ -99,40 +111,44 @@ class TokenClient:
         self._observer = observer
         self._limits = (max_connections, max_connections_per_host)
         self._rng = rng
-        self._tracing = tracing
+        self._tracer = tracer
         self._session: aiohttp.ClientSession | None = None
 
-    async def exchange(self, profile: str, assertion: Assertion) -> Token:
-        """A token for ``assertion`` from server ``profile``; raises gateway errors only."""
-        server = self._servers.get(profile)
-        if server is None:
-            raise UpstreamError("as_unknown_profile", f"no authorization server {profile!r}")
+    async def exchange(self, server: str, assertion: bytes, *, saml_version: str = "2.0") -> Token:
+        """A token for ``assertion`` (the verified document, a SAML ``saml_version`` one) from
+        the authorization server named ``server``; raises gateway errors only."""
+        settings = self._servers.get(server)
+        if settings is None:
+            raise UpstreamError("as_unknown_server", f"no authorization server {server!r}")
         started = time.monotonic()
         outcome: str | None = None
         try:
-            token = await self._attempts(profile, server, assertion)
+            token = await self._attempts(server, settings, (assertion, saml_version))
             outcome = "ok"
             return token
         except GatewayError as exc:
             outcome = _outcome(exc)
-            _log(profile, outcome, exc)
+            _log(server, outcome, exc)
             raise
         finally:
             # A cancelled exchange has no outcome to report.
             if outcome is not None and self._observer is not None:
                 try:
-                    self._observer(profile, outcome, time.monotonic() - started)
+                    self._observer(server, outcome, time.monotonic() - started)
                 except Exception:
                     logger.exception("token exchange observer failed")
 
-    def build_request(self, profile: str, raw: bytes) -> TokenRequest:
-        """The request an exchange of ``raw`` (a decoded assertion) would send right now."""
+    def build_request(
+        self, server: str, assertion: bytes, *, saml_version: str = "2.0"
+    ) -> TokenRequest:
+        """The request an exchange of ``assertion`` (a decoded document) would send now."""
         return build_token_request(
-            self._servers[profile],
-            raw,
+            self._servers[server],
+            assertion,
             now=time.time(),
             jti=secrets.token_urlsafe(18),
-            signing_key=self._keys.get(profile),
+            signing_key=self._keys.get(server),
+            saml_version=saml_version,
         )
 
     async def close(self) -> None:
@@ -153,7 +169,7 @@ class TokenClient:
         return self._session
 
     async def _attempts(
-        self, profile: str, server: AuthorizationServer, assertion: Assertion
+        self, name: str, server: AuthorizationServer, assertion: _Presented
     ) -> Token:
         retries = server.retries
         loop = asyncio.get_running_loop()
@@ -163,17 +179,17 @@ class TokenClient:
                 attempt = 0
                 while True:
                     try:
-                        return await self._attempt(profile, server, assertion, deadline)
-                    except UpstreamError as exc:
+                        return await self._attempt(name, server, assertion, deadline)
+                    except GatewayError as exc:
                         attempt += 1
-                        if exc.reason not in RETRYABLE or attempt >= retries.attempts:
+                        if not exc.retryable or attempt >= retries.attempts:
                             raise
                         delay = self._backoff(server, attempt)
                         if loop.time() + delay >= deadline:
                             raise
                         logger.warning(
                             "authorization server %r: attempt %d failed (%s), retrying in %.2fs",
-                            profile,
+                            name,
                             attempt,
                             exc.reason,
                             delay,
@@ -190,17 +206,17 @@ class TokenClient:
         return ceiling / 2 + self._rng() * ceiling / 2
 
     async def _attempt(
-        self, profile: str, server: AuthorizationServer, assertion: Assertion, deadline: float
+        self, name: str, server: AuthorizationServer, assertion: _Presented, deadline: float
     ) -> Token:
-        if self._tracing is None:
-            return await self._post(profile, server, assertion, deadline, None)
+        if self._tracer is None:
+            return await self._post(name, server, assertion, deadline, None)
         attributes = {
-            "gateway.authorization_server": profile,
+            "gateway.authorization_server": name,
             "server.address": urlsplit(server.token_url).hostname or "",
         }
-        with self._tracing.span("token exchange", attributes, client=True) as span:
+        with self._tracer.span("token exchange", attributes, client=True) as span:
             try:
-                token = await self._post(profile, server, assertion, deadline, span)
+                token = await self._post(name, server, assertion, deadline, span)
             except GatewayError as exc:
                 span.set_attribute("gateway.exchange.outcome", _outcome(exc))
                 raise
@@ -209,17 +225,19 @@ class TokenClient:
 
     async def _post(
         self,
-        profile: str,
+        name: str,
         server: AuthorizationServer,
-        assertion: Assertion,
+        assertion: _Presented,
         deadline: float,
         span: Span | None,
     ) -> Token:
         """One attempt; ``span`` (tracing on) is its span, whose ``traceparent`` it sends."""
-        request = self.build_request(profile, assertion.raw)
+        # Built per attempt: a private_key_jwt client assertion is good for one request.
+        document, saml_version = assertion
+        request = self.build_request(name, document, saml_version=saml_version)
         headers = dict(request.headers)
-        if span is not None and self._tracing is not None:
-            headers.update(self._tracing.headers())
+        if span is not None and self._tracer is not None:
+            headers.update(self._tracer.headers())
         remaining = deadline - asyncio.get_running_loop().time()
         timeout = aiohttp.ClientTimeout(
             total=max(0.001, min(server.timeouts.total, remaining)),
@@ -245,13 +263,13 @@ class TokenClient:
                 )
         except aiohttp.ConnectionTimeoutError:
             # Nothing was sent yet, so another attempt is safe.
-            raise UpstreamError(UNREACHABLE, "connect timeout") from None
+            raise ServerFault(UNREACHABLE, "connect timeout") from None
         except TimeoutError:
             raise UpstreamTimeout("as_timeout", f"no answer within {timeout.total:g}s") from None
         except aiohttp.ClientSSLError as exc:
             raise UpstreamError("as_tls", type(exc).__name__) from None
         except aiohttp.ClientConnectionError as exc:
-            raise UpstreamError(UNREACHABLE, type(exc).__name__) from None
+            raise ServerFault(UNREACHABLE, type(exc).__name__) from None
         except aiohttp.ClientError as exc:
             raise UpstreamError("as_protocol", type(exc).__name__) from None
 
@@ -282,16 +300,16 @@ def _outcome(exc: GatewayError) -> str:
     return "error"
 
 
-def _log(profile: str, outcome: str, exc: GatewayError) -> None:
+def _log(server: str, outcome: str, exc: GatewayError) -> None:
     if outcome == "client_error":
         logger.error(
             "authorization server %r refused the gateway's request (%s: %s); check client_id, "
-            "client credentials, scope and allowed grant types of this profile",
-            profile,
+            "client credentials, scope and allowed grant types of this server",
+            server,
             exc.reason,
             exc.detail or "no description",
         )
     elif outcome == "invalid_grant":
-        logger.info("authorization server %r rejected an assertion: %s", profile, exc.detail)
+        logger.info("authorization server %r rejected an assertion: %s", server, exc.detail)
     else:
-        logger.warning("authorization server %r: %s (%s)", profile, exc.reason, exc.detail)
+        logger.warning("authorization server %r: %s (%s)", server, exc.reason, exc.detail)

@@ -3,7 +3,7 @@
 Rules this module owns:
 - ``client_secret_basic`` form-encodes the client id and secret *before* base64
   (RFC 6749 §2.3.1): a secret with ``:`` or ``%`` in it would otherwise be misread. A server
-  that does not decode them (SAP NetWeaver ABAP) gets them raw, when its profile says so.
+  that does not decode them (SAP NetWeaver ABAP) gets them raw, when its settings say so.
 - ``private_key_jwt`` (RFC 7523 §2.2) is a short-lived JWT whose ``iss`` and ``sub`` are the
   client id and whose ``aud`` is the token URL, with a fresh ``jti`` so it cannot be replayed.
   It is signed with ``cryptography`` directly: RS256 (RSA PKCS#1 v1.5, SHA-256, at least

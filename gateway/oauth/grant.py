@@ -1,20 +1,33 @@
-"""The RFC 7522 token request and response, as pure functions (no I/O, ``now`` passed in).
+"""The token request and response, as pure functions (no I/O, ``now`` passed in).
 
 Rules this module owns:
-- The request is a form POST of ``grant_type``, ``assertion`` (base64url without padding by
-  default, RFC 7522 §2.1; plain base64 when a server wants it), ``scope`` (space-delimited),
-  the server's ``extra_params`` and exactly one way of client authentication (with Basic,
-  ``client_id`` may also be in the form, ``client_id_in_body``: it names, not proves), and
-  the server's static ``headers``.
-- ``extra_params`` may not set a field this module owns (grant, assertion, scope or any
+- The request is a form POST of the server's grant:
+  - ``saml2-bearer`` (RFC 7522) and ``saml1-bearer`` (Entra ID's
+    ``urn:ietf:params:oauth:grant-type:saml1_1-bearer``, built the same way):
+    ``grant_type``, ``assertion`` (base64url without padding by default, RFC 7522 §2.1;
+    plain base64 when a server wants it), ``scope`` (space-delimited);
+  - ``token-exchange`` (RFC 8693 §2.1): ``grant_type``, ``subject_token`` (the assertion,
+    base64url without padding, §3), ``subject_token_type`` (``…:saml2`` or ``…:saml1``,
+    from the assertion's version), then those of ``requested_token_type``, ``audience``,
+    ``resource`` (once per URI) and ``scope`` that are configured;
+  and after it the server's ``extra_params`` and exactly one way of client authentication
+  (with Basic, ``client_id`` may also be in the form, ``client_id_in_body``: it names, not
+  proves), and the server's static ``headers``.
+- ``extra_params`` may not set a field this module owns (a grant's field or any
   credential): credentials are never sent two ways at once.
+- A grant carries only the SAML versions it names (the config checks this per route; a
+  request that would break it is refused before anything is sent).
 - A response is a token only if it is a JSON object with a non-empty ``access_token`` that is
   safe to put in a header and a ``token_type`` of Bearer (any case). ``expires_in`` may be a
-  number, a numeric string or missing (then the server's ``default_expires_in``).
+  number, a numeric string or missing (then the server's ``default_expires_in``). For a
+  token exchange, ``issued_token_type`` (required, RFC 8693 §2.2.1) must be the type asked
+  for (an access token when none was asked), and ``token_type`` ``N_A`` (not an access
+  token) is refused: the gateway sends the token on as Bearer.
 - Error answers map onto the gateway's errors: ``invalid_grant`` is the caller's assertion
   (401); a client or configuration problem is ours (502); rate limiting and
   ``temporarily_unavailable`` ask us to back off (503, ``Retry-After`` kept); 5xx is
-  ``as_server_error``, the one reason the client retries.
+  ``as_server_error``, the one reason the client retries. RFC 8693 §2.2.2 answers are
+  RFC 6749 ones, plus ``invalid_target`` (the audience or resource we asked for: ours).
 """
 
 from __future__ import annotations
@@ -30,8 +43,17 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlencode
 
-from gateway.config import GRANT_TYPE_SAML2_BEARER, AuthorizationServer
-from gateway.errors import ConfigError, InvalidAssertion, Unavailable, UpstreamError
+from gateway.config import (
+    GRANT_SAML_VERSIONS,
+    GRANT_TYPE_SAML1_BEARER,
+    GRANT_TYPE_SAML2_BEARER,
+    GRANT_TYPE_TOKEN_EXCHANGE,
+    TOKEN_TYPE_ACCESS_TOKEN,
+    TOKEN_TYPE_SAML1,
+    TOKEN_TYPE_SAML2,
+    AuthorizationServer,
+)
+from gateway.errors import ConfigError, InvalidAssertion, ServerFault, Unavailable, UpstreamError
 from gateway.oauth.client_auth import (
     CLIENT_ASSERTION_TYPE,
     SigningKey,
@@ -49,6 +71,13 @@ RESERVED_FIELDS = frozenset(
         "grant_type",
         "assertion",
         "scope",
+        "subject_token",
+        "subject_token_type",
+        "requested_token_type",
+        "audience",
+        "resource",
+        "actor_token",
+        "actor_token_type",
         "client_id",
         "client_secret",
         "client_assertion",
@@ -64,14 +93,23 @@ CLIENT_ERRORS = frozenset(
         "unsupported_grant_type",
         "invalid_scope",
         "invalid_request",
+        "invalid_target",  # RFC 8693 §2.2.2: the audience or resource we asked for
     }
 )
+
+GRANT_TYPES = {
+    "saml2-bearer": GRANT_TYPE_SAML2_BEARER,
+    "saml1-bearer": GRANT_TYPE_SAML1_BEARER,
+    "token-exchange": GRANT_TYPE_TOKEN_EXCHANGE,
+}
+SUBJECT_TOKEN_TYPES = {"2.0": TOKEN_TYPE_SAML2, "1.1": TOKEN_TYPE_SAML1}
 
 # The reason the client retries on (with backoff, within the deadline).
 SERVER_ERROR = "as_server_error"
 BAD_RESPONSE = "as_bad_response"
 TOO_LARGE = "as_response_too_large"
 REJECTED = "as_rejected"
+GRANT_MISMATCH = "as_grant_mismatch"
 
 # RFC 6750 §2.1 allows a narrower alphabet, but real tokens (JWTs, opaque strings) stay within
 # visible ASCII; anything else could split or forge a header when we forward it.
@@ -104,7 +142,7 @@ def encode_assertion(raw: bytes, encoding: str) -> str:
 
 
 def server_problems(name: str, server: AuthorizationServer) -> list[str]:
-    """Problems with a server profile that the config model cannot see on its own."""
+    """Problems with a server's settings that the config model cannot see on its own."""
     where = f"authorization_servers.{name}"
     problems = [
         f"{where}.extra_params.{key}: {key!r} is set by the gateway and cannot be overridden"
@@ -124,6 +162,41 @@ def server_problems(name: str, server: AuthorizationServer) -> list[str]:
     return problems
 
 
+def grant_fields(
+    server: AuthorizationServer, assertion: bytes, saml_version: str
+) -> list[tuple[str, str]]:
+    """The fields of ``server``'s grant for ``assertion``, a SAML ``saml_version`` document."""
+    if saml_version not in GRANT_SAML_VERSIONS[server.grant]:
+        # The config refuses such a route; this keeps a wrong call from reaching the server.
+        raise UpstreamError(
+            GRANT_MISMATCH, f"grant {server.grant} cannot carry a SAML {saml_version} assertion"
+        )
+    grant_type = GRANT_TYPES[server.grant]
+    if server.grant != "token-exchange":
+        fields = [
+            ("grant_type", grant_type),
+            ("assertion", encode_assertion(assertion, server.assertion_encoding)),
+        ]
+        if server.scope:
+            fields.append(("scope", " ".join(server.scope)))
+        return fields
+    fields = [
+        ("grant_type", grant_type),
+        ("subject_token", b64url(assertion)),
+        ("subject_token_type", SUBJECT_TOKEN_TYPES[saml_version]),
+    ]
+    settings = server.token_exchange
+    if settings is not None:
+        if settings.requested_token_type:
+            fields.append(("requested_token_type", settings.requested_token_type))
+        if settings.audience:
+            fields.append(("audience", settings.audience))
+        fields += [("resource", uri) for uri in settings.resource]
+        if settings.scope:
+            fields.append(("scope", " ".join(settings.scope)))
+    return fields
+
+
 def build_token_request(
     server: AuthorizationServer,
     assertion: bytes,
@@ -131,20 +204,16 @@ def build_token_request(
     now: float,
     jti: str,
     signing_key: SigningKey | None = None,
+    saml_version: str = "2.0",
 ) -> TokenRequest:
-    """The RFC 7522 request for ``assertion`` (the decoded document) at ``server``.
+    """The request of ``server``'s grant for ``assertion`` (the decoded document).
 
     ``jti`` makes the ``private_key_jwt`` client assertion unique; ``signing_key`` is the key
     loaded once for that method and is ignored by the others.
     """
-    fields: list[tuple[str, str]] = [
-        ("grant_type", GRANT_TYPE_SAML2_BEARER),
-        ("assertion", encode_assertion(assertion, server.assertion_encoding)),
-    ]
-    if server.scope:
-        fields.append(("scope", " ".join(server.scope)))
+    fields = grant_fields(server, assertion, saml_version)
     fields.extend((k, v) for k, v in server.extra_params.items() if k not in RESERVED_FIELDS)
-    # The profile's static headers first: the config refuses the names set below.
+    # The server's static headers first: the config refuses the names set below.
     headers = {name: value.get_secret_value() for name, value in server.headers.items()}
     headers.update({"Content-Type": FORM_CONTENT_TYPE, "Accept": "application/json"})
 
@@ -201,7 +270,7 @@ def parse_token_response(
     if isinstance(error, str) and (status >= 400 or "access_token" not in fields):
         _raise_oauth_error(error, fields, status, retry_after)
     if status >= 500:
-        raise UpstreamError(SERVER_ERROR, f"HTTP {status}")
+        raise ServerFault(SERVER_ERROR, f"HTTP {status}")
     if status in (401, 403):
         # RFC 6749 §5.2: a 401 without a usable body is still a client-authentication failure.
         raise UpstreamError("invalid_client", f"HTTP {status} without an OAuth error body")
@@ -209,7 +278,20 @@ def parse_token_response(
         raise UpstreamError(REJECTED, f"HTTP {status} {_describe(content_type, document)}")
     if document is None:
         raise UpstreamError(BAD_RESPONSE, f"HTTP 200 {_describe(content_type, document)}")
-    return _token(document, server.default_expires_in)
+    token = _token(document, server.default_expires_in)
+    if server.grant == "token-exchange":
+        _check_issued_type(server, document)
+    return token
+
+
+def _check_issued_type(server: AuthorizationServer, document: Mapping[str, Any]) -> None:
+    """RFC 8693 §2.2.1: the answer says what it issued; it must be what was asked for."""
+    settings = server.token_exchange
+    wanted = (settings.requested_token_type if settings else None) or TOKEN_TYPE_ACCESS_TOKEN
+    issued = document.get("issued_token_type")
+    if issued != wanted:
+        shown = _printable(issued, 80) if isinstance(issued, str) else "missing"
+        raise UpstreamError(BAD_RESPONSE, f"issued_token_type is {shown}, asked for {wanted}")
 
 
 def _json_object(body: bytes) -> dict[str, Any] | None:
@@ -243,7 +325,7 @@ def _raise_oauth_error(
     if error in CLIENT_ERRORS:
         raise UpstreamError(error, detail)
     if error == "server_error" or status >= 500:
-        raise UpstreamError(SERVER_ERROR, f"HTTP {status} {_code(error)} {detail}".strip())
+        raise ServerFault(SERVER_ERROR, f"HTTP {status} {_code(error)} {detail}".strip())
     raise UpstreamError(REJECTED, f"HTTP {status} {_code(error)} {detail}".strip())
 
 
@@ -270,6 +352,9 @@ def _token(document: Mapping[str, Any], default_expires_in: float) -> Token:
     if not _HEADER_SAFE.fullmatch(access_token):
         raise UpstreamError(BAD_RESPONSE, "access_token has characters unsafe in a header")
     token_type = document.get("token_type")
+    if token_type == "N_A":  # noqa: S105 - RFC 8693's "not applicable", not a secret
+        # RFC 8693 §2.2.1: the issued token is not an access token, so not one to send on.
+        raise UpstreamError(BAD_RESPONSE, "token_type N_A: the issued token is no access token")
     if not isinstance(token_type, str) or token_type.lower() != "bearer":
         shown = _printable(token_type, 30) if isinstance(token_type, str) else "missing"
         raise UpstreamError(BAD_RESPONSE, f"token_type is not Bearer: {shown}")

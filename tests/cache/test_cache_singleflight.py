@@ -33,7 +33,7 @@ async def test_200_concurrent_requests_make_one_exchange(fake_as: FakeAuthorizat
     async def request() -> str:
         entry = cache.lookup("as", presented.digest)
         if entry is None:
-            entry = await cache.obtain("as", presented, lambda a: client.exchange("as", a))
+            entry = await cache.obtain("as", presented, lambda a: client.exchange("as", a.raw))
         return entry.token.access_token
 
     try:

@@ -1,14 +1,17 @@
-"""Helpers for the RFC 7522 client tests: assertion values, server profiles, PEM keys."""
+"""Helpers for the token client tests: assertion values, server settings, PEM keys, a form
+poster and a recording token endpoint."""
 
 from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -57,6 +60,15 @@ def profile(token_url: str, **overrides: Any) -> AuthorizationServer:
     return AuthorizationServer.model_validate(data)
 
 
+async def post_form(
+    url: str, form: dict[str, str], headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, object]]:
+    """POST ``form`` as a client would; the status and the JSON answer."""
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url, data=form, headers=headers or {}) as response:
+            return response.status, json.loads(await response.read())
+
+
 def pem_private(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM,
@@ -88,11 +100,17 @@ class RecordingTokenEndpoint:
         self.origin = ""
 
     async def handle(self, request: web.Request) -> web.Response:
-        self.requests.append(
-            Recorded(request.method, request.path_qs, dict(request.headers), await request.read())
-        )
-        token = f"vendor-token-{len(self.requests)}"
-        return web.json_response({"access_token": token, "token_type": "Bearer", "expires_in": 600})
+        body = await request.read()
+        self.requests.append(Recorded(request.method, request.path_qs, dict(request.headers), body))
+        answer = {
+            "access_token": f"vendor-token-{len(self.requests)}",
+            "token_type": "Bearer",
+            "expires_in": 600,
+        }
+        if b"grant-type%3Atoken-exchange" in body:
+            # RFC 8693 §2.2.1: a token exchange answer says what it issued.
+            answer["issued_token_type"] = "urn:ietf:params:oauth:token-type:access_token"
+        return web.json_response(answer)
 
     async def start(self) -> None:
         app = web.Application()

@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 import base64
-import json
-
-import aiohttp
 
 from gateway.config import GRANT_TYPE_SAML2_BEARER
 from gateway.oauth.client_auth import b64url, basic_authorization
 
 from .helpers import StartAs, assertion
-
-
-async def _post(
-    url: str, form: dict[str, str], headers: dict[str, str] | None = None
-) -> tuple[int, dict[str, object]]:
-    async with aiohttp.ClientSession() as session:
-        async with session.post(url, data=form, headers=headers or {}) as response:
-            return response.status, json.loads(await response.read())
+from .helpers import post_form as _post
 
 
 def _grant(raw: bytes) -> dict[str, str]:

@@ -45,7 +45,7 @@ async def test_each_secret_method_gets_a_token(
     seen, observe = _observer()
     client = make_client({"as": server}, observer=observe)
     presented = assertion()
-    token = await client.exchange("as", presented)
+    token = await client.exchange("as", presented.raw)
     assert token.access_token == fake.issued[-1]
     assert token.scope == "openid api"
     assert token.expires_in == 3600
@@ -73,8 +73,8 @@ async def test_private_key_jwt_gets_a_token(
     )
     client = make_client({"as": server})
     # Two exchanges: each carries a fresh jti, so the AS's replay check passes both.
-    first = await client.exchange("as", assertion())
-    second = await client.exchange("as", assertion())
+    first = await client.exchange("as", assertion().raw)
+    second = await client.exchange("as", assertion().raw)
     assert [first.access_token, second.access_token] == fake.issued
     assert fake.refusals == []
 
@@ -87,7 +87,7 @@ async def test_wrong_client_auth_is_a_loud_502(
     client = make_client({"okta-prod": profile(fake.token_url)}, observer=observe)
     with caplog.at_level(logging.ERROR, logger="gateway.oauth"):
         with pytest.raises(UpstreamError) as raised:
-            await client.exchange("okta-prod", assertion())
+            await client.exchange("okta-prod", assertion().raw)
     assert raised.value.status == 502 and raised.value.reason == "invalid_client"
     assert fake.calls == 1  # never retried
     errors = [r for r in caplog.records if r.name == "gateway.oauth" and r.levelno == logging.ERROR]
@@ -102,7 +102,7 @@ async def test_secret_with_reserved_characters_survives_basic(
     secret = "p@ss:w%rd +/="
     fake = await start_as(client_id="app:1", client_secret=secret)
     client = make_client({"as": profile(fake.token_url, client_id="app:1", client_secret=secret)})
-    await client.exchange("as", assertion())
+    await client.exchange("as", assertion().raw)
     assert fake.refusals == [] and len(fake.issued) == 1
 
 
@@ -135,10 +135,13 @@ async def test_error_mapping_without_retry(
     seen, observe = _observer()
     client = make_client({"as": profile(fake.token_url)}, observer=observe)
     with pytest.raises(error) as raised:
-        await client.exchange("as", assertion())
+        await client.exchange("as", assertion().raw)
     assert raised.value.status == status  # type: ignore[attr-defined]
     assert fake.calls == 1
     assert seen == [("as", outcome)]
+    # Decided by the error, not by its reason word: only the AS's own refusal is remembered.
+    assert raised.value.retryable is False  # type: ignore[attr-defined]
+    assert raised.value.remembered is (mode == "invalid_grant")  # type: ignore[attr-defined]
     if mode in ("rate_limited", "temporarily_unavailable"):
         assert dict(raised.value.headers) == {"Retry-After": "7"}  # type: ignore[attr-defined]
 
@@ -148,7 +151,7 @@ async def test_5xx_is_retried_then_succeeds(start_as: StartAs, make_client: Make
     fake.fail_next = 2
     seen, observe = _observer()
     client = make_client({"as": profile(fake.token_url)}, observer=observe)
-    token = await client.exchange("as", assertion())
+    token = await client.exchange("as", assertion().raw)
     assert fake.calls == 3 and token.access_token == fake.issued[0]
     assert seen == [("as", "ok")]
 
@@ -159,8 +162,9 @@ async def test_5xx_retries_are_bounded(start_as: StartAs, make_client: MakeClien
     seen, observe = _observer()
     client = make_client({"as": profile(fake.token_url)}, observer=observe)
     with pytest.raises(UpstreamError) as raised:
-        await client.exchange("as", assertion())
+        await client.exchange("as", assertion().raw)
     assert raised.value.status == 502 and raised.value.reason == "as_server_error"
+    assert raised.value.retryable and not raised.value.remembered
     assert fake.calls == 3
     assert seen == [("as", "error")]
 
@@ -169,9 +173,9 @@ async def test_invalid_grant_is_never_retried(start_as: StartAs, make_client: Ma
     fake = await start_as(one_time_use=True)
     client = make_client({"as": profile(fake.token_url)})
     used = assertion()
-    await client.exchange("as", used)
+    await client.exchange("as", used.raw)
     with pytest.raises(InvalidAssertion) as raised:
-        await client.exchange("as", used)
+        await client.exchange("as", used.raw)
     assert raised.value.reason == "invalid_grant"
     assert fake.calls == 2
 
@@ -183,7 +187,7 @@ async def test_hanging_server_times_out(start_as: StartAs, make_client: MakeClie
     server = profile(fake.token_url, timeouts={"connect": 1, "total": 0.2})
     client = make_client({"as": server}, observer=observe)
     with pytest.raises(UpstreamTimeout) as raised:
-        await client.exchange("as", assertion())
+        await client.exchange("as", assertion().raw)
     assert raised.value.status == 504
     # A read timeout is not retried: the AS may already have consumed the assertion.
     assert fake.calls == 1
@@ -201,7 +205,7 @@ async def test_overall_deadline_bounds_retries(start_as: StartAs, make_client: M
     )
     client = make_client({"as": server})
     with pytest.raises(UpstreamTimeout) as raised:
-        await client.exchange("as", assertion())
+        await client.exchange("as", assertion().raw)
     assert raised.value.reason in ("as_deadline", "as_timeout")
 
 
@@ -212,7 +216,7 @@ async def test_connection_refused_is_retried_then_502(make_client: MakeClient) -
     seen, observe = _observer()
     client = make_client({"as": profile(f"http://127.0.0.1:{port}/token")}, observer=observe)
     with pytest.raises(UpstreamError) as raised:
-        await client.exchange("as", assertion())
+        await client.exchange("as", assertion().raw)
     assert raised.value.status == 502 and raised.value.reason == "as_unreachable"
     assert seen == [("as", "error")]
 
@@ -223,7 +227,7 @@ async def test_expires_in_shapes_over_the_wire(
 ) -> None:
     fake = await start_as(expires_in=given)
     client = make_client({"as": profile(fake.token_url, default_expires_in=900)})
-    assert (await client.exchange("as", assertion())).expires_in == expected
+    assert (await client.exchange("as", assertion().raw)).expires_in == expected
 
 
 async def test_plain_base64_option_and_mismatch(start_as: StartAs, make_client: MakeClient) -> None:
@@ -236,16 +240,16 @@ async def test_plain_base64_option_and_mismatch(start_as: StartAs, make_client: 
     )
     # Bytes whose base64 and base64url differ, so each side really checks the alphabet.
     odd = assertion(nonce="\u00ff\u00fe>?")
-    await client.exchange("plain", odd)
+    await client.exchange("plain", odd.raw)
     with pytest.raises(InvalidAssertion):
-        await client.exchange("url", odd)
+        await client.exchange("url", odd.raw)
     assert fake.refusals == ["invalid_grant: assertion is not base64"]
 
 
 async def test_extra_params_reach_the_server(start_as: StartAs, make_client: MakeClient) -> None:
     fake = await start_as()
     server = profile(fake.token_url, extra_params={"company_id": "ACME", "new_token": "true"})
-    await make_client({"sf": server}).exchange("sf", assertion())
+    await make_client({"sf": server}).exchange("sf", assertion().raw)
     assert fake.last_form["company_id"] == "ACME" and fake.last_form["new_token"] == "true"
 
 
@@ -276,8 +280,8 @@ def test_misconfigured_profiles_fail_at_construction(tmp_path: Path) -> None:
 
 async def test_unknown_profile_is_an_upstream_error(make_client: MakeClient) -> None:
     client = make_client({})
-    with pytest.raises(UpstreamError, match="as_unknown_profile"):
-        await client.exchange("nope", assertion())
+    with pytest.raises(UpstreamError, match="as_unknown_server"):
+        await client.exchange("nope", assertion().raw)
 
 
 async def test_tokens_and_assertions_never_reach_the_logs(
@@ -288,7 +292,7 @@ async def test_tokens_and_assertions_never_reach_the_logs(
     client = make_client({"as": profile(fake.token_url)})
     presented = assertion()
     with caplog.at_level(logging.DEBUG):
-        token = await client.exchange("as", presented)
+        token = await client.exchange("as", presented.raw)
     assert "retrying" in caplog.text  # the retry was logged…
     assert token.access_token not in caplog.text  # …but nothing secret
     assert "alice" not in caplog.text and "s3cret" not in caplog.text

@@ -71,7 +71,7 @@ async def test_static_headers_reach_the_token_endpoint(
     )
     client = TokenClient({"xsuaa": server})
     try:
-        token = await client.exchange("xsuaa", assertion("_options2"))
+        token = await client.exchange("xsuaa", assertion("_options2").raw)
     finally:
         await client.close()
     assert token.access_token == "vendor-token-1"

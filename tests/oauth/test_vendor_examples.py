@@ -1,4 +1,5 @@
-"""The worked examples for SAP XSUAA, SAP NetWeaver and Okta send what their vendors document.
+"""The worked examples for SAP XSUAA, SAP NetWeaver, Okta, Google's STS and Entra ID send
+what their vendors document.
 
 Each example file runs through the real gateway (listener, validation, exchange, proxy) with
 only its hosts moved to loopback; a recording token endpoint keeps the exact request. The
@@ -19,6 +20,15 @@ the gateway's code:
   application/json``, ``Content-Type: application/x-www-form-urlencoded``, ``Authorization:
   Basic`` of client ID and secret, ``grant_type``, ``scope`` with ``openid`` (required) and
   ``assertion`` base64url.
+- Google Cloud STS, "Method: token": ``POST https://sts.googleapis.com/v1/token``, no
+  ``Authorization`` header, ``grant_type`` token-exchange, ``audience`` (the provider's full
+  resource name), ``scope``, ``requested_token_type`` access_token, ``subject_token`` and
+  ``subject_token_type`` ``urn:ietf:params:oauth:token-type:saml2``.
+- Entra ID, "Microsoft identity platform and OAuth 2.0 SAML bearer assertion flow": ``POST
+  /<tenant>/oauth2/v2.0/token`` with ``grant_type`` saml1_1-bearer, ``assertion``,
+  ``client_id``, ``client_secret``, ``scope``; the assertion in standard base64 as
+  Microsoft's MSAL libraries send it. Its AD FS assertion is SAML 1.1, which the demo IdP
+  does not issue: that example's token request is sent by the token client itself.
 """
 
 from __future__ import annotations
@@ -38,13 +48,17 @@ import yaml
 from aiohttp import web
 
 from gateway.app import GatewayServer
+from gateway.config import AuthorizationServer
 from gateway.devkit.idp import DemoIdP
+from gateway.oauth.client import TokenClient
 from gateway.preflight import preflight
 
 from .helpers import RecordingTokenEndpoint
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "config" / "examples"
 SAML2_BEARER = "urn:ietf:params:oauth:grant-type:saml2-bearer"
+SAML1_BEARER = "urn:ietf:params:oauth:grant-type:saml1_1-bearer"
+TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 FORM = "application/x-www-form-urlencoded"
 
 # Credentials with the characters that real ones have and that encodings change.
@@ -53,6 +67,7 @@ ENVIRONMENT = {
     "XSUAA_CLIENT_SECRET": "Xs+ua/s3cret=",
     "S4_OAUTH_CLIENT_PASSWORD": "Init!Pass#2024",
     "OKTA_CLIENT_SECRET": "okta-Secret_42",
+    "ENTRA_CLIENT_SECRET": "Entra~Secret.9+/=",
 }
 
 
@@ -64,6 +79,9 @@ class Documented:
     path_and_query: str
     basic: str | None  # the decoded "id:secret" of Authorization: Basic, None: no header
     form: dict[str, str]  # every field but the assertion
+    assertion_field: str = "assertion"  # where the assertion goes (RFC 8693: subject_token)
+    assertion_encoding: str = "base64url"
+    saml11: bool = False  # the IdP issues SAML 1.1 (AD FS over WS-Trust)
     headers: dict[str, str] = field(default_factory=dict)  # further headers required
     assertion_attributes: dict[str, str] = field(default_factory=dict)
     # A variant of an example: the file, and the changes its comments describe.
@@ -114,7 +132,41 @@ DOCUMENTED = {
         form={"grant_type": SAML2_BEARER, "scope": "openid api.orders.read"},
         headers={"Accept": "application/json"},
     ),
+    "google-sts": Documented(
+        method="POST",
+        path_and_query="/v1/token",
+        basic=None,
+        form={
+            "grant_type": TOKEN_EXCHANGE,
+            "audience": "//iam.googleapis.com/locations/global/workforcePools/corp-pool/"
+            "providers/corp-saml",
+            "scope": "https://www.googleapis.com/auth/cloud-platform",
+            "requested_token_type": "urn:ietf:params:oauth:token-type:access_token",
+            "subject_token_type": "urn:ietf:params:oauth:token-type:saml2",
+        },
+        assertion_field="subject_token",
+    ),
+    "entra-id-adfs": Documented(
+        method="POST",
+        path_and_query="/contoso.onmicrosoft.com/oauth2/v2.0/token",
+        basic=None,
+        form={
+            "grant_type": SAML1_BEARER,
+            "client_id": "11111111-2222-3333-4444-555555555555",
+            "client_secret": "Entra~Secret.9+/=",
+            "scope": "https://graph.microsoft.com/.default",
+        },
+        assertion_encoding="base64",
+        saml11=True,
+    ),
 }
+# The whole way for SAML 1.1 needs the SAML 1.1 validator and the demo IdP's SAML 1.1
+# issuer (their branch): a strict xfail until they are there, an ordinary test after.
+SAML11_PENDING = pytest.mark.xfail(
+    not hasattr(DemoIdP, "issue_saml11"),
+    reason="SAML 1.1 validation and issue_saml11 come with the SAML 1.1 branch",
+    strict=True,
+)
 
 
 class Upstream:
@@ -176,7 +228,13 @@ def b64url_decode(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-@pytest.mark.parametrize("name", sorted(DOCUMENTED))
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(name, marks=SAML11_PENDING) if DOCUMENTED[name].saml11 else name
+        for name in sorted(DOCUMENTED)
+    ],
+)
 async def test_example_sends_the_documented_request(
     name: str,
     tmp_path: Path,
@@ -196,13 +254,18 @@ async def test_example_sends_the_documented_request(
         on_loopback(name, tmp_path, idp, token_endpoint.origin, upstream.url, documented.changes)
     )
     (loaded,) = config.authorization_servers.values()
-    raw = idp.issue(
-        "alice@example.com",
-        audience=server["audience"],
-        recipient=loaded.recipients[0],
-        now=datetime.now(UTC),
-        attributes=documented.assertion_attributes or None,
-    )
+    if documented.saml11:
+        raw = idp.issue_saml11(
+            "alice@example.com", audience=server["audience"], now=datetime.now(UTC)
+        )
+    else:
+        raw = idp.issue(
+            "alice@example.com",
+            audience=server["audience"],
+            recipient=loaded.recipients[0],
+            now=datetime.now(UTC),
+            attributes=documented.assertion_attributes or None,
+        )
     gateway = GatewayServer(config)
     await gateway.start()
     try:
@@ -235,11 +298,63 @@ async def test_example_sends_the_documented_request(
     names = [key for key, _ in fields]
     assert len(names) == len(set(names)), f"a field sent twice: {names}"
     form = dict(fields)
-    assertion = form.pop("assertion")
+    assertion = form.pop(documented.assertion_field)
     assert form == documented.form
-    # base64url without padding (RFC 7522 §2.1), of the very bytes the IdP signed
-    assert re.fullmatch(r"[A-Za-z0-9_-]+", assertion)
-    assert b64url_decode(assertion) == raw
+    if documented.assertion_encoding == "base64":
+        assert base64.b64decode(assertion, validate=True) == raw
+    else:
+        # base64url without padding (RFC 7522 §2.1), of the very bytes the IdP signed
+        assert re.fullmatch(r"[A-Za-z0-9_-]+", assertion)
+        assert b64url_decode(assertion) == raw
+
+
+async def test_entra_example_sends_microsofts_request(
+    endpoints: tuple[RecordingTokenEndpoint, Upstream],
+) -> None:
+    token_endpoint, _ = endpoints
+    example = yaml.safe_load((EXAMPLES / "entra-id-adfs.yaml").read_text())
+    (settings,) = example["authorization_servers"].values()
+    assert settings["client_secret"] == "${ENTRA_CLIENT_SECRET}"
+    parts = urlsplit(settings["token_url"])
+    server = AuthorizationServer.model_validate(
+        settings
+        | {
+            "token_url": token_endpoint.origin + parts.path,
+            "client_secret": ENVIRONMENT["ENTRA_CLIENT_SECRET"],
+        }
+    )
+    # An AD FS SAML 1.1 assertion, as far as the token request is concerned: its bytes.
+    raw = (
+        b'<saml:Assertion xmlns:saml="urn:oasis:names:tc:SAML:1.0:assertion" MajorVersion="1"'
+        b' MinorVersion="1" AssertionID="_d7f1" Issuer="http://adfs.contoso.com/adfs/services/'
+        b'trust"><saml:Conditions><saml:AudienceRestrictionCondition><saml:Audience>'
+        b"urn:federation:MicrosoftOnline</saml:Audience></saml:AudienceRestrictionCondition>"
+        b"</saml:Conditions></saml:Assertion>\n"
+    )
+    assert len(raw) % 3, "a length whose base64 is padded, so the two spellings differ"
+    client = TokenClient({"entra": server})
+    try:
+        token = await client.exchange("entra", raw, saml_version="1.1")
+    finally:
+        await client.close()
+    assert token.access_token == "vendor-token-1"
+    [request] = token_endpoint.requests
+    assert request.method == "POST"
+    assert request.path_and_query == "/contoso.onmicrosoft.com/oauth2/v2.0/token"
+    assert request.headers["Content-Type"] == FORM and "Authorization" not in request.headers
+    fields = parse_qsl(request.body.decode("ascii"), keep_blank_values=True, strict_parsing=True)
+    form = dict(fields)
+    assert len(form) == len(fields)
+    assertion = form.pop("assertion")
+    assert form == {
+        "grant_type": SAML1_BEARER,
+        "client_id": "11111111-2222-3333-4444-555555555555",
+        "client_secret": ENVIRONMENT["ENTRA_CLIENT_SECRET"],
+        "scope": "https://graph.microsoft.com/.default",
+    }
+    # Standard base64 with its padding, as MSAL sends it; base64url would have none.
+    assert assertion.endswith("=")
+    assert base64.b64decode(assertion, validate=True) == raw
 
 
 def test_every_example_names_its_vendor_document() -> None:
