@@ -186,7 +186,11 @@ class Runtime:
         trace.assertion_id, trace.issuer = assertion.id, assertion.issuer
         server = route.authorization_server
         return await self.cache.obtain(
-            key, assertion, lambda verified: self.token_client.exchange(server, verified.raw)
+            key,
+            assertion,
+            lambda verified: self.token_client.exchange(
+                server, verified.raw, saml_version=verified.saml_version
+            ),
         )
 
     def cache_key(self, route: Route) -> str:
