@@ -204,7 +204,6 @@ class Forwarder:
         if session is None:
             raise RuntimeError("Forwarder.start() was not awaited")
         plan = self._plan(route)
-        self.admit(request, route)
         headers = upstream_request_headers(
             request.headers,
             token=token,

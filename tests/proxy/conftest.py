@@ -44,6 +44,7 @@ async def start_gateway() -> AsyncIterator[StartGateway]:
             matching = [r for r in routes if request.path.startswith(r.path_prefix)]
             route = max(matching, key=lambda r: len(r.path_prefix))
             try:
+                forwarder.admit(request, route)  # as the pipeline does, first
                 result = await forwarder.forward(request, route, TOKEN, strip)
             except GatewayError as exc:
                 gateway.errors.append(exc)
