@@ -13,16 +13,14 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
+from prometheus_client import Counter
 
 from gateway.errors import GatewayError, InvalidAssertion
 from gateway.logs import access
 from gateway.saml.evidence import printable
-
-if TYPE_CHECKING:
-    from gateway.metrics import Metrics
 
 DEFAULT_REALM = "saml-gateway"
 
@@ -64,15 +62,15 @@ class AccessRecord:
     trace_id: str | None = None
 
 
-def note_failure(record: AccessRecord, error: GatewayError, metrics: Metrics) -> None:
-    """What the access line says about a failed request: the reason word (also the metric's
-    label) and, for the client's mistakes, the detail an operator acts on. Server-side
-    failures keep their detail to their own log lines."""
+def note_failure(record: AccessRecord, error: GatewayError, refusals: Counter) -> None:
+    """What the access line says about a failed request: the reason word (also the label of
+    ``refusals``, the metric of refused assertions) and, for the client's mistakes, the
+    detail an operator acts on. Server-side failures keep their detail to their own lines."""
     record.reason = error.reason
     if error.status < 500 and error.detail:
         record.detail = error.detail
     if isinstance(error, InvalidAssertion):
-        metrics.validation_failures.labels(error.reason).inc()
+        refusals.labels(error.reason).inc()
         if record.assertion_id is None and error.unverified_id is not None:
             record.assertion_id_unverified = printable(error.unverified_id)
         if record.issuer is None and error.unverified_issuer is not None:

@@ -272,7 +272,7 @@ class GatewayServer:
                 status = response.status
                 return response
             except GatewayError as error:
-                note_failure(record, error, self.metrics)
+                note_failure(record, error, self.metrics.validation_failures)
                 status = error.status
                 return error_response(error, record)
             except asyncio.CancelledError:

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from types import TracebackType
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.config import Config
 from gateway.errors import ConfigError, GatewayError
@@ -30,9 +30,22 @@ if TYPE_CHECKING:
     from aiohttp import web
     from opentelemetry.trace import Span
 
-    from gateway.access import AccessRecord
 
 EXTRA = "pip install 'saml-oauth-gateway[otel]'"
+
+
+class Traced(Protocol):
+    """What the request's span reads from, and keeps in, the server's access record
+    (``gateway.access.AccessRecord``)."""
+
+    request_id: str
+    route: str
+    cache: str
+    assertion_id: str | None
+    reason: str | None
+    span: Any
+    span_token: Any
+    trace_id: str | None
 
 
 class SpanLike(Protocol):
@@ -96,7 +109,7 @@ class Tracing:
     # --- the request's span --------------------------------------------------------------
 
     def start_request(
-        self, request: web.BaseRequest, record: AccessRecord, trusted: Sequence[IPNetwork]
+        self, request: web.BaseRequest, record: Traced, trusted: Sequence[IPNetwork]
     ) -> None:
         """Open the request's span and make it current for the rest of the handler;
         ``trusted`` is the running config's ``proxy.trusted_proxies``."""
@@ -120,7 +133,7 @@ class Tracing:
         record.span_token = self._context.attach(self._trace.set_span_in_context(span))
         record.trace_id = format(span.get_span_context().trace_id, "032x")
 
-    def finish_request(self, request: web.BaseRequest, record: AccessRecord, status: int) -> None:
+    def finish_request(self, request: web.BaseRequest, record: Traced, status: int) -> None:
         span: Span | None = record.span
         if span is None:
             return
