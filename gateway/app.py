@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,39 +57,34 @@ def _within(path: str, prefix: str) -> bool:
     return not prefix or path == prefix or path.startswith(prefix + "/")
 
 
-class InFlight:
-    """The requests inside one pipeline: a retired one closes its sessions only when idle.
-    WebSockets are counted apart: HTTP timeouts do not bound them, so neither does the wait
-    for them after a reload."""
+class _Inside:
+    """Requests of one kind inside a pipeline, counted while a ``with`` block runs."""
+
+    __slots__ = ("count", "none")
 
     def __init__(self) -> None:
-        self._active = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._websockets = 0
-        self._no_websockets = asyncio.Event()
-        self._no_websockets.set()
+        self.count = 0
+        self.none = asyncio.Event()
+        self.none.set()
 
-    @contextlib.contextmanager
-    def serving(self, *, websocket: bool = False) -> Iterator[None]:
-        """Count a request (or a WebSocket, for its whole life) as inside."""
-        if websocket:
-            self._websockets += 1
-            self._no_websockets.clear()
-        else:
-            self._active += 1
-            self._idle.clear()
-        try:
-            yield
-        finally:
-            if websocket:
-                self._websockets -= 1
-                if not self._websockets:
-                    self._no_websockets.set()
-            else:
-                self._active -= 1
-                if not self._active:
-                    self._idle.set()
+    def __enter__(self) -> None:
+        self.count += 1
+        self.none.clear()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.count -= 1
+        if not self.count:
+            self.none.set()
+
+
+class InFlight:
+    """The requests inside one pipeline: a retired one closes its sessions only when idle.
+    WebSockets are counted apart (for their whole life): HTTP timeouts do not bound them,
+    so neither does the wait for them after a reload."""
+
+    def __init__(self) -> None:
+        self.requests = _Inside()
+        self.websockets = _Inside()
 
     async def drained(self, longest: float) -> None:
         """Return once nothing is inside: HTTP requests are waited for ``longest`` seconds at
@@ -97,8 +92,8 @@ class InFlight:
         ``websocket_idle`` and ``websocket_lifetime`` bound them, nothing else), so a reload
         never cuts one."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), longest)
-        await self._no_websockets.wait()
+            await asyncio.wait_for(self.requests.none.wait(), longest)
+        await self.websockets.none.wait()
 
 
 class _Connection(web.RequestHandler):
@@ -262,10 +257,11 @@ class GatewayServer:
             response: web.StreamResponse
             try:
                 if auth_path is not None and _within(request.path, auth_path):
-                    with inflight.serving():
+                    with inflight.requests:
                         response = await authorize(pipeline, request, record, auth)
                 elif proxy:
-                    with inflight.serving(websocket=wants_websocket(request)):
+                    upgrade = wants_websocket(request)
+                    with inflight.websockets if upgrade else inflight.requests:
                         response = await pipeline.proxy(request, record)
                 else:
                     raise NoRoute("no_route", "only forward-auth is served on this listener")

@@ -127,6 +127,41 @@ def test_a_full_batch_and_an_idle_second_are_written_by_the_thread() -> None:
         handler.close()
 
 
+def test_a_busy_writer_gathers_lines_instead_of_being_woken_for_each() -> None:
+    stream = io.StringIO()
+    handler = _handler(stream, interval=3600, batch=100, gather=3600)
+    try:
+        handler.write_line("access 0\n")  # into an idle writer: written at once
+        deadline = time.monotonic() + 10  # bounded wait for the writer thread
+        while not stream.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert stream.getvalue() == "access 0\n"
+        for n in range(1, 10):
+            handler.write_line(f"access {n}\n")
+        time.sleep(0.2)  # time enough for a writer woken per line to have written some
+        assert stream.getvalue() == "access 0\n"  # the writer gathers: nothing yet
+    finally:
+        handler.close()  # ends the gathering: everything, in order
+    assert stream.getvalue().splitlines() == [f"access {n}" for n in range(10)]
+
+
+def test_a_full_batch_ends_the_gathering() -> None:
+    stream = io.StringIO()
+    handler = _handler(stream, interval=3600, batch=5, gather=3600)
+    try:
+        handler.write_line("access 0\n")
+        deadline = time.monotonic() + 10  # bounded waits for the writer thread
+        while not stream.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for n in range(1, 6):  # a batch while the writer gathers: written without waiting
+            handler.write_line(f"access {n}\n")
+        while stream.getvalue().count("\n") < 6 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert stream.getvalue().splitlines() == [f"access {n}" for n in range(6)]
+    finally:
+        handler.close()
+
+
 def test_past_the_limit_the_caller_writes_and_nothing_is_dropped() -> None:
     stream = io.StringIO()
     handler = _handler(stream, interval=3600, batch=3, limit=3)
