@@ -12,7 +12,13 @@ next to a direct hit on the upstream. The last three run side by side and are lo
 ``--rounds`` times (the median is shown): on a shared machine, a load that comes and goes
 then falls on every case alike, and their ratios hold. Then an open-loop client in its own
 process sends 1,000 requests/s for ``--paced`` s, to the upstream and through the gateway
-(1 process): the added latency at p50/p99. Last, the gateway's resident memory per process (VmRSS).
+(1 process): the added latency at p50/p99. Last, the gateway's resident memory per
+process (VmRSS).
+
+Throughput on a shared machine moves with whatever else runs; the CPU time the serving
+processes spend per request (user + system, all their threads, the access log's writer
+too) moves much less, so it is shown beside it: baseline µs / gateway µs is the
+throughput ratio the two would have on cores of their own.
 
 Targets: gateway ≥ 90% of the minimal aiohttp proxy at the same process count, with the
 access log off and on (issue 12); added latency ≤ 1 ms p50 and ≤ 3 ms p99 at 1,000 req/s;
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
@@ -34,6 +41,33 @@ import _harness as h
 from gateway.devkit.authorization_server import FakeAuthorizationServer
 
 DIRECT = "direct: upstream (nginx return 200)"
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system time of ``pids`` so far (/proc/PID/stat fields 14 and 15)."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rpartition(")")[2].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / _TICK
+
+
+def _baseline_pids(port: int) -> list[int]:
+    """The baseline's processes: ``_harness.py baseline --port PORT`` command lines."""
+    wanted = ["baseline", "--port", str(port)]
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    argv = f.read().decode(errors="replace").split("\0")
+            except OSError:
+                continue
+            if any(argv[i : i + 3] == wanted for i in range(len(argv))):
+                found.append(int(entry))
+    return found
 
 
 async def run(duration: float, rounds: int, paced_seconds: float, rate: float) -> int:
@@ -41,6 +75,7 @@ async def run(duration: float, rounds: int, paced_seconds: float, rate: float) -
     auth = FakeAuthorizationServer(client_id=h.CLIENT_ID, client_secret=h.CLIENT_SECRET)
     token_url = await auth.start()
     rows: list[tuple[str, h.Load]] = []
+    cpu: dict[str, float] = {}  # µs of CPU per request, the median round's
     reference: dict[str, str] = {}
     memory: dict[int, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmp:
@@ -68,6 +103,7 @@ async def run(duration: float, rounds: int, paced_seconds: float, rate: float) -
                 reference[gw_name] = reference[logged_name] = base_name
                 with ExitStack() as running:
                     ports = {base_name: running.enter_context(h.baseline(upstream, n))}
+                    pids = {base_name: _baseline_pids(ports[base_name])}
                     gateways: dict[str, h.Gateway] = {}
                     for name, logged in ((gw_name, False), (logged_name, True)):
                         folder = work / f"gateway-{n}{'-logged' if logged else ''}"
@@ -77,15 +113,19 @@ async def run(duration: float, rounds: int, paced_seconds: float, rate: float) -
                             )
                         )
                         await h.warm(f"http://127.0.0.1:{gw.port}/hello", header)
-                        ports[name], gateways[name] = gw.port, gw
-                    loads: dict[str, list[h.Load]] = {name: [] for name in ports}
+                        ports[name], gateways[name], pids[name] = gw.port, gw, gw.pids()
+                    loads: dict[str, list[tuple[h.Load, float]]] = {name: [] for name in ports}
                     for _ in range(rounds):
                         for name, port in ports.items():
-                            loads[name].append(await load(port))
-                    for name, got in loads.items():
+                            before = _cpu_seconds(pids[name])
+                            got = await load(port)
+                            spent = _cpu_seconds(pids[name]) - before
+                            loads[name].append((got, spent * 1e6 / (got.rps * duration)))
+                    for name, turns in loads.items():
                         # The round with the median rate, whole (its latencies with it).
-                        got.sort(key=_rps)
-                        rows.append((name, got[(len(got) - 1) // 2]))
+                        turns.sort(key=_rps)
+                        median, cpu[name] = turns[(len(turns) - 1) // 2]
+                        rows.append((name, median))
                     if n == 1:
                         url = f"http://127.0.0.1:{ports[gw_name]}/hello"
                         direct_url = f"http://{upstream}/hello"
@@ -95,6 +135,12 @@ async def run(duration: float, rounds: int, paced_seconds: float, rate: float) -
     await auth.stop()
 
     print(h.table(rows, reference))
+    print()
+    print("CPU per request of the serving processes (median round):")
+    for name, micros in cpu.items():
+        base = cpu[reference[name]] if name in reference else None
+        ratio = f"  ratio {base / micros:.2f}" if base is not None else ""
+        print(f"  {name:<46}{micros:7.0f} µs{ratio}")
     print()
     print(f"open loop, {rate:.0f} req/s for {paced_seconds:g} s (client in its own process):")
     for name, got in (("direct", near), ("gateway", via)):
@@ -123,8 +169,8 @@ async def run(duration: float, rounds: int, paced_seconds: float, rate: float) -
     return 0
 
 
-def _rps(load: h.Load) -> float:
-    return load.rps
+def _rps(turn: tuple[h.Load, float]) -> float:
+    return turn[0].rps
 
 
 def main() -> int:

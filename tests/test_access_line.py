@@ -54,6 +54,17 @@ REFUSAL: dict[str, Any] = {
     "peer": None,
 }
 
+# Values the access line does not hold today, written as JsonFormatter would all the same.
+ODD: dict[str, Any] = {
+    **HIT,
+    "reason": True,
+    "duration_ms": float("inf"),
+    "upstream_ms": float("nan"),
+    "cache": ["hit", 2],
+    "issuer": "\u00e9\U0001f600",
+    "peer": 12345678901234567890,
+}
+
 
 def formatted(formatter: logging.Formatter, fields: dict[str, Any], worker: int | None) -> str:
     method, path, status = fields["method"], fields["path"], fields["status"]
@@ -72,7 +83,7 @@ def formatted(formatter: logging.Formatter, fields: dict[str, Any], worker: int 
     return formatter.format(record) + "\n"
 
 
-@pytest.mark.parametrize("fields", [HIT, REFUSAL], ids=["hit", "refusal"])
+@pytest.mark.parametrize("fields", [HIT, REFUSAL, ODD], ids=["hit", "refusal", "odd"])
 @pytest.mark.parametrize("worker", [None, 2])
 @pytest.mark.parametrize("now", [1764590000.0, 1764590000.9999, 1764593599.0421])
 def test_direct_lines_equal_the_formatters(
