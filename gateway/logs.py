@@ -135,8 +135,10 @@ class NameWorker(logging.Filter):
 FLUSH_SECONDS = 1.0
 FLUSH_LINES = 256
 # While lines keep coming, the writer gathers them this long between writes instead of
-# being woken for each (a wake-up costs the event loop a lock hand-off and the GIL).
+# being woken for each (a wake-up costs the event loop a lock hand-off and the GIL); after
+# this many gathers in a row without a line it sleeps until the next one.
 GATHER_SECONDS = 0.01
+QUIET_GATHERS = 10
 # Past this many waiting lines (the writer stuck on a full pipe), the writer waits for the
 # stream, as an unbuffered handler would: memory stays bounded, and no line is dropped.
 MAX_PENDING_LINES = 65536
@@ -148,7 +150,8 @@ class BufferedLines(logging.Handler):
     Access lines (``write_line``) are queued and never wait for the stream: a thread writes
     them, all that queued up while it waited in one write, so a slow pipe or disk stalls that
     thread, not the event loop. An idle writer is woken by the first line; a busy one is
-    never woken, it writes every ``GATHER_SECONDS`` for as long as lines keep coming.
+    never woken, it writes every ``GATHER_SECONDS`` until ``QUIET_GATHERS`` of them found
+    nothing (a process descheduled for a moment, or between bursts, stays busy).
     Other records (startup, warnings, errors) are rare and may precede an exit: they are
     written at once, after what is queued, in order.
     ``close`` (run by ``logging.shutdown`` at exit, after a drain) writes whatever is left.
@@ -224,17 +227,19 @@ class BufferedLines(logging.Handler):
             return True
 
     def _run(self) -> None:
+        quiet = QUIET_GATHERS  # gathers in a row that found nothing: asleep at first
         while not self._closed:
-            self._asleep = True
-            with self._pending_lock:
-                idle = not self._pending
-            if idle:
-                self._wake.wait(self._interval)
-            self._asleep = False
-            self._wake.clear()
-            if self._write_pending():
-                # Busy: let the next lines gather (a full batch or close ends the wait).
+            if quiet >= QUIET_GATHERS:
+                self._asleep = True
+                with self._pending_lock:
+                    idle = not self._pending
+                if idle:
+                    self._wake.wait(self._interval)
+                self._asleep = False
+            else:  # busy: let the next lines gather (a full batch or close ends the wait)
                 self._wake.wait(self._gather)
+            self._wake.clear()
+            quiet = 0 if self._write_pending() else quiet + 1
 
     def close(self) -> None:
         self._closed = True
