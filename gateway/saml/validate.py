@@ -111,7 +111,7 @@ _DATETIME = re.compile(
 )
 
 
-def _refusal(reason: str, check: str, found: str, expected: str = "") -> InvalidAssertion:
+def _reject(reason: str, check: str, found: str, expected: str = "") -> InvalidAssertion:
     """A refusal in explain's words: ``check: expected X, found Y`` (or ``check: found``)."""
     detail = f"{check}: expected {expected}, found {found}" if expected else f"{check}: {found}"
     return InvalidAssertion(reason, detail, check=check, expected=expected, found=found)
@@ -128,21 +128,21 @@ def _locate_assertion(root: etree._Element) -> etree._Element:
     elif root.tag == _RESPONSE:
         code = root.find(_STATUS_CODE)
         if code is not None and code.get("Value") != _SUCCESS:
-            raise _refusal(
+            raise _reject(
                 "malformed", "structure", f"Response status {shown(code.get('Value'))}", _SUCCESS
             )
         children = root.findall(_ASSERTION)
         if not children:
-            raise _refusal(
+            raise _reject(
                 "malformed", "structure", "a Response with no (unencrypted) saml:Assertion"
             )
         if len(children) > 1:
-            raise _refusal(
+            raise _reject(
                 "wrapping", "structure", f"a Response holding {len(children)}", _ONE_ASSERTION
             )
         assertion = children[0]
     else:
-        raise _refusal(
+        raise _reject(
             "malformed",
             "structure",
             f"document element {shown(etree.QName(root).localname)}",
@@ -152,7 +152,7 @@ def _locate_assertion(root: etree._Element) -> etree._Element:
     # how signature-wrapping attacks smuggle a second identity: refuse them all.
     count = sum(1 for _ in root.iter(_ASSERTION))
     if count != 1:
-        raise _refusal("wrapping", "structure", f"{count} saml:Assertion elements", "one")
+        raise _reject("wrapping", "structure", f"{count} saml:Assertion elements", "one")
     return assertion
 
 
@@ -163,18 +163,18 @@ def _check_structure(root: etree._Element, assertion: etree._Element) -> None:
             if name in _ID_NAMES:
                 # Duplicate IDs let a Reference resolve to a different element than we read.
                 if value in seen:
-                    raise _refusal(
+                    raise _reject(
                         "wrapping", "structure", "duplicate ID attribute values", "unique IDs"
                     )
                 seen.add(value)
         tag = element.tag
         if tag == _OBJECT:  # where signed content hides
-            raise _refusal("wrapping", "structure", "a ds:Object", "no ds:Object")
+            raise _reject("wrapping", "structure", "a ds:Object", "no ds:Object")
         if tag == _SIGNATURE:
             parent = element.getparent()
             # Only the assertion's own signature and a Response's signature may exist.
             if parent is not assertion and not (parent is root and root.tag == _RESPONSE):
-                raise _refusal(
+                raise _reject(
                     "wrapping",
                     "structure",
                     "a ds:Signature elsewhere",
@@ -185,7 +185,7 @@ def _check_structure(root: etree._Element, assertion: etree._Element) -> None:
 def _one(element: etree._Element, path: str, what: str) -> etree._Element:
     found = element.findall(path)
     if len(found) != 1:
-        raise _refusal("signature", "signature profile", f"{len(found)}", f"one {what}")
+        raise _reject("signature", "signature profile", f"{len(found)}", f"one {what}")
     return found[0]
 
 
@@ -193,11 +193,11 @@ def _only_signature(element: etree._Element, what: str) -> etree._Element:
     """The one ds:Signature child of ``element`` (signxml would take the first of several)."""
     signatures = element.findall(_SIGNATURE)
     if not signatures:
-        raise _refusal(
+        raise _reject(
             "signature", "structure", f"the {what} is not signed", f"a ds:Signature in the {what}"
         )
     if len(signatures) > 1:
-        raise _refusal(
+        raise _reject(
             "wrapping", "structure", f"{len(signatures)} ds:Signature in the {what}", "one"
         )
     return signatures[0]
@@ -212,20 +212,20 @@ def _check_signature(
     c14n = _one(signed_info, f"{{{_DS}}}CanonicalizationMethod", "CanonicalizationMethod")
     check = "signature profile" if what == "assertion" else "Response signature profile"
     if c14n.get("Algorithm") != _EXC_C14N:
-        raise _refusal("algorithm", check, "another SignedInfo canonicalization", "exclusive c14n")
+        raise _reject("algorithm", check, "another SignedInfo canonicalization", "exclusive c14n")
     method_el = _one(signed_info, f"{{{_DS}}}SignatureMethod", "SignatureMethod")
     method = _METHOD_BY_URI.get(method_el.get("Algorithm") or "")
     allowed = "RSA/ECDSA with SHA-256 or better" + (" (or SHA-1: allow_sha1)" if allow_sha1 else "")
     if method not in _STRONG_METHODS and not (allow_sha1 and method in _SHA1_METHODS):
-        raise _refusal("algorithm", check, f"signature method {_name(method)}", allowed)
+        raise _reject("algorithm", check, f"signature method {_name(method)}", allowed)
     references = signed_info.findall(f"{{{_DS}}}Reference")
     if len(references) != 1:
-        raise _refusal("wrapping", check, f"{len(references)} References", "one Reference")
+        raise _reject("wrapping", check, f"{len(references)} References", "one Reference")
     reference = references[0]
     # The one Reference must point at this very element, or a valid signature over some
     # other element would vouch for claims it never covered.
     if reference.get("URI") != "#" + element_id:
-        raise _refusal(
+        raise _reject(
             "wrapping",
             check,
             f"Reference URI {shown(reference.get('URI'))}",
@@ -235,7 +235,7 @@ def _check_signature(
     digest_el = _one(reference, f"{{{_DS}}}DigestMethod", "DigestMethod")
     digest = _DIGEST_BY_URI.get(digest_el.get("Algorithm") or "")
     if digest not in _STRONG_DIGESTS and not (allow_sha1 and digest is DigestAlgorithm.SHA1):
-        raise _refusal("algorithm", check, f"digest method {_name(digest)}", allowed)
+        raise _reject("algorithm", check, f"digest method {_name(digest)}", allowed)
     # Words for explain are built by the caller only when it records evidence.
     return lambda: f"Reference #{printable(element_id)}, {_name(method)}, digest {_name(digest)}"
 
@@ -253,20 +253,20 @@ def _check_transforms(reference: etree._Element, check: str) -> None:
     containers = reference.findall(_TRANSFORMS)
     if len(containers) != 1:
         # none: the digest would cover the signature itself; several: signxml reads the first
-        raise _refusal("wrapping", check, f"{len(containers)} Transforms elements", wanted)
+        raise _reject("wrapping", check, f"{len(containers)} Transforms elements", wanted)
     steps = list(containers[0])  # comments and PIs were dropped at parse time
     if any(step.tag != _TRANSFORM for step in steps):
-        raise _refusal("wrapping", check, "something other than ds:Transform", wanted)
+        raise _reject("wrapping", check, "something other than ds:Transform", wanted)
     algorithms = [step.get("Algorithm") for step in steps]
     if any(algorithm not in _ALLOWED_TRANSFORMS for algorithm in algorithms):
-        raise _refusal("algorithm", check, "a transform outside the two", wanted)
+        raise _reject("algorithm", check, "a transform outside the two", wanted)
     if algorithms == [_ENVELOPED]:
-        raise _refusal("algorithm", check, "no exclusive c14n (inclusive c14n implied)", wanted)
+        raise _reject("algorithm", check, "no exclusive c14n (inclusive c14n implied)", wanted)
     if algorithms != [_ENVELOPED, _EXC_C14N]:
-        raise _refusal("wrapping", check, f"{len(algorithms)} transforms in another order", wanted)
+        raise _reject("wrapping", check, f"{len(algorithms)} transforms in another order", wanted)
     enveloped, exclusive = steps
     if len(enveloped):
-        raise _refusal("wrapping", check, "parameters on enveloped-signature", wanted)
+        raise _reject("wrapping", check, "parameters on enveloped-signature", wanted)
     # exc-c14n takes one optional parameter: InclusiveNamespaces PrefixList (Okta sends it).
     parameters = list(exclusive)
     if parameters and (
@@ -275,7 +275,7 @@ def _check_transforms(reference: etree._Element, check: str) -> None:
         or len(parameters[0])
         or set(parameters[0].attrib) != {"PrefixList"}
     ):
-        raise _refusal(
+        raise _reject(
             "wrapping", check, "exclusive c14n parameters other than InclusiveNamespaces", wanted
         )
 
@@ -303,7 +303,7 @@ def _candidate_keys(signature: etree._Element, policy: TrustPolicy) -> list[Pinn
     """Pinned keys strong enough to use, the one KeyInfo names first (a hint, never trust)."""
     usable = [k for k in policy.keys if not (k.kind == "rsa" and k.bits < policy.min_rsa_key_bits)]
     if not usable:
-        raise _refusal(
+        raise _reject(
             "algorithm",
             "signature",
             "no pinned key that strong",
@@ -344,7 +344,7 @@ def _verify(
             )
         except InvalidDigest:
             # The signature is good but the content changed after signing: no other key helps.
-            raise _refusal(
+            raise _reject(
                 "signature", check, "digest mismatch: content changed after signing", expected
             ) from None
         except InvalidCertificate:
@@ -359,9 +359,9 @@ def _verify(
         # expect_references=1 makes signxml return a single result, never a list
         signed = result.signed_xml if isinstance(result, VerifyResult) else None
         if signed is None:
-            raise _refusal("signature", check, "signed content that is not XML", expected)
+            raise _reject("signature", check, "signed content that is not XML", expected)
         return signed, key
-    raise _refusal("signature", check, "none verified it (" + "; ".join(tried) + ")", expected)
+    raise _reject("signature", check, "none verified it (" + "; ".join(tried) + ")", expected)
 
 
 def _response_signature(
@@ -373,7 +373,7 @@ def _response_signature(
     signature = _only_signature(root, "Response")
     response_id = root.get("ID")
     if not response_id:
-        raise _refusal("malformed", "structure", "a signed Response with no ID")
+        raise _reject("malformed", "structure", "a signed Response with no ID")
     return signature, _check_signature(signature, response_id, allow_sha1, "Response")
 
 
@@ -387,7 +387,7 @@ def _verify_response(
     """The Response's signature must hold too, though we read nothing it alone covers."""
     signed, key = _verify(raw, signature, policy, now, "Response signature")
     if signed.tag != _RESPONSE or signed.get("ID") != root.get("ID"):
-        raise _refusal(
+        raise _reject(
             "wrapping", "Response signature", "it covers another element", "the Response itself"
         )
     return key
@@ -402,7 +402,7 @@ def _parse_instant(value: str | None, what: str) -> datetime | None:
         return None
     match = _DATETIME.fullmatch(value.strip())
     if match is None:
-        raise _refusal("malformed", what, "not an xs:dateTime", "an xs:dateTime")
+        raise _reject("malformed", what, "not an xs:dateTime", "an xs:dateTime")
     year, month, day, hour, minute, second, fraction, zone = match.groups()
     try:
         instant = datetime(
@@ -416,14 +416,14 @@ def _parse_instant(value: str | None, what: str) -> datetime | None:
             tzinfo=UTC,
         )
     except ValueError:
-        raise _refusal("malformed", what, "not a valid date", "an xs:dateTime") from None
+        raise _reject("malformed", what, "not a valid date", "an xs:dateTime") from None
     if zone and zone != "Z":
         sign = 1 if zone[0] == "+" else -1
         try:
             instant -= sign * timedelta(hours=int(zone[1:3]), minutes=int(zone[4:6]))
         except OverflowError:
             # A signed 0001-01-01T00:00:00+14:00 lands before year 1: no datetime holds it.
-            raise _refusal("malformed", what, "a date out of range", "an xs:dateTime") from None
+            raise _reject("malformed", what, "a date out of range", "an xs:dateTime") from None
     return instant
 
 
@@ -443,7 +443,7 @@ def _not_before(
         side = "before" if now < bound else "after"
         found = f"now {instant_text(now)}, {duration_text(bound - now)} {side} it"
         if early:
-            raise _refusal("not_yet_valid", what, found, expected)
+            raise _reject("not_yet_valid", what, found, expected)
         if ev is not None:
             ev.passed(what, expected, found)
 
@@ -460,7 +460,7 @@ def _not_on_or_after(
         side = "before" if now < bound else "after"
         found = f"now {instant_text(now)}, {duration_text(bound - now)} {side} it"
         if late:
-            raise _refusal("expired", what, found, expected)
+            raise _reject("expired", what, found, expected)
         if ev is not None:
             ev.passed(what, expected, found)
 
@@ -471,18 +471,18 @@ def _claims(
     skew = policy.clock_skew
     issuers = _texts(signed.findall(_ISSUER))
     if len(issuers) != 1:
-        raise _refusal(
+        raise _reject(
             "issuer", "issuer", f"{len(issuers)} Issuer elements", _one_of(policy.issuers)
         )
     if issuers[0] not in policy.issuers:
-        raise _refusal("issuer", "issuer", shown(issuers[0]), _one_of(policy.issuers))
+        raise _reject("issuer", "issuer", shown(issuers[0]), _one_of(policy.issuers))
     issuer = issuers[0]
     if ev is not None:
         ev.passed("issuer", _one_of(policy.issuers), shown(issuer))
 
     conditions = signed.findall(_CONDITIONS)
     if len(conditions) > 1:
-        raise _refusal("malformed", "audience", f"{len(conditions)} Conditions", "one")
+        raise _reject("malformed", "audience", f"{len(conditions)} Conditions", "one")
     limit: datetime | None = None
     audiences: list[str] = []
     if conditions:
@@ -497,22 +497,22 @@ def _claims(
             values = _texts(restriction.findall(_AUDIENCE))
             if policy.audience not in values:
                 found = ", ".join(shown(v) for v in values) or "an empty AudienceRestriction"
-                raise _refusal("audience", "audience", found, shown(policy.audience))
+                raise _reject("audience", "audience", found, shown(policy.audience))
             audiences.extend(values)
         if not restrictions:
-            raise _refusal("audience", "audience", "no AudienceRestriction", shown(policy.audience))
+            raise _reject("audience", "audience", "no AudienceRestriction", shown(policy.audience))
     else:
         found = "no Conditions, so no AudienceRestriction"
-        raise _refusal("audience", "audience", found, shown(policy.audience))
+        raise _reject("audience", "audience", found, shown(policy.audience))
     if ev is not None:
         ev.passed("audience", shown(policy.audience), ", ".join(shown(a) for a in audiences))
 
     subjects = signed.findall(_SUBJECT)
     if len(subjects) != 1:
-        raise _refusal("subject_confirmation", "subject", f"{len(subjects)} Subject", "one")
+        raise _reject("subject_confirmation", "subject", f"{len(subjects)} Subject", "one")
     name_ids = subjects[0].findall(_NAME_ID)
     if len(name_ids) != 1 or len(name_ids[0]) or not (name_ids[0].text or "").strip():
-        raise _refusal(
+        raise _reject(
             "malformed", "subject", "none, several or structured", "one plain-text NameID"
         )
     # Comments were dropped before verification and signxml re-parses canonical text, so this
@@ -536,7 +536,7 @@ def _bearer_confirmation(
             continue
         data = confirmation.find(_CONFIRMATION_DATA)
         if data is None:
-            problem = _refusal(
+            problem = _reject(
                 "subject_confirmation",
                 "bearer confirmation",
                 "no SubjectConfirmationData",
@@ -546,12 +546,12 @@ def _bearer_confirmation(
         recipient = (data.get("Recipient") or "").strip()
         if recipient not in policy.recipients:
             found = shown(recipient or None)
-            problem = _refusal("recipient", "recipient", found, _one_of(policy.recipients))
+            problem = _reject("recipient", "recipient", found, _one_of(policy.recipients))
             continue
         try:
             limit = _parse_instant(data.get("NotOnOrAfter"), "SubjectConfirmationData NotOnOrAfter")
             if limit is None:
-                problem = _refusal(
+                problem = _reject(
                     "subject_confirmation",
                     "bearer confirmation",
                     "no NotOnOrAfter",
@@ -572,7 +572,7 @@ def _bearer_confirmation(
             _not_on_or_after(limit, now, skew, "SubjectConfirmationData NotOnOrAfter", ev)
             _not_before(not_before, now, skew, "SubjectConfirmationData NotBefore", ev)
         return recipient, limit
-    raise problem or _refusal(
+    raise problem or _reject(
         "subject_confirmation",
         "bearer confirmation",
         "none",
@@ -618,7 +618,7 @@ def validate_assertion(
         return _validate(raw, root, assertion, policy, now, digest, evidence)
     except InvalidAssertion as exc:
         if not exc.check:  # the parser's own refusals (malformed, dtd)
-            exc = _refusal(exc.reason, "parse", exc.detail)
+            exc = _reject(exc.reason, "parse", exc.detail)
         if evidence is not None:
             evidence.failed(exc.check, exc.reason, exc.expected, exc.found)
         if assertion is not None:
@@ -639,9 +639,9 @@ def _validate(
 ) -> Assertion:
     assertion_id = assertion.get("ID")
     if not assertion_id:
-        raise _refusal("malformed", "structure", "an assertion with no ID", "an ID attribute")
+        raise _reject("malformed", "structure", "an assertion with no ID", "an ID attribute")
     if assertion.get("Version") != "2.0":
-        raise _refusal(
+        raise _reject(
             "malformed", "structure", f"Version {shown(assertion.get('Version'))}", "SAML 2.0"
         )
     _check_structure(root, assertion)
@@ -678,7 +678,7 @@ def _validate(
     signed, key = _verify(assertion_xml, signature, policy, now)
     # What signxml vouches for must be the assertion we located, not some other element.
     if signed.tag != _ASSERTION or signed.get("ID") != assertion_id:
-        raise _refusal(
+        raise _reject(
             "wrapping", "signature", "it covers another element", "the presented assertion"
         )
     if ev is not None:
