@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
-import os
-import re
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -27,17 +24,24 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import StreamReader, web
 
+from gateway.access import (
+    AccessRecord,
+    error_response,
+    json_error,
+    log_access,
+    note_failure,
+    request_id,
+)
+from gateway.authorizer import authorize
 from gateway.cache import TokenCache
-from gateway.config import Config, ForwardAuth, load_config
-from gateway.errors import BadRequest, ConfigError, GatewayError, InvalidAssertion, NoRoute
-from gateway.forward_auth import grant_headers, original_request
-from gateway.logs import ACCESS, access
+from gateway.config import Config, load_config
+from gateway.errors import BadRequest, ConfigError, GatewayError, NoRoute
+from gateway.logs import ACCESS
 from gateway.metrics import Metrics
-from gateway.pipeline import Runtime, Trace, note_failure
+from gateway.pipeline import Pipeline
+from gateway.proxy.websocket import wants_websocket
 from gateway.routing import under_prefix
 from gateway.tracing import Tracing
-
-_NONE: dict[str, str] = {}  # no trace_id (tracing off): the access line is as it was
 
 if TYPE_CHECKING:
     from gateway.cache.entry import SharedStore
@@ -47,33 +51,46 @@ log = logging.getLogger("gateway")
 
 # Idle client connections are closed after this (aiohttp's default is an hour).
 _KEEPALIVE_SECONDS = 75.0
-_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
-# Generated request IDs: a random per-process prefix and a counter (32 hex characters),
-# unique across processes and far cheaper than a uuid4 per request.
-_ID_PREFIX = os.urandom(8).hex()
-_id_counter = itertools.count()
+class _Inside:
+    """Requests of one kind inside a pipeline, counted while a ``with`` block runs."""
+
+    __slots__ = ("count", "none")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.none = asyncio.Event()
+        self.none.set()
+
+    def __enter__(self) -> None:
+        self.count += 1
+        self.none.clear()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.count -= 1
+        if not self.count:
+            self.none.set()
 
 
-def request_id(inbound: str | None) -> str:
-    """Keep the client's X-Request-ID when it is short and plain; otherwise make one."""
-    if inbound and _SANE_REQUEST_ID.fullmatch(inbound):
-        return inbound
-    return f"{_ID_PREFIX}{next(_id_counter) & 0xFFFF_FFFF_FFFF_FFFF:016x}"
+class InFlight:
+    """The requests inside one pipeline: a retired one closes its sessions only when idle.
+    WebSockets are counted apart (for their whole life): HTTP timeouts do not bound them,
+    so neither does the wait for them after a reload."""
 
+    def __init__(self) -> None:
+        self.requests = _Inside()
+        self.websockets = _Inside()
 
-def error_response(error: GatewayError, trace: Trace) -> web.Response:
-    headers = {**error.headers, "X-Request-ID": trace.request_id}
-    if isinstance(error, InvalidAssertion):
-        headers["WWW-Authenticate"] = f'SAML realm="{trace.realm}"'
-    body = {
-        "error": error.error,
-        "error_description": error.public_message,
-        "request_id": trace.request_id,
-    }
-    return web.json_response(body, status=error.status, headers=headers)
+    async def drained(self, longest: float) -> None:
+        """Return once nothing is inside: HTTP requests are waited for ``longest`` seconds at
+        most (as long as any could take); WebSockets until they end (a route's
+        ``websocket_idle`` and ``websocket_lifetime`` bound them, nothing else), so a reload
+        never cuts one."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.requests.none.wait(), longest)
+        await self.websockets.none.wait()
 
 
 class _Connection(web.RequestHandler):
@@ -143,9 +160,7 @@ class _Connection(web.RequestHandler):
         error: GatewayError = (
             BadRequest("unparseable", "") if status < 500 else GatewayError("internal", "")
         )
-        rid = request_id(None)
-        body = {"error": error.error, "error_description": error.public_message, "request_id": rid}
-        response = web.json_response(body, status=status, headers={"X-Request-ID": rid})
+        response = json_error(status, error.error, error.public_message, request_id(None))
         response.force_close()
         return response
 
@@ -189,7 +204,8 @@ class GatewayServer:
         )
         self.metrics.watch_cache(lambda: self.cache)
         self.tracing = Tracing.from_config(config)  # read once: a reload keeps it
-        self.runtime = Runtime(config, self.cache, self.metrics, self.tracing)
+        self.pipeline = Pipeline(config, self.cache, self.metrics, self.tracing)
+        self.inflight = InFlight()  # the requests inside self.pipeline
         self.draining = False
         self._hurry = asyncio.Event()
         self._retired: set[asyncio.Task[None]] = set()
@@ -222,7 +238,7 @@ class GatewayServer:
         """The one handler of a listener: the proxy, the forward-auth endpoint, or both.
 
         aiohttp's low-level server calls it directly (no router, middleware or signals on
-        the hot path); it owns the request's trace, its errors and its accounting.
+        the hot path); it owns the request's access record, its errors and its accounting.
         """
         # Listener settings are fixed at start; a reload that changes them says so.
         auth = self.config.forward_auth
@@ -230,91 +246,49 @@ class GatewayServer:
         tracing = self.tracing
 
         async def handle(request: web.BaseRequest) -> web.StreamResponse:
-            trace = Trace(request_id(request.headers.get("X-Request-ID")))
+            record = AccessRecord(request_id(request.headers.get("X-Request-ID")))
+            pipeline, inflight = self.pipeline, self.inflight  # a reload swaps both at once
             if tracing is not None:
-                tracing.start_request(request, trace, self.runtime.forwarder.trusted_proxies)
+                tracing.start_request(request, record, pipeline.forwarder.trusted_proxies)
             status = 500
+            response: web.StreamResponse
             try:
                 if auth_path is not None and under_prefix(request.path, auth_path):
-                    response = await self._forward_auth(request, trace, auth)
+                    with inflight.requests:
+                        response = await authorize(pipeline, request, record, auth)
                 elif proxy:
-                    response = await self.runtime.proxy(request, trace)
+                    upgrade = wants_websocket(request)
+                    with inflight.websockets if upgrade else inflight.requests:
+                        response = await pipeline.proxy(request, record)
                 else:
                     raise NoRoute("no_route", "only forward-auth is served on this listener")
                 status = response.status
                 return response
             except GatewayError as error:
-                note_failure(trace, error, self.metrics)
+                note_failure(record, error, self.metrics.validation_failures)
                 status = error.status
-                return error_response(error, trace)
+                return error_response(error, record)
             except asyncio.CancelledError:
                 status = 499  # the client went away; nothing left to answer
                 raise
             except Exception:
                 log.exception(
-                    "unexpected error", extra={"fields": {"request_id": trace.request_id}}
+                    "unexpected error", extra={"fields": {"request_id": record.request_id}}
                 )
-                trace.reason = "internal"
-                return web.json_response(
-                    {
-                        "error": "server_error",
-                        "error_description": "internal error",
-                        "request_id": trace.request_id,
-                    },
-                    status=500,
-                    headers={"X-Request-ID": trace.request_id},
-                )
+                record.reason = "internal"
+                return json_error(500, "server_error", "internal error", record.request_id)
             finally:
-                self._account(request, trace, status)
+                self._account(request, record, status)
 
         return handle
 
-    def _account(self, request: web.BaseRequest, trace: Trace, status: int) -> None:
-        seconds = time.perf_counter() - trace.started
-        self.metrics.observe_request(trace.route, status, seconds)
+    def _account(self, request: web.BaseRequest, record: AccessRecord, status: int) -> None:
+        seconds = time.perf_counter() - record.started
+        self.metrics.observe_request(record.route, status, seconds)
         if self.tracing is not None:
-            self.tracing.finish_request(request, trace, status)
-        if not ACCESS.isEnabledFor(logging.INFO):
-            return
-        access(
-            request.method,
-            request.path,
-            status,
-            {
-                "request_id": trace.request_id,
-                "method": request.method,
-                "path": request.path,
-                "route": trace.route,
-                "status": status,
-                "duration_ms": round(seconds * 1000, 3),
-                "upstream_ms": None
-                if trace.upstream_seconds is None
-                else round(trace.upstream_seconds * 1000, 3),
-                "cache": trace.cache,
-                "assertion_id": trace.assertion_id,
-                "issuer": trace.issuer,
-                "assertion_id_unverified": trace.assertion_id_unverified,
-                "issuer_unverified": trace.issuer_unverified,
-                "reason": trace.reason,
-                "detail": trace.detail,
-                "peer": request.remote,
-                **({"trace_id": trace.trace_id} if trace.trace_id is not None else _NONE),
-            },
-        )
-
-    async def _forward_auth(
-        self, request: web.BaseRequest, trace: Trace, settings: ForwardAuth
-    ) -> web.StreamResponse:
-        original = original_request(request.method, request.headers, request.raw_path, settings)
-        runtime = self.runtime
-        route = runtime.route_for(original.host, original.path, trace)
-        with runtime.serving():
-            entry = await runtime.authorize(route, request.headers, trace)
-        headers = grant_headers(
-            settings.token_header, entry.token.access_token, runtime.cache.ttl(entry)
-        )
-        headers["X-Request-ID"] = trace.request_id
-        return web.Response(status=200, headers=headers)
+            self.tracing.finish_request(request, record, status)
+        if ACCESS.isEnabledFor(logging.INFO):
+            log_access(request, record, status, seconds)
 
     def _server(self, *, proxy: bool, forward_auth: bool) -> _Server:
         config = self.config
@@ -373,7 +347,7 @@ class GatewayServer:
 
     async def start(self) -> None:
         config = self.config
-        await self.runtime.start()
+        await self.pipeline.start()
         if self.shared is not None and not await self.shared.ping():
             log.warning("Redis does not answer; serving from memory until it does")
         auth = config.forward_auth
@@ -427,7 +401,7 @@ class GatewayServer:
             return False
         try:
             config = load_config(self.config_path)
-            runtime = Runtime(config, self.cache, self.metrics, self.tracing)
+            pipeline = Pipeline(config, self.cache, self.metrics, self.tracing)
         except ConfigError as exc:
             self.metrics.reloads.labels("failed").inc()
             log.error(
@@ -440,23 +414,24 @@ class GatewayServer:
             # running value has nothing to warn about.
             if getattr(config, key) != getattr(self.started_config, key):
                 log.warning("config key %r changed: it takes effect at the next restart", key)
-        await runtime.start()
-        self._forget_changed_trust(runtime)
-        retired, self.runtime, self.config = self.runtime, runtime, config
-        # Requests already inside the old runtime finish with it; close it after they drain.
-        task = asyncio.create_task(self._retire(retired))
+        await pipeline.start()
+        self._forget_changed_trust(pipeline)
+        retired = self._retire(self.pipeline, self.inflight)
+        self.pipeline, self.inflight, self.config = pipeline, InFlight(), config
+        # Requests already inside the old pipeline finish with it; close it after they drain.
+        task = asyncio.create_task(retired)
         self._retired.add(task)
         task.add_done_callback(self._retired.discard)
         self.metrics.reloads.labels("ok").inc()
         log.info("config reloaded", extra={"fields": {"routes": len(config.routes)}})
         return True
 
-    def _forget_changed_trust(self, runtime: Runtime) -> None:
+    def _forget_changed_trust(self, pipeline: Pipeline) -> None:
         """Tokens are served from memory without re-validation: those obtained under a trust
         or server settings that the reload changed (their cache key changed with them) must
         not outlive it. Redis needs nothing: its entries are named by the key."""
-        kept = set(runtime.cache_keys.values())
-        for (idp, server), key in self.runtime.cache_keys.items():
+        kept = set(pipeline.cache_keys.values())
+        for (idp, server), key in self.pipeline.cache_keys.items():
             if key in kept:
                 continue
             dropped = self.cache.forget_profile(key)
@@ -468,12 +443,12 @@ class GatewayServer:
                 )
 
     @staticmethod
-    async def _retire(runtime: Runtime) -> None:
+    async def _retire(pipeline: Pipeline, inflight: InFlight) -> None:
         # Closing its client session would cut its WebSockets: only once they have ended.
         try:
-            await runtime.drained()
+            await inflight.drained(pipeline.longest_request())
         finally:  # also at shutdown, when the wait is cancelled: its sessions must close
-            await runtime.close()
+            await pipeline.close()
 
     async def shutdown(self) -> None:
         """Graceful stop: not ready at once, serve through the grace period, then drain."""
@@ -499,7 +474,7 @@ class GatewayServer:
         for task in retired:
             task.cancel()
         await asyncio.gather(*retired, return_exceptions=True)
-        await self.runtime.close()
+        await self.pipeline.close()
         if self.tracing is not None:  # sends what is buffered (a blocking call, bounded)
             await asyncio.to_thread(self.tracing.shutdown)
         if self._admin_runner is not None:

@@ -262,12 +262,12 @@ def _load(path: str) -> Config | None:
     startup error naming its key, all of them in one report."""
     from gateway.cache import TokenCache
     from gateway.metrics import Metrics
-    from gateway.pipeline import Runtime
+    from gateway.pipeline import Pipeline
     from gateway.preflight import preflight
 
     try:
         config = preflight(path)
-        Runtime(config, TokenCache(config.cache), Metrics())  # what run builds; no socket
+        Pipeline(config, TokenCache(config.cache), Metrics())  # what run builds; no socket
     except ConfigError as exc:
         _report(exc.source or path, exc.problems)
         return None
@@ -331,7 +331,7 @@ def _check_template(path: str) -> int:
     """
     from gateway.cache import TokenCache
     from gateway.metrics import Metrics
-    from gateway.pipeline import Runtime
+    from gateway.pipeline import Pipeline
     from gateway.preflight import preflight
     from gateway.starter import variables
 
@@ -345,7 +345,7 @@ def _check_template(path: str) -> int:
     os.environ.update(stand_ins)
     try:
         config = preflight(path)
-        Runtime(config, TokenCache(config.cache), Metrics())  # what run builds; no socket
+        Pipeline(config, TokenCache(config.cache), Metrics())  # what run builds; no socket
         problems: list[str] = []
     except ConfigError as exc:
         problems = exc.problems

@@ -3,7 +3,7 @@
 Rules this module owns:
 - No rule of its own: the input is decoded by the proxy's ``decode_assertion`` (same size
   cap) and checked by the proxy's ``validate_assertion`` with the route's ``TrustPolicy``,
-  built by the proxy's ``Runtime``; the validator fills an ``Evidence`` as it goes. So the
+  built by the proxy's ``Pipeline``; the validator fills an ``Evidence`` as it goes. So the
   verdict and the reason word are the ones the access log and
   ``gateway_validation_failures_total{reason}`` would show.
 - What is printed is what each check expected and found. Never the document, a
@@ -129,10 +129,10 @@ def explain(
     """Run the proxy's decoding and validation for ``route`` over ``data``, recording why."""
     from gateway.cache import TokenCache
     from gateway.metrics import Metrics
-    from gateway.pipeline import Runtime
+    from gateway.pipeline import Pipeline
 
-    runtime = Runtime(config, TokenCache(config.cache), Metrics())  # opens no socket
-    policy = runtime.policies[(route.identity_provider, route.authorization_server)]
+    pipeline = Pipeline(config, TokenCache(config.cache), Metrics())  # opens no socket
+    policy = pipeline.policies[(route.identity_provider, route.authorization_server)]
     report = Report(
         route=route.label,
         identity_provider=route.identity_provider,
@@ -166,7 +166,7 @@ def explain(
     report.checks.extend(evidence.checks)
     report.assertion_id, report.assertion_id_verified = assertion.id, True
     report.issuer, report.not_on_or_after = assertion.issuer, assertion.not_on_or_after
-    report.cache = _cache_state(config, runtime.cache_key(route), assertion.id, raw)
+    report.cache = _cache_state(config, pipeline.cache_key(route), assertion.id, raw)
     return report
 
 

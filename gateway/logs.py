@@ -134,6 +134,11 @@ class NameWorker(logging.Filter):
 # lines wait: a busy process makes one write per batch, an idle one still shows its lines.
 FLUSH_SECONDS = 1.0
 FLUSH_LINES = 256
+# While lines keep coming, the writer gathers them this long between writes instead of
+# being woken for each (a wake-up costs the event loop a lock hand-off and the GIL); after
+# this many gathers in a row without a line it sleeps until the next one.
+GATHER_SECONDS = 0.01
+QUIET_GATHERS = 10
 # Past this many waiting lines (the writer stuck on a full pipe), the writer waits for the
 # stream, as an unbuffered handler would: memory stays bounded, and no line is dropped.
 MAX_PENDING_LINES = 65536
@@ -143,8 +148,10 @@ class BufferedLines(logging.Handler):
     """The process's one log handler: whole lines queued in memory and written by a thread.
 
     Access lines (``write_line``) are queued and never wait for the stream: a thread writes
-    them as soon as it runs (at the latest every ``FLUSH_SECONDS``), all that queued up while
-    it waited in one write, so a slow pipe or disk stalls that thread, not the event loop.
+    them, all that queued up while it waited in one write, so a slow pipe or disk stalls that
+    thread, not the event loop. An idle writer is woken by the first line; a busy one is
+    never woken, it writes every ``GATHER_SECONDS`` until ``QUIET_GATHERS`` of them found
+    nothing (a process descheduled for a moment, or between bursts, stays busy).
     Other records (startup, warnings, errors) are rare and may precede an exit: they are
     written at once, after what is queued, in order.
     ``close`` (run by ``logging.shutdown`` at exit, after a drain) writes whatever is left.
@@ -157,6 +164,7 @@ class BufferedLines(logging.Handler):
         interval: float = FLUSH_SECONDS,
         batch: int = FLUSH_LINES,
         limit: int = MAX_PENDING_LINES,
+        gather: float = GATHER_SECONDS,
         worker: int | None = None,
     ) -> None:
         super().__init__()
@@ -165,6 +173,11 @@ class BufferedLines(logging.Handler):
         self._interval = interval
         self._batch = batch
         self._limit = limit
+        self._gather = gather
+        # The writer waits for a wake-up (nothing was queued when it last looked): the next
+        # line wakes it. Read and written without a lock: a stale True costs one extra
+        # wake-up, and the writer looks at the queue after setting it, so no line is missed.
+        self._asleep = False
         self._pending: list[str] = []
         self._pending_lock = threading.Lock()  # the queue: held for an append or a swap
         self._write_lock = threading.Lock()  # one writer at a time keeps the lines in order
@@ -179,10 +192,10 @@ class BufferedLines(logging.Handler):
             pending = self._pending
             pending.append(line)
             waiting = len(pending)
-        # The first line into an empty queue wakes the writer: an idle process's line is
-        # written as soon as the event loop lets go of the GIL, a busy one's lines pile up
-        # while the writer waits for it, and go out together.
-        if waiting == 1 or waiting >= self._batch:
+        # Only a sleeping writer is woken: an idle process's line is written as soon as the
+        # event loop lets go of the GIL, a busy one's lines pile up while the writer gathers.
+        if self._asleep or waiting >= self._batch:
+            self._asleep = False
             self._wake.set()
             if waiting >= self._limit:
                 self.flush()
@@ -197,22 +210,36 @@ class BufferedLines(logging.Handler):
         self.flush()
 
     def flush(self) -> None:
+        self._write_pending()
+
+    def _write_pending(self) -> bool:
+        """Write what is queued; whether there was anything."""
         with self._write_lock:
             with self._pending_lock:
                 lines, self._pending = self._pending, []
             if not lines:
-                return
+                return False
             try:
                 self.stream.write("".join(lines))
                 self.stream.flush()
             except (OSError, ValueError):  # stderr closed or gone: nowhere left to write
                 pass
+            return True
 
     def _run(self) -> None:
+        quiet = QUIET_GATHERS  # gathers in a row that found nothing: asleep at first
         while not self._closed:
-            self._wake.wait(self._interval)
+            if quiet >= QUIET_GATHERS:
+                self._asleep = True
+                with self._pending_lock:
+                    idle = not self._pending
+                if idle:
+                    self._wake.wait(self._interval)
+                self._asleep = False
+            else:  # busy: let the next lines gather (a full batch or close ends the wait)
+                self._wake.wait(self._gather)
             self._wake.clear()
-            self.flush()
+            quiet = 0 if self._write_pending() else quiet + 1
 
     def close(self) -> None:
         self._closed = True

@@ -4,79 +4,48 @@
         → on a miss: validate → single-flight exchange → store
         → forward upstream with the Bearer token, stream the answer back
 
-``Runtime`` holds what one loaded configuration needs; a reload builds a new one while the
-token cache lives on. Errors are raised as gateway errors; only ``gateway.app`` turns them
-into HTTP responses.
+A ``Pipeline`` holds the parts one loaded configuration builds for that path (router, trust
+policies, token client, forwarder); a reload builds a new one while the token cache lives
+on. Errors are raised as gateway errors; only the server (``gateway.app``) turns them into
+HTTP responses, and it owns the request's ``AccessRecord``, which the path fills in.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
-import time
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from cachetools import TTLCache
 
+from gateway.access import DEFAULT_REALM, AccessRecord
 from gateway.cache import CachedToken, TokenCache
 from gateway.config import AuthorizationServer, Config, Route
-from gateway.errors import GatewayError, InvalidAssertion, NoRoute
+from gateway.errors import InvalidAssertion, NoRoute
 from gateway.metrics import Metrics
 from gateway.oauth.client import TokenClient
-from gateway.proxy.forward import Forwarder, request_target
-from gateway.proxy.websocket import wants_websocket
+from gateway.proxy.forward import Forwarder, ForwardResult, request_target
 from gateway.routing import Router, routable_path
 from gateway.saml import (
+    Assertion,
     TrustPolicy,
     assertion_digest,
     build_trust_policy,
     extract_assertion,
     validate_assertion,
 )
-from gateway.saml.evidence import printable
-
-if TYPE_CHECKING:
-    from gateway.tracing import Tracing
-
-DEFAULT_REALM = "saml-gateway"
+from gateway.tracing import UNTRACED, Tracer, Tracing
 
 
-@dataclass(slots=True)
-class Trace:
-    """What the access log says about one request (never the assertion or the token)."""
-
-    request_id: str
-    started: float = field(default_factory=time.perf_counter)
-    route: str = "-"
-    cache: str = "-"
-    assertion_id: str | None = None
-    issuer: str | None = None
-    # A refused assertion's ID and Issuer as read before verification: evidence, not identity.
-    assertion_id_unverified: str | None = None
-    issuer_unverified: str | None = None
-    upstream_seconds: float | None = None
-    reason: str | None = None
-    detail: str | None = None  # the refusal in explain's words ("audience: expected X, ...")
-    realm: str = DEFAULT_REALM  # for the 401 challenge: the route's, once it is known
-    # With tracing on (gateway.tracing): the request's span, its context token, its trace.
-    span: Any = None
-    span_token: Any = None
-    trace_id: str | None = None
-
-
-class Runtime:
-    """Everything one configuration generation needs to serve requests."""
+class Pipeline:
+    """The request path as one configuration builds it."""
 
     def __init__(
         self, config: Config, cache: TokenCache, metrics: Metrics, tracing: Tracing | None = None
     ) -> None:
         self.config = config
-        self.tracing = tracing
+        self.tracer: Tracer = tracing or UNTRACED
         self.cache = cache
         self.metrics = metrics
         self.router = Router(config.routes)
@@ -104,15 +73,6 @@ class Runtime:
         self._refused: TTLCache[tuple[str, str], bool] = TTLCache(
             maxsize=config.cache.max_entries, ttl=config.proxy.reexchange_interval
         )
-        # Requests inside this runtime: a retired one closes its sessions only when idle.
-        # WebSockets are counted apart: HTTP timeouts do not bound them, so neither does
-        # the wait for them after a reload.
-        self._active = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._websockets = 0
-        self._no_websockets = asyncio.Event()
-        self._no_websockets.set()
 
     async def start(self) -> None:
         await self.forwarder.start()
@@ -121,48 +81,36 @@ class Runtime:
         await self.forwarder.close()
         await self.token_client.close()
 
-    @contextlib.contextmanager
-    def serving(self, *, websocket: bool = False) -> Iterator[None]:
-        """Count a request (or a WebSocket, for its whole life) as inside this runtime."""
-        if websocket:
-            self._websockets += 1
-            self._no_websockets.clear()
-        else:
-            self._active += 1
-            self._idle.clear()
-        try:
-            yield
-        finally:
-            if websocket:
-                self._websockets -= 1
-                if not self._websockets:
-                    self._no_websockets.set()
-            else:
-                self._active -= 1
-                if not self._active:
-                    self._idle.set()
-
-    async def drained(self) -> None:
-        """Return once nothing is inside: HTTP requests are waited for as long as the
-        longest any could take; WebSockets until they end (a route's ``websocket_idle`` and
-        ``websocket_lifetime`` bound them, nothing else), so a reload never cuts one."""
+    def longest_request(self) -> float:
+        """How long an HTTP request may take here at most: upstream and exchange deadlines."""
         config = self.config
-        longest = max(route.timeouts.total for route in config.routes) + max(
+        return max(route.timeouts.total for route in config.routes) + max(
             server.retries.deadline for server in config.authorization_servers.values()
         )
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), longest)
-        await self._no_websockets.wait()
 
-    def route_for(self, host: str | None, path: str, trace: Trace) -> Route:
+    # --- the flow ------------------------------------------------------------------------
+
+    async def proxy(self, request: web.BaseRequest, record: AccessRecord) -> web.StreamResponse:
+        """The whole flow for one proxied request."""
+        # The Host header as sent: aiohttp's request.host may fall back to a blocking lookup.
+        path = routable_path(request_target(request))
+        route = self.route_for(request.headers.get("Host"), path, record)
+        self.forwarder.admit(request, route)  # 413 before validating or exchanging anything
+        entry = await self.authorize(route, request.headers, record)
+        result = await self._forward(request, route, entry, record)
+        if result.token_rejected:
+            await self._token_refused(route, entry)
+        return result.response
+
+    def route_for(self, host: str | None, path: str, record: AccessRecord) -> Route:
         route = self.router.match(host, path)
         if route is None:
             raise NoRoute("no_route", f"no route for {path!r}")
-        trace.route, trace.realm = route.label, route.realm or DEFAULT_REALM
+        record.route, record.realm = route.label, route.realm or DEFAULT_REALM
         return route
 
     async def authorize(
-        self, route: Route, headers: Mapping[str, str], trace: Trace
+        self, route: Route, headers: Mapping[str, str], record: AccessRecord
     ) -> CachedToken:
         """A token for the assertion in ``headers``: from the cache, or validated and exchanged."""
         raw = extract_assertion(headers, self.sources, self.max_size)
@@ -172,18 +120,12 @@ class Runtime:
         key = self.cache_key(route)
         entry = self.cache.lookup(key, digest)
         if entry is not None:
-            trace.cache, trace.assertion_id = "hit", entry.assertion_id
-            trace.issuer = entry.issuer or None
+            record.cache, record.assertion_id = "hit", entry.assertion_id
+            record.issuer = entry.issuer or None
             return entry
-        trace.cache = "miss"
-        policy = self.policies[(route.identity_provider, route.authorization_server)]
-        if self.tracing is None:
-            assertion = validate_assertion(raw, policy, datetime.now(UTC), digest=digest)
-        else:
-            with self.tracing.span("validate assertion") as span:
-                assertion = validate_assertion(raw, policy, datetime.now(UTC), digest=digest)
-                span.set_attribute("gateway.assertion_id", assertion.id)
-        trace.assertion_id, trace.issuer = assertion.id, assertion.issuer
+        record.cache = "miss"
+        assertion = self._validate(route, raw, digest)
+        record.assertion_id, record.issuer = assertion.id, assertion.issuer
         server = route.authorization_server
         return await self.cache.obtain(
             key,
@@ -193,48 +135,49 @@ class Runtime:
             ),
         )
 
+    # --- its steps -----------------------------------------------------------------------
+
     def cache_key(self, route: Route) -> str:
         """Whose tokens a route's requests share (see ``_cache_key``)."""
         return self.cache_keys[(route.identity_provider, route.authorization_server)]
 
-    async def proxy(self, request: web.BaseRequest, trace: Trace) -> web.StreamResponse:
-        """The whole flow for one proxied request."""
-        with self.serving(websocket=wants_websocket(request)):
-            return await self._proxy(request, trace)
+    def ttl(self, entry: CachedToken) -> float:
+        """Seconds the cache will still serve ``entry``."""
+        return self.cache.ttl(entry)
 
-    async def _proxy(self, request: web.BaseRequest, trace: Trace) -> web.StreamResponse:
-        # The Host header as sent: aiohttp's request.host may fall back to a blocking lookup.
-        path = routable_path(request_target(request))
-        route = self.route_for(request.headers.get("Host"), path, trace)
-        self.forwarder.admit(request, route)  # 413 before validating or exchanging anything
-        entry = await self.authorize(route, request.headers, trace)
-        stamp = {"X-Request-ID": trace.request_id}
-        if self.tracing is None:
+    def _validate(self, route: Route, raw: bytes, digest: bytes) -> Assertion:
+        policy = self.policies[(route.identity_provider, route.authorization_server)]
+        with self.tracer.span("validate assertion") as span:
+            assertion = validate_assertion(raw, policy, datetime.now(UTC), digest=digest)
+            span.set_attribute("gateway.assertion_id", assertion.id)
+        return assertion
+
+    async def _forward(
+        self, request: web.BaseRequest, route: Route, entry: CachedToken, record: AccessRecord
+    ) -> ForwardResult:
+        tracer = self.tracer
+        with tracer.span("upstream", {"http.route": route.label}, client=True) as span:
             result = await self.forwarder.forward(
-                request, route, entry.token.access_token, self.strip, stamp
+                request,
+                route,
+                entry.token.access_token,
+                self.strip,
+                {"X-Request-ID": record.request_id},
+                trace_headers=tracer.headers(),
             )
-        else:
-            with self.tracing.span("upstream", {"http.route": route.label}, client=True) as span:
-                result = await self.forwarder.forward(
-                    request,
-                    route,
-                    entry.token.access_token,
-                    self.strip,
-                    stamp,
-                    trace_headers=self.tracing.headers(),
-                )
-                span.set_attribute("http.response.status_code", result.upstream_status)
-        trace.upstream_seconds = result.upstream_seconds
+            span.set_attribute("http.response.status_code", result.upstream_status)
+        record.upstream_seconds = result.upstream_seconds
         self.metrics.observe_upstream(route.label, result.upstream_seconds)
-        if result.token_rejected:
-            # The upstream no longer accepts this token: the next request exchanges afresh,
-            # but only once per interval, or a client could drive the exchange rate (by ID,
-            # so byte variants of the assertion count as one).
-            refused = (self.cache_key(route), entry.assertion_id)
-            if refused not in self._refused:
-                self._refused[refused] = True
-                await self.cache.purge(entry)
-        return result.response
+        return result
+
+    async def _token_refused(self, route: Route, entry: CachedToken) -> None:
+        # The upstream no longer accepts this token: the next request exchanges afresh, but
+        # only once per interval, or a client could drive the exchange rate (by ID, so byte
+        # variants of the assertion count as one).
+        refused = (self.cache_key(route), entry.assertion_id)
+        if refused not in self._refused:
+            self._refused[refused] = True
+            await self.cache.purge(entry)
 
 
 def _cache_key(names: tuple[str, str], policy: TrustPolicy, server: AuthorizationServer) -> str:
@@ -259,18 +202,3 @@ def _cache_key(names: tuple[str, str], policy: TrustPolicy, server: Authorizatio
     fingerprint.update(repr(trust).encode())
     fingerprint.update(server.model_dump_json().encode())
     return f"{names[0]}\x1f{names[1]}\x1f{fingerprint.hexdigest()[:16]}"
-
-
-def note_failure(trace: Trace, error: GatewayError, metrics: Metrics) -> None:
-    """What the access line says about a failed request: the reason word (also the metric's
-    label) and, for the client's mistakes, the detail an operator acts on. Server-side
-    failures keep their detail to their own log lines."""
-    trace.reason = error.reason
-    if error.status < 500 and error.detail:
-        trace.detail = error.detail
-    if isinstance(error, InvalidAssertion):
-        metrics.validation_failures.labels(error.reason).inc()
-        if trace.assertion_id is None and error.unverified_id is not None:
-            trace.assertion_id_unverified = printable(error.unverified_id)
-        if trace.issuer is None and error.unverified_issuer is not None:
-            trace.issuer_unverified = printable(error.unverified_issuer)

@@ -11,15 +11,16 @@ gateway's (route, cache outcome, refusal reason, assertion ID, authorization ser
 outcome): never the assertion, a token, a secret or a header's value. Exceptions are not
 recorded (their text may quote what a client sent); a failure sets the reason word.
 
-Disabled (the default), nothing here is imported and the request path pays one ``is None``
-test per hook.
+Disabled (the default), OpenTelemetry is never imported: the request path's child spans go
+to ``UNTRACED``, whose hooks do nothing, so the path is written once for both.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from contextlib import AbstractContextManager, contextmanager
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.config import Config
 from gateway.errors import ConfigError, GatewayError
@@ -29,9 +30,38 @@ if TYPE_CHECKING:
     from aiohttp import web
     from opentelemetry.trace import Span
 
-    from gateway.pipeline import Trace
 
 EXTRA = "pip install 'saml-oauth-gateway[otel]'"
+
+
+class Traced(Protocol):
+    """What the request's span reads from, and keeps in, the server's access record
+    (``gateway.access.AccessRecord``)."""
+
+    request_id: str
+    route: str
+    cache: str
+    assertion_id: str | None
+    reason: str | None
+    span: Any
+    span_token: Any
+    trace_id: str | None
+
+
+class SpanLike(Protocol):
+    """What the request path does with a child span (an OpenTelemetry ``Span`` does it)."""
+
+    def set_attribute(self, key: str, value: str | int, /) -> None: ...
+
+
+class Tracer(Protocol):
+    """The hooks the request path calls: ``Tracing``, or ``UNTRACED`` when it is off."""
+
+    def span(
+        self, name: str, attributes: Mapping[str, str] | None = None, *, client: bool = False
+    ) -> AbstractContextManager[SpanLike]: ...
+
+    def headers(self) -> Mapping[str, str]: ...
 
 
 class Tracing:
@@ -79,7 +109,7 @@ class Tracing:
     # --- the request's span --------------------------------------------------------------
 
     def start_request(
-        self, request: web.BaseRequest, trace: Trace, trusted: Sequence[IPNetwork]
+        self, request: web.BaseRequest, record: Traced, trusted: Sequence[IPNetwork]
     ) -> None:
         """Open the request's span and make it current for the rest of the handler;
         ``trusted`` is the running config's ``proxy.trusted_proxies``."""
@@ -96,32 +126,32 @@ class Tracing:
                 "http.request.method": request.method,
                 "url.path": request.path,
                 "client.address": request.remote or "",
-                "gateway.request_id": trace.request_id,
+                "gateway.request_id": record.request_id,
             },
         )
-        trace.span = span
-        trace.span_token = self._context.attach(self._trace.set_span_in_context(span))
-        trace.trace_id = format(span.get_span_context().trace_id, "032x")
+        record.span = span
+        record.span_token = self._context.attach(self._trace.set_span_in_context(span))
+        record.trace_id = format(span.get_span_context().trace_id, "032x")
 
-    def finish_request(self, request: web.BaseRequest, trace: Trace, status: int) -> None:
-        span: Span | None = trace.span
+    def finish_request(self, request: web.BaseRequest, record: Traced, status: int) -> None:
+        span: Span | None = record.span
         if span is None:
             return
-        if trace.route != "-":
-            span.update_name(f"{request.method} {trace.route}")
-            span.set_attribute("http.route", trace.route)
+        if record.route != "-":
+            span.update_name(f"{request.method} {record.route}")
+            span.set_attribute("http.route", record.route)
         span.set_attribute("http.response.status_code", status)
-        span.set_attribute("gateway.cache", trace.cache)
-        if trace.assertion_id is not None:
-            span.set_attribute("gateway.assertion_id", trace.assertion_id)
-        if trace.reason is not None:
-            span.set_attribute("gateway.reason", trace.reason)
+        span.set_attribute("gateway.cache", record.cache)
+        if record.assertion_id is not None:
+            span.set_attribute("gateway.assertion_id", record.assertion_id)
+        if record.reason is not None:
+            span.set_attribute("gateway.reason", record.reason)
         if status >= 500:
-            span.set_status(self._status(self._error, trace.reason or str(status)))
+            span.set_status(self._status(self._error, record.reason or str(status)))
         span.end()
-        if trace.span_token is not None:
-            self._context.detach(trace.span_token)
-        trace.span = trace.span_token = None
+        if record.span_token is not None:
+            self._context.detach(record.span_token)
+        record.span = record.span_token = None
 
     # --- child spans ---------------------------------------------------------------------
 
@@ -156,3 +186,35 @@ class Tracing:
 
     def shutdown(self) -> None:
         self._provider.shutdown()
+
+
+class _Untraced:
+    """Tracing off: one reusable span that records nothing, and no headers to send."""
+
+    __slots__ = ()
+
+    def span(
+        self, name: str, attributes: Mapping[str, str] | None = None, *, client: bool = False
+    ) -> _Untraced:
+        return self
+
+    def headers(self) -> Mapping[str, str]:
+        return _NO_HEADERS
+
+    def set_attribute(self, key: str, value: str | int, /) -> None:
+        pass
+
+    def __enter__(self) -> _Untraced:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        return None
+
+
+_NO_HEADERS: Mapping[str, str] = {}
+UNTRACED: Tracer = _Untraced()

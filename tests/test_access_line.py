@@ -54,6 +54,17 @@ REFUSAL: dict[str, Any] = {
     "peer": None,
 }
 
+# Values the access line does not hold today, written as JsonFormatter would all the same.
+ODD: dict[str, Any] = {
+    **HIT,
+    "reason": True,
+    "duration_ms": float("inf"),
+    "upstream_ms": float("nan"),
+    "cache": ["hit", 2],
+    "issuer": "\u00e9\U0001f600",
+    "peer": 12345678901234567890,
+}
+
 
 def formatted(formatter: logging.Formatter, fields: dict[str, Any], worker: int | None) -> str:
     method, path, status = fields["method"], fields["path"], fields["status"]
@@ -72,7 +83,7 @@ def formatted(formatter: logging.Formatter, fields: dict[str, Any], worker: int 
     return formatter.format(record) + "\n"
 
 
-@pytest.mark.parametrize("fields", [HIT, REFUSAL], ids=["hit", "refusal"])
+@pytest.mark.parametrize("fields", [HIT, REFUSAL, ODD], ids=["hit", "refusal", "odd"])
 @pytest.mark.parametrize("worker", [None, 2])
 @pytest.mark.parametrize("now", [1764590000.0, 1764590000.9999, 1764593599.0421])
 def test_direct_lines_equal_the_formatters(
@@ -123,6 +134,41 @@ def test_a_full_batch_and_an_idle_second_are_written_by_the_thread() -> None:
         while stream.getvalue().count("\n") < 7 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert stream.getvalue().splitlines() == [f"access {n}" for n in range(7)]
+    finally:
+        handler.close()
+
+
+def test_a_busy_writer_gathers_lines_instead_of_being_woken_for_each() -> None:
+    stream = io.StringIO()
+    handler = _handler(stream, interval=3600, batch=100, gather=3600)
+    try:
+        handler.write_line("access 0\n")  # into an idle writer: written at once
+        deadline = time.monotonic() + 10  # bounded wait for the writer thread
+        while not stream.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert stream.getvalue() == "access 0\n"
+        for n in range(1, 10):
+            handler.write_line(f"access {n}\n")
+        time.sleep(0.2)  # time enough for a writer woken per line to have written some
+        assert stream.getvalue() == "access 0\n"  # the writer gathers: nothing yet
+    finally:
+        handler.close()  # ends the gathering: everything, in order
+    assert stream.getvalue().splitlines() == [f"access {n}" for n in range(10)]
+
+
+def test_a_full_batch_ends_the_gathering() -> None:
+    stream = io.StringIO()
+    handler = _handler(stream, interval=3600, batch=5, gather=3600)
+    try:
+        handler.write_line("access 0\n")
+        deadline = time.monotonic() + 10  # bounded waits for the writer thread
+        while not stream.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for n in range(1, 6):  # a batch while the writer gathers: written without waiting
+            handler.write_line(f"access {n}\n")
+        while stream.getvalue().count("\n") < 6 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert stream.getvalue().splitlines() == [f"access {n}" for n in range(6)]
     finally:
         handler.close()
 

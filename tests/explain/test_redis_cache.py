@@ -19,7 +19,7 @@ from gateway.devkit.idp import DemoIdP
 from gateway.devkit.redis_server import RedisServer, redis_server_binary
 from gateway.metrics import Metrics
 from gateway.oauth.token import Token
-from gateway.pipeline import Runtime
+from gateway.pipeline import Pipeline
 from gateway.saml import assertion_digest
 
 from .conftest import AUDIENCE, ISSUER, NOW, SUBJECT, TOKEN_URL, Explain, b64, write_config
@@ -59,7 +59,7 @@ def redis_config(tmp_path: Path, idp: DemoIdP, redis: RedisServer) -> Path:
 def _store(config_path: Path, assertion_id: str, digest: bytes) -> None:
     """Put a token into Redis the way a replica does, under the route's cache key."""
     config = load_config(config_path)
-    runtime = Runtime(config, TokenCache(config.cache), Metrics())
+    runtime = Pipeline(config, TokenCache(config.cache), Metrics())
     profile = runtime.cache_key(config.routes[0])
     settings = config.cache.redis
     assert settings is not None

@@ -37,7 +37,7 @@ from gateway.config import load_config
 from gateway.devkit.idp import DemoIdP
 from gateway.devkit.redis_server import RedisServer, redis_server_binary
 from gateway.metrics import Metrics
-from gateway.pipeline import Runtime
+from gateway.pipeline import Pipeline
 
 __all__ = ["idp", "parts", "processes"]
 
@@ -54,7 +54,7 @@ ROUTE = {"timeouts": {"connect": 10, "read": 20, "total": 30}}
 def cache_profile(config_path: Path) -> str:
     """The token-cache key of the one route in a gateway config: it names Redis entries."""
     config = load_config(config_path)
-    runtime = Runtime(config, TokenCache(config.cache), Metrics())
+    runtime = Pipeline(config, TokenCache(config.cache), Metrics())
     return runtime.cache_key(config.routes[0])
 
 
