@@ -161,7 +161,7 @@ _DATETIME = re.compile(
 )
 
 
-def _reject(reason: str, check: str, found: str, expected: str = "") -> InvalidAssertion:
+def _refusal(reason: str, check: str, found: str, expected: str = "") -> InvalidAssertion:
     """A refusal in explain's words: ``check: expected X, found Y`` (or ``check: found``)."""
     detail = f"{check}: expected {expected}, found {found}" if expected else f"{check}: {found}"
     return InvalidAssertion(reason, detail, check=check, expected=expected, found=found)
@@ -182,19 +182,19 @@ def _locate_assertion(root: etree._Element) -> etree._Element:
     elif root.tag == _RESPONSE:
         code = root.find(_STATUS_CODE)
         if code is not None and code.get("Value") != _SUCCESS:
-            raise _reject(
+            raise _refusal(
                 "malformed", "structure", f"Response status {shown(code.get('Value'))}", _SUCCESS
             )
         children = root.findall(_ASSERTION) + root.findall(_ENCRYPTED_ASSERTION)
         if not children:
-            raise _reject("malformed", "structure", "a Response with no saml:Assertion")
+            raise _refusal("malformed", "structure", "a Response with no saml:Assertion")
         if len(children) > 1:
-            raise _reject(
+            raise _refusal(
                 "wrapping", "structure", f"a Response holding {len(children)}", _ONE_ASSERTION
             )
         assertion = children[0]
     else:
-        raise _reject(
+        raise _refusal(
             "malformed",
             "structure",
             f"document element {shown(etree.QName(root).localname)}",
@@ -204,7 +204,7 @@ def _locate_assertion(root: etree._Element) -> etree._Element:
     # either version, is how signature-wrapping attacks smuggle a second identity.
     count = sum(1 for _ in root.iter(_ASSERTION, _ASSERTION1, _ENCRYPTED_ASSERTION))
     if count != 1:
-        raise _reject("wrapping", "structure", f"{count} saml:Assertion elements", "one")
+        raise _refusal("wrapping", "structure", f"{count} saml:Assertion elements", "one")
     return assertion
 
 
@@ -216,18 +216,18 @@ def _check_structure(root: etree._Element, assertion: etree._Element | None) -> 
             if str(name).rpartition("}")[2] in _ID_NAMES:
                 # Duplicate IDs let a Reference resolve to a different element than we read.
                 if value in seen:
-                    raise _reject(
+                    raise _refusal(
                         "wrapping", "structure", "duplicate ID attribute values", "unique IDs"
                     )
                 seen.add(value)
         tag = element.tag
         if tag == _OBJECT:  # where signed content hides
-            raise _reject("wrapping", "structure", "a ds:Object", "no ds:Object")
+            raise _refusal("wrapping", "structure", "a ds:Object", "no ds:Object")
         if tag == _SIGNATURE:
             parent = element.getparent()
             # Only the assertion's own signature and a Response's signature may exist.
             if parent is not assertion and not (parent is root and root.tag == _RESPONSE):
-                raise _reject(
+                raise _refusal(
                     "wrapping",
                     "structure",
                     "a ds:Signature elsewhere",
@@ -238,7 +238,7 @@ def _check_structure(root: etree._Element, assertion: etree._Element | None) -> 
 def _one(element: etree._Element, path: str, what: str) -> etree._Element:
     found = element.findall(path)
     if len(found) != 1:
-        raise _reject("signature", "signature profile", f"{len(found)}", f"one {what}")
+        raise _refusal("signature", "signature profile", f"{len(found)}", f"one {what}")
     return found[0]
 
 
@@ -246,11 +246,11 @@ def _only_signature(element: etree._Element, what: str) -> etree._Element:
     """The one ds:Signature child of ``element`` (signxml would take the first of several)."""
     signatures = element.findall(_SIGNATURE)
     if not signatures:
-        raise _reject(
+        raise _refusal(
             "signature", "structure", f"the {what} is not signed", f"a ds:Signature in the {what}"
         )
     if len(signatures) > 1:
-        raise _reject(
+        raise _refusal(
             "wrapping", "structure", f"{len(signatures)} ds:Signature in the {what}", "one"
         )
     return signatures[0]
@@ -265,20 +265,20 @@ def _check_signature(
     c14n = _one(signed_info, f"{{{_DS}}}CanonicalizationMethod", "CanonicalizationMethod")
     check = "signature profile" if what == "assertion" else "Response signature profile"
     if c14n.get("Algorithm") != _EXC_C14N:
-        raise _reject("algorithm", check, "another SignedInfo canonicalization", "exclusive c14n")
+        raise _refusal("algorithm", check, "another SignedInfo canonicalization", "exclusive c14n")
     method_el = _one(signed_info, f"{{{_DS}}}SignatureMethod", "SignatureMethod")
     method = _METHOD_BY_URI.get(method_el.get("Algorithm") or "")
     allowed = "RSA/ECDSA with SHA-256 or better" + (" (or SHA-1: allow_sha1)" if allow_sha1 else "")
     if method not in _STRONG_METHODS and not (allow_sha1 and method in _SHA1_METHODS):
-        raise _reject("algorithm", check, f"signature method {_name(method)}", allowed)
+        raise _refusal("algorithm", check, f"signature method {_name(method)}", allowed)
     references = signed_info.findall(f"{{{_DS}}}Reference")
     if len(references) != 1:
-        raise _reject("wrapping", check, f"{len(references)} References", "one Reference")
+        raise _refusal("wrapping", check, f"{len(references)} References", "one Reference")
     reference = references[0]
     # The one Reference must point at this very element, or a valid signature over some
     # other element would vouch for claims it never covered.
     if reference.get("URI") != "#" + element_id:
-        raise _reject(
+        raise _refusal(
             "wrapping",
             check,
             f"Reference URI {shown(reference.get('URI'))}",
@@ -288,7 +288,7 @@ def _check_signature(
     digest_el = _one(reference, f"{{{_DS}}}DigestMethod", "DigestMethod")
     digest = _DIGEST_BY_URI.get(digest_el.get("Algorithm") or "")
     if digest not in _STRONG_DIGESTS and not (allow_sha1 and digest is DigestAlgorithm.SHA1):
-        raise _reject("algorithm", check, f"digest method {_name(digest)}", allowed)
+        raise _refusal("algorithm", check, f"digest method {_name(digest)}", allowed)
     # Words for explain are built by the caller only when it records evidence.
     return lambda: f"Reference #{printable(element_id)}, {_name(method)}, digest {_name(digest)}"
 
@@ -306,20 +306,20 @@ def _check_transforms(reference: etree._Element, check: str) -> None:
     containers = reference.findall(_TRANSFORMS)
     if len(containers) != 1:
         # none: the digest would cover the signature itself; several: signxml reads the first
-        raise _reject("wrapping", check, f"{len(containers)} Transforms elements", wanted)
+        raise _refusal("wrapping", check, f"{len(containers)} Transforms elements", wanted)
     steps = list(containers[0])  # comments and PIs were dropped at parse time
     if any(step.tag != _TRANSFORM for step in steps):
-        raise _reject("wrapping", check, "something other than ds:Transform", wanted)
+        raise _refusal("wrapping", check, "something other than ds:Transform", wanted)
     algorithms = [step.get("Algorithm") for step in steps]
     if any(algorithm not in _ALLOWED_TRANSFORMS for algorithm in algorithms):
-        raise _reject("algorithm", check, "a transform outside the two", wanted)
+        raise _refusal("algorithm", check, "a transform outside the two", wanted)
     if algorithms == [_ENVELOPED]:
-        raise _reject("algorithm", check, "no exclusive c14n (inclusive c14n implied)", wanted)
+        raise _refusal("algorithm", check, "no exclusive c14n (inclusive c14n implied)", wanted)
     if algorithms != [_ENVELOPED, _EXC_C14N]:
-        raise _reject("wrapping", check, f"{len(algorithms)} transforms in another order", wanted)
+        raise _refusal("wrapping", check, f"{len(algorithms)} transforms in another order", wanted)
     enveloped, exclusive = steps
     if len(enveloped):
-        raise _reject("wrapping", check, "parameters on enveloped-signature", wanted)
+        raise _refusal("wrapping", check, "parameters on enveloped-signature", wanted)
     # exc-c14n takes one optional parameter: InclusiveNamespaces PrefixList (Okta sends it).
     parameters = list(exclusive)
     if parameters and (
@@ -328,7 +328,7 @@ def _check_transforms(reference: etree._Element, check: str) -> None:
         or len(parameters[0])
         or set(parameters[0].attrib) != {"PrefixList"}
     ):
-        raise _reject(
+        raise _refusal(
             "wrapping", check, "exclusive c14n parameters other than InclusiveNamespaces", wanted
         )
 
@@ -356,7 +356,7 @@ def _candidate_keys(signature: etree._Element, policy: TrustPolicy) -> list[Pinn
     """Pinned keys strong enough to use, the one KeyInfo names first (a hint, never trust)."""
     usable = [k for k in policy.keys if not (k.kind == "rsa" and k.bits < policy.min_rsa_key_bits)]
     if not usable:
-        raise _reject(
+        raise _refusal(
             "algorithm",
             "signature",
             "no pinned key that strong",
@@ -399,7 +399,7 @@ def _verify(
             )
         except InvalidDigest:
             # The signature is good but the content changed after signing: no other key helps.
-            raise _reject(
+            raise _refusal(
                 "signature", check, "digest mismatch: content changed after signing", expected
             ) from None
         except InvalidCertificate:
@@ -414,9 +414,9 @@ def _verify(
         # expect_references=1 makes signxml return a single result, never a list
         signed = result.signed_xml if isinstance(result, VerifyResult) else None
         if signed is None:
-            raise _reject("signature", check, "signed content that is not XML", expected)
+            raise _refusal("signature", check, "signed content that is not XML", expected)
         return signed, key
-    raise _reject("signature", check, "none verified it (" + "; ".join(tried) + ")", expected)
+    raise _refusal("signature", check, "none verified it (" + "; ".join(tried) + ")", expected)
 
 
 def _response_signature(
@@ -428,7 +428,7 @@ def _response_signature(
     signature = _only_signature(root, "Response")
     response_id = root.get("ID")
     if not response_id:
-        raise _reject("malformed", "structure", "a signed Response with no ID")
+        raise _refusal("malformed", "structure", "a signed Response with no ID")
     return signature, _check_signature(signature, response_id, allow_sha1, "Response")
 
 
@@ -442,7 +442,7 @@ def _verify_response(
     """The Response's signature must hold too, though we read nothing it alone covers."""
     signed, key = _verify(raw, signature, policy, now, "Response signature")
     if signed.tag != _RESPONSE or signed.get("ID") != root.get("ID"):
-        raise _reject(
+        raise _refusal(
             "wrapping", "Response signature", "it covers another element", "the Response itself"
         )
     return key
@@ -457,7 +457,7 @@ def _parse_instant(value: str | None, what: str) -> datetime | None:
         return None
     match = _DATETIME.fullmatch(value.strip())
     if match is None:
-        raise _reject("malformed", what, "not an xs:dateTime", "an xs:dateTime")
+        raise _refusal("malformed", what, "not an xs:dateTime", "an xs:dateTime")
     year, month, day, hour, minute, second, fraction, zone = match.groups()
     try:
         instant = datetime(
@@ -471,14 +471,14 @@ def _parse_instant(value: str | None, what: str) -> datetime | None:
             tzinfo=UTC,
         )
     except ValueError:
-        raise _reject("malformed", what, "not a valid date", "an xs:dateTime") from None
+        raise _refusal("malformed", what, "not a valid date", "an xs:dateTime") from None
     if zone and zone != "Z":
         sign = 1 if zone[0] == "+" else -1
         try:
             instant -= sign * timedelta(hours=int(zone[1:3]), minutes=int(zone[4:6]))
         except OverflowError:
             # A signed 0001-01-01T00:00:00+14:00 lands before year 1: no datetime holds it.
-            raise _reject("malformed", what, "a date out of range", "an xs:dateTime") from None
+            raise _refusal("malformed", what, "a date out of range", "an xs:dateTime") from None
     return instant
 
 
@@ -498,7 +498,7 @@ def _not_before(
         side = "before" if now < bound else "after"
         found = f"now {instant_text(now)}, {duration_text(bound - now)} {side} it"
         if early:
-            raise _reject("not_yet_valid", what, found, expected)
+            raise _refusal("not_yet_valid", what, found, expected)
         if ev is not None:
             ev.passed(what, expected, found)
 
@@ -515,7 +515,7 @@ def _not_on_or_after(
         side = "before" if now < bound else "after"
         found = f"now {instant_text(now)}, {duration_text(bound - now)} {side} it"
         if late:
-            raise _reject("expired", what, found, expected)
+            raise _refusal("expired", what, found, expected)
         if ev is not None:
             ev.passed(what, expected, found)
 
@@ -523,9 +523,11 @@ def _not_on_or_after(
 def _check_issuer(values: list[str], policy: TrustPolicy, ev: Evidence | None) -> str:
     """Exactly one Issuer, and it is in the allow-list."""
     if len(values) != 1:
-        raise _reject("issuer", "issuer", f"{len(values)} Issuer elements", _one_of(policy.issuers))
+        raise _refusal(
+            "issuer", "issuer", f"{len(values)} Issuer elements", _one_of(policy.issuers)
+        )
     if values[0] not in policy.issuers:
-        raise _reject("issuer", "issuer", shown(values[0]), _one_of(policy.issuers))
+        raise _refusal("issuer", "issuer", shown(values[0]), _one_of(policy.issuers))
     if ev is not None:
         ev.passed("issuer", _one_of(policy.issuers), shown(values[0]))
     return values[0]
@@ -542,10 +544,10 @@ def _check_conditions(
     skew = policy.clock_skew
     conditions = signed.findall(version.conditions)
     if len(conditions) > 1:
-        raise _reject("malformed", "audience", f"{len(conditions)} Conditions", "one")
+        raise _refusal("malformed", "audience", f"{len(conditions)} Conditions", "one")
     if not conditions:
         found = f"no Conditions, so no {version.restriction_words}"
-        raise _reject("audience", "audience", found, shown(policy.audience))
+        raise _refusal("audience", "audience", found, shown(policy.audience))
     cond = conditions[0]
     not_before = _parse_instant(cond.get("NotBefore"), "Conditions NotBefore")
     limit = _parse_instant(cond.get("NotOnOrAfter"), "Conditions NotOnOrAfter")
@@ -559,11 +561,11 @@ def _check_conditions(
         values = _texts(restriction.findall(version.audience))
         if policy.audience not in values:
             found = ", ".join(shown(v) for v in values) or f"an empty {version.restriction_words}"
-            raise _reject("audience", "audience", found, shown(policy.audience))
+            raise _refusal("audience", "audience", found, shown(policy.audience))
         audiences.extend(values)
     if not restrictions:
         found = f"no {version.restriction_words}"
-        raise _reject("audience", "audience", found, shown(policy.audience))
+        raise _refusal("audience", "audience", found, shown(policy.audience))
     if ev is not None:
         ev.passed("audience", shown(policy.audience), ", ".join(shown(a) for a in audiences))
     return tuple(audiences), limit
@@ -574,7 +576,7 @@ def _plain_name(subject: etree._Element, tag: str) -> str:
     names = subject.findall(tag)
     if len(names) != 1 or len(names[0]) or not (names[0].text or "").strip():
         what = etree.QName(tag).localname
-        raise _reject(
+        raise _refusal(
             "malformed", "subject", "none, several or structured", f"one plain-text {what}"
         )
     # Comments were dropped before verification and signxml re-parses canonical text, so this
@@ -589,7 +591,7 @@ def _claims(
     audiences, limit = _check_conditions(signed, _SAML2, policy, now, ev)
     subjects = signed.findall(_SUBJECT)
     if len(subjects) != 1:
-        raise _reject("subject_confirmation", "subject", f"{len(subjects)} Subject", "one")
+        raise _refusal("subject_confirmation", "subject", f"{len(subjects)} Subject", "one")
     subject = _plain_name(subjects[0], _NAME_ID)
     if ev is not None:  # the NameID is personal data: its value is never shown
         ev.passed("subject", "one plain-text NameID", "one NameID (value not shown)")
@@ -608,7 +610,7 @@ def _claims_saml11(
     audiences, limit = _check_conditions(signed, _SAML1_1, policy, now, ev)
     if limit is None:
         # 2.0 takes its expiry from the bearer confirmation; 1.1 has only this one.
-        raise _reject(
+        raise _refusal(
             "malformed",
             "Conditions NotOnOrAfter",
             "none",
@@ -620,7 +622,7 @@ def _claims_saml11(
         if child.tag.startswith(_SAML1_PREFIX) and child.tag.endswith("Statement")
     ]
     if not statements:
-        raise _reject(
+        raise _refusal(
             "subject_confirmation", "subject", "no statement", "a statement with a Subject"
         )
     subject: str | None = None
@@ -628,19 +630,19 @@ def _claims_saml11(
         subjects = statement.findall(_SUBJECT1)
         if len(subjects) != 1:
             found = f"{len(subjects)} Subject in a {etree.QName(statement).localname}"
-            raise _reject("subject_confirmation", "subject", found, "one in every statement")
+            raise _refusal("subject_confirmation", "subject", found, "one in every statement")
         name = _plain_name(subjects[0], _NAME_IDENTIFIER)
         # Every statement speaks of one principal: two names would let the authorization
         # server and the gateway read different identities from one signed assertion.
         if subject is not None and name != subject:
-            raise _reject(
+            raise _refusal(
                 "malformed", "subject", "statements naming different subjects", "one NameIdentifier"
             )
         subject = name
         # A holder-of-key or sender-vouches statement is not ours to accept as a bearer.
         methods = _texts(subjects[0].iterfind(f"{_CONFIRMATION1}/{_CONFIRMATION_METHOD1}"))
         if _BEARER1 not in methods:
-            raise _reject(
+            raise _refusal(
                 "subject_confirmation",
                 "bearer confirmation",
                 f"a {etree.QName(statement).localname} without it",
@@ -673,7 +675,7 @@ def _bearer_confirmation(
             continue
         data = confirmation.find(_CONFIRMATION_DATA)
         if data is None:
-            problem = _reject(
+            problem = _refusal(
                 "subject_confirmation",
                 "bearer confirmation",
                 "no SubjectConfirmationData",
@@ -683,12 +685,12 @@ def _bearer_confirmation(
         recipient = (data.get("Recipient") or "").strip()
         if recipient not in policy.recipients:
             found = shown(recipient or None)
-            problem = _reject("recipient", "recipient", found, _one_of(policy.recipients))
+            problem = _refusal("recipient", "recipient", found, _one_of(policy.recipients))
             continue
         try:
             limit = _parse_instant(data.get("NotOnOrAfter"), "SubjectConfirmationData NotOnOrAfter")
             if limit is None:
-                problem = _reject(
+                problem = _refusal(
                     "subject_confirmation",
                     "bearer confirmation",
                     "no NotOnOrAfter",
@@ -709,7 +711,7 @@ def _bearer_confirmation(
             _not_on_or_after(limit, now, skew, "SubjectConfirmationData NotOnOrAfter", ev)
             _not_before(not_before, now, skew, "SubjectConfirmationData NotBefore", ev)
         return recipient, limit
-    raise problem or _reject(
+    raise problem or _refusal(
         "subject_confirmation",
         "bearer confirmation",
         "none",
@@ -758,7 +760,7 @@ def validate_assertion(
         return _validate(raw, root, assertion, policy, now, digest, evidence)
     except InvalidAssertion as exc:
         if not exc.check:  # the parser's own refusals (malformed, dtd)
-            exc = _reject(exc.reason, "parse", exc.detail)
+            exc = _refusal(exc.reason, "parse", exc.detail)
         if evidence is not None:
             evidence.failed(exc.check, exc.reason, exc.expected, exc.found)
         if located:
@@ -813,12 +815,12 @@ def _validate_encrypted(
         if exc.reason != "malformed":
             raise
         # Garbage out of a tampered ciphertext is a decryption failure like any other.
-        raise _reject(
+        raise _refusal(
             "decryption", "decryption", "the plaintext is not XML", "an assertion"
         ) from None
     if inner_root.tag not in _ASSERTIONS:
         found = f"an EncryptedAssertion holding {shown(etree.QName(inner_root).localname)}"
-        raise _reject("malformed", "structure", found, "one saml:Assertion")
+        raise _refusal("malformed", "structure", found, "one saml:Assertion")
     inner = _locate_assertion(inner_root)  # one assertion in there too, nothing wrapped
     located.append(inner)
     # The presented bytes stay the cache's digest; the plaintext goes to the token request.
@@ -837,14 +839,14 @@ def _validate(
     version = _SAML1_1 if assertion.tag == _ASSERTION1 else _SAML2
     assertion_id = assertion.get(version.id_attribute)
     if not assertion_id:
-        raise _reject(
+        raise _refusal(
             "malformed",
             "structure",
             "an assertion with no ID",
             f"an {version.id_attribute} attribute",
         )
     if version is _SAML2 and assertion.get("Version") != "2.0":
-        raise _reject(
+        raise _refusal(
             "malformed", "structure", f"Version {shown(assertion.get('Version'))}", "SAML 2.0"
         )
     if version is _SAML1_1 and (assertion.get("MajorVersion"), assertion.get("MinorVersion")) != (
@@ -853,10 +855,10 @@ def _validate(
     ):
         found = f"MajorVersion {shown(assertion.get('MajorVersion'))}, MinorVersion "
         found += shown(assertion.get("MinorVersion"))
-        raise _reject("malformed", "structure", found, "SAML 1.1")
+        raise _refusal("malformed", "structure", found, "SAML 1.1")
     if version.name not in policy.saml_versions:
         # An IdP that never sends 1.1 should not have its keys accepted on 1.1 documents.
-        raise _reject(
+        raise _refusal(
             "version",
             "structure",
             f"a SAML {version.name} assertion",
@@ -897,7 +899,7 @@ def _validate(
     signed, key = _verify(assertion_xml, signature, policy, now, id_attribute=id_attribute)
     # What signxml vouches for must be the assertion we located, not some other element.
     if signed.tag != assertion.tag or signed.get(version.id_attribute) != assertion_id:
-        raise _reject(
+        raise _refusal(
             "wrapping", "signature", "it covers another element", "the presented assertion"
         )
     if ev is not None:
