@@ -359,6 +359,7 @@ def _idp_config(tmp_path, idp: DemoIdP, **fields: object) -> dict[str, object]: 
                 "token_url": "https://as.example.test/token",
                 "client_auth": "none",
                 "audience": AUDIENCE,
+                "grant": "token-exchange",  # carries SAML 1.1 and 2.0 alike
             }
         },
         "routes": [
