@@ -369,9 +369,14 @@ def _ms(text: str) -> float:
 
 
 async def wrk(
-    url: str, header: str | None, seconds: float, connections: int = 50, threads: int = 1
+    url: str,
+    header: str | None,
+    seconds: float,
+    connections: int = 50,
+    threads: int = 1,
+    cpu: int | None = None,
 ) -> Load:
-    """Closed-loop throughput with wrk (``--latency`` for p50/p99)."""
+    """Closed-loop throughput with wrk (``--latency`` for p50/p99), pinned to ``cpu`` if set."""
     binary = shutil.which("wrk")
     if binary is None:
         raise RuntimeError("wrk is not installed: make bench-deps")
@@ -379,8 +384,13 @@ async def wrk(
     command += ["--latency", "--timeout", "5s"]
     if header is not None:
         command += ["-H", f"X-SAML-Assertion: {header}"]
+    pin = None if cpu is None else (lambda: os.sched_setaffinity(0, {cpu}))
     proc = await asyncio.create_subprocess_exec(
-        *command, url, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        *command,
+        url,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        preexec_fn=pin,
     )
     out, err = await asyncio.wait_for(proc.communicate(), seconds + 30)
     text = out.decode()

@@ -26,7 +26,7 @@ from gateway.devkit.servers import free_port as free_port  # the tests' and benc
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "config" / "forward-auth"
 _TEMP_KINDS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-_MAIN_CONTEXT = ("load_module ", "env ")
+_MAIN_CONTEXT = ("load_module ", "env ", "pcre_jit ")
 
 
 def nginx_binary() -> str | None:

@@ -458,3 +458,50 @@ async def test_the_key_may_come_from_the_environment(
         assert len(authorizer.seen) == 1  # cached under the environment's key
     finally:
         nginx.stop()
+
+
+async def test_a_refused_token_is_dropped_for_every_worker(
+    tmp_path: Path, scripted: Callable[[], Awaitable[Scripted]]
+) -> None:
+    """Two workers: whichever saw the upstream's invalid_token, the next request, on any
+    worker, asks the gateway again (the token is in shared memory, never a worker's own)."""
+    authorizer, api = await scripted(), await scripted()
+    authorizer.headers = dict(GRANT)
+    port = free_port()
+    conf = lua_config(tmp_path, port, authorizer.address, api.address)
+    # reuseport: the kernel spreads new connections over the workers by their source port;
+    # X-Worker: which worker answered, so the test knows it crossed from one to the other.
+    conf = conf.replace(f"listen 127.0.0.1:{port};", f"listen 127.0.0.1:{port} reuseport;")
+    conf = conf.replace(
+        'set $saml_token "";', 'set $saml_token "";\n    add_header X-Worker $pid always;'
+    )
+    nginx = run_nginx(tmp_path / "nginx", conf, [port], workers=2)
+    headers = {"X-SAML-Assertion": base64.b64encode(b"<assertion/>").decode()}
+
+    async def get() -> tuple[int, str]:
+        # A connection of its own, so the kernel may hand it to either worker.
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+            async with s.get(f"http://127.0.0.1:{port}{PUBLIC}/x", headers=headers) as r:
+                return r.status, r.headers["X-Worker"]
+
+    crossed = 0
+    try:
+        for _ in range(40):
+            api.status, api.headers = 200, {}
+            for _ in range(4):  # hits, on either worker
+                assert (await get())[0] == 200, nginx.errors()
+            asked = len(authorizer.seen)
+            api.status = 401
+            api.headers = {"WWW-Authenticate": 'Bearer error="invalid_token"'}
+            status, dropped_by = await get()
+            assert status == 401
+            api.status, api.headers = 200, {}
+            status, served_by = await get()
+            assert status == 200
+            assert len(authorizer.seen) == asked + 1  # asked again, whichever worker
+            crossed += served_by != dropped_by
+            if crossed >= 3:
+                break
+    finally:
+        nginx.stop()
+    assert crossed >= 3, "the kernel gave every connection to one worker: nothing was tested"
