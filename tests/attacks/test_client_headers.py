@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from integration.conftest import Parts, echoed_headers, raw_request
-from integration.conftest import start_stack as start_integration_stack
+from integration.helpers import Parts, echoed_headers, raw_request
+from integration.helpers import start_stack as start_integration_stack
 
 from gateway.devkit.idp import DemoIdP
 

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from integration.conftest import Parts, Process, gateway_yaml, raw_request, spawn_gateway
+from integration.helpers import Parts, Process, gateway_yaml, raw_request, spawn_gateway
 
 from gateway.devkit.idp import DemoIdP
 

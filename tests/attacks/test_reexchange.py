@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from integration.conftest import Parts
-from integration.conftest import start_stack as start_integration_stack
+from integration.helpers import Parts
+from integration.helpers import start_stack as start_integration_stack
 
 from gateway.devkit.idp import DemoIdP
 

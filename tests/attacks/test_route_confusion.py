@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import (
+from .helpers import (
     ADMIN_SECRET,
     API_SECRET,
     BEARER,

@@ -1,5 +1,5 @@
 """Bad-input tests reuse the fault tests' fixtures: a background loop and a signing IdP."""
 
-from faults.conftest import backstage, idp
+from faults.helpers import backstage, idp
 
 __all__ = ["backstage", "idp"]

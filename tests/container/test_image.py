@@ -27,7 +27,7 @@ from gateway.devkit.authorization_server import FakeAuthorizationServer
 from gateway.devkit.idp import DemoIdP
 from gateway.devkit.upstream import UpstreamApp
 
-from .conftest import ROOT, ULIMITS, Podman, pinned_base
+from .helpers import ROOT, ULIMITS, Podman, pinned_base
 from .test_healthcheck import free_port
 
 pytestmark = [pytest.mark.container, pytest.mark.timeout(900)]

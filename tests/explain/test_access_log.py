@@ -12,7 +12,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import yaml
 
 from gateway.devkit.idp import DemoIdP
 
-from .conftest import AUDIENCE, NOW, SUBJECT, TOKEN_URL, Explain, b64, write_config
+from .helpers import AUDIENCE, SUBJECT, TOKEN_URL, Explain, b64, write_config
 
 
 def free_port() -> int:
@@ -99,14 +99,17 @@ def gateway(config: Path) -> Iterator[Gateway]:
 @pytest.mark.parametrize(
     ("reason", "kwargs"),
     [
-        ("expired", {"now": NOW - timedelta(hours=1)}),
+        ("expired", {"issued_ago": timedelta(hours=1)}),
         ("audience", {"audience": "https://other.example"}),
     ],
 )
 def test_refused_request_logs_reason_detail_and_unverified_id(
     gateway: Gateway, explain: Explain, idp: DemoIdP, reason: str, kwargs: dict[str, Any]
 ) -> None:
-    kwargs = {"audience": AUDIENCE, "recipient": TOKEN_URL, "now": NOW, **kwargs}
+    # issued now, not when the module was imported: a long suite must not expire it first
+    kwargs = dict(kwargs)
+    now = datetime.now(UTC) - kwargs.pop("issued_ago", timedelta())
+    kwargs = {"audience": AUDIENCE, "recipient": TOKEN_URL, "now": now, **kwargs}
     raw = idp.issue(SUBJECT, assertion_id=f"_refused-{reason}", **kwargs)
     status, body = gateway.get(f"req-{reason}", {"X-SAML-Assertion": b64(raw)})
     assert status == 401

@@ -16,7 +16,7 @@ from lxml import etree
 
 from gateway.devkit.idp import SAML_NS, DemoIdP, instant
 
-from .conftest import (
+from .helpers import (
     AUDIENCE,
     ISSUER,
     NOW,

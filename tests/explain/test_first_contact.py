@@ -16,7 +16,7 @@ from gateway.config import IdentityProvider
 from gateway.devkit.idp import DemoIdP
 from gateway.starter import CERTIFICATE_VARIABLE, PROFILES, variables
 
-from .conftest import ROOT, cli
+from .helpers import ROOT, cli
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "config" / "examples"
 # The Entra ID profile's IdP opts in to SAML 1.1 with saml_versions, a key of the SAML 1.1

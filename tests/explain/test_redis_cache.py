@@ -22,7 +22,7 @@ from gateway.oauth.token import Token
 from gateway.pipeline import Pipeline
 from gateway.saml import assertion_digest
 
-from .conftest import AUDIENCE, ISSUER, NOW, SUBJECT, TOKEN_URL, Explain, b64, write_config
+from .helpers import AUDIENCE, ISSUER, NOW, SUBJECT, TOKEN_URL, Explain, b64, write_config
 
 TOKEN = "access-token-that-must-never-be-printed"
 

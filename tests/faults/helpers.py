@@ -29,7 +29,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from integration.conftest import (
+import pytest
+from integration.helpers import (
     AUDIENCE,
     CLIENT_ID,
     CLIENT_SECRET,
@@ -510,3 +511,15 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.05)
     return predicate()
+
+
+@pytest.fixture(scope="module")
+def backstage() -> Iterator[Backstage]:
+    stage = Backstage()
+    yield stage
+    stage.close()
+
+
+@pytest.fixture(scope="module")
+def idp() -> DemoIdP:
+    return DemoIdP.generate(ISSUER)

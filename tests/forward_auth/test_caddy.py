@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from integration.conftest import Parts, Stack, echoed_headers, raw_request, start_stack
+from integration.helpers import Parts, Stack, echoed_headers, raw_request, start_stack
 
 from gateway.devkit.idp import DemoIdP
 
 from .caddy_runner import Caddy, caddy_binary, start_caddy
-from .conftest import signed_by, two_routes
+from .helpers import signed_by, two_routes
 from .nginx_runner import EXAMPLES, example, free_port
 
 pytestmark = pytest.mark.skipif(

@@ -18,11 +18,11 @@ from typing import Any
 
 import pytest
 import yaml
-from integration.conftest import Parts, Stack, echoed_headers, raw_request, start_stack
+from integration.helpers import Parts, Stack, echoed_headers, raw_request, start_stack
 
 from gateway.devkit.idp import DemoIdP
 
-from .conftest import signed_by, two_routes
+from .helpers import signed_by, two_routes
 from .nginx_runner import (
     EXAMPLES,
     Nginx,

@@ -19,11 +19,11 @@ import aiohttp
 import pytest
 import yaml
 from aiohttp import web
-from integration.conftest import Parts, Stack, echoed_headers, start_stack
+from integration.helpers import Parts, Stack, echoed_headers, start_stack
 
 from gateway.devkit.idp import DemoIdP
 
-from .conftest import signed_by, two_routes
+from .helpers import signed_by, two_routes
 from .nginx_runner import EXAMPLES, Nginx, example, free_port, missing_modules, nginx_binary
 from .nginx_runner import start_nginx as run_nginx
 

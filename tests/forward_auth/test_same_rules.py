@@ -13,11 +13,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from integration.conftest import Parts, Stack, start_stack
+from integration.helpers import Parts, Stack, start_stack
 
 from gateway.devkit.idp import DemoIdP
 
-from .conftest import two_routes
+from .helpers import two_routes
 
 NGINX = {"X-Original-Method": "GET"}
 

@@ -18,7 +18,7 @@ import pytest
 from gateway.devkit.idp import DemoIdP
 from gateway.logs import FLUSH_LINES
 
-from .conftest import AUDIENCE, Parts, Process, gateway_yaml, spawn_gateway
+from .helpers import AUDIENCE, Parts, Process, gateway_yaml, spawn_gateway
 
 LIFECYCLE = {"shutdown_grace": 0, "drain_timeout": 2}
 # More than a batch, and not a whole number of batches: some lines wait for the exit.

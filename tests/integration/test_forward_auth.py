@@ -12,7 +12,7 @@ import pytest
 
 from gateway.devkit.idp import DemoIdP
 
-from .conftest import Parts, Stack, raw_request, start_stack
+from .helpers import Parts, Stack, raw_request, start_stack
 
 pytestmark = pytest.mark.asyncio
 

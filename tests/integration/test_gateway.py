@@ -14,7 +14,7 @@ import yaml
 from gateway.app import _Connection
 from gateway.devkit.idp import DemoIdP
 
-from .conftest import Parts, Stack, echoed_headers, raw_request, start_stack
+from .helpers import Parts, Stack, echoed_headers, raw_request, start_stack
 
 pytestmark = pytest.mark.asyncio
 

@@ -17,7 +17,7 @@ import yaml
 from gateway.devkit.authorization_server import FakeAuthorizationServer
 from gateway.devkit.idp import DemoIdP
 
-from .conftest import AUDIENCE, Parts, Process, free_port, gateway_yaml, spawn_gateway
+from .helpers import AUDIENCE, Parts, Process, free_port, gateway_yaml, spawn_gateway
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -15,7 +15,7 @@ import pytest
 from gateway.devkit.idp import DemoIdP
 from gateway.forward_auth import grant_headers
 
-from .conftest import Parts, Stack, echoed_headers, start_stack
+from .helpers import Parts, Stack, echoed_headers, start_stack
 
 StackFactory = Callable[..., Any]
 

@@ -21,7 +21,7 @@ from faults.helpers import Backstage, Gateway, gateway_yaml, header_for, issue
 from gateway.devkit.authorization_server import FakeAuthorizationServer
 from gateway.devkit.idp import DemoIdP
 
-from .conftest import CLIENT_ID, CLIENT_SECRET
+from .helpers import CLIENT_ID, CLIENT_SECRET
 
 _LIMIT = 8 * 1024 * 1024  # longest head or chunk-size line the recorder accepts
 _OK = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok"

@@ -22,7 +22,7 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from integration.conftest import (  # the fixtures are re-exported for this folder
+from integration.helpers import (  # the fixtures are re-exported for this folder
     AUDIENCE,
     CLIENT_ID,
     CLIENT_SECRET,
@@ -36,7 +36,7 @@ from gateway.devkit.idp import DemoIdP
 from gateway.devkit.redis_server import RedisServer, redis_server_binary
 from gateway.devkit.upstream import UpstreamApp
 
-from .conftest import ALERTS, DASHBOARD, RECORDING, tool
+from .helpers import ALERTS, DASHBOARD, RECORDING, tool
 
 __all__ = ["idp"]
 

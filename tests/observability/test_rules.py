@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from .conftest import ALERTS, PROMETHEUS_CONFIG, RECORDING, RULE_TESTS, SCRAPE, tool
+from .helpers import ALERTS, PROMETHEUS_CONFIG, RECORDING, RULE_TESTS, SCRAPE, tool
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess[str]:

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 from aiohttp import web
-from integration.conftest import (  # the fixtures are re-exported for this folder
+from integration.helpers import (  # the fixtures are re-exported for this folder
     CLIENT_SECRET,
     Parts,
     Stack,

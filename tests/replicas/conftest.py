@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
-from integration.conftest import (  # the fixtures are re-exported for this folder
+from integration.helpers import (  # the fixtures are re-exported for this folder
     AUDIENCE,
     Parts,
     Process,

@@ -12,7 +12,7 @@ import signal
 
 import redis.asyncio as aioredis
 import yaml
-from integration.conftest import Process
+from integration.helpers import Process
 
 from gateway.cache.redis import entry_name
 from gateway.devkit.idp import new_id

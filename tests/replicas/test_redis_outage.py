@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 
-from integration.conftest import Process
+from integration.helpers import Process
 
 from .conftest import Cluster, eventually
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from integration.conftest import echoed_headers, start_stack
+from integration.helpers import echoed_headers, start_stack
 
 from .conftest import KEYS, Cluster, redis_cache
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from prometheus_client.multiprocess import mark_process_dead
 
-from .conftest import metric
+from .helpers import metric
 
 # One "worker": a token cache with the given counts and size, a Redis store up or down, and
 # some requests; it writes its values and exits (its files stay, as a dead worker's do).

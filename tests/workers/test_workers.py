@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 
 from gateway.devkit.redis_server import RedisServer, redis_server_binary
 
-from .conftest import WORKERS, Host, json_lines, metric, until
+from .helpers import WORKERS, Host, json_lines, metric, until
 
 
 def served_by(lines: list[dict[str, object]]) -> collections.Counter[object]:
