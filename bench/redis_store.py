@@ -32,7 +32,7 @@ from gateway.cache.entry import CachedToken
 from gateway.cache.redis import RedisTokenStore, entry_name
 from gateway.config import RedisSettings
 from gateway.devkit.redis_server import RedisServer, redis_server_binary
-from gateway.oauth.token import Token
+from gateway.values import Token
 
 CALLS = 3000
 WARMUP = 200

@@ -53,8 +53,8 @@ from gateway.cache.entry import CachedToken, SharedStore
 from gateway.cache.singleflight import SingleFlight
 from gateway.config import CacheSettings
 from gateway.errors import InvalidAssertion
-from gateway.oauth.token import Token
 from gateway.saml.assertion import Assertion
+from gateway.values import Token
 
 K = TypeVar("K")
 V = TypeVar("V")

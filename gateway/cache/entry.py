@@ -12,7 +12,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
-from gateway.oauth.token import Token
+from gateway.values import Token
 
 
 @dataclass(frozen=True, slots=True)

@@ -83,7 +83,7 @@ from redis.exceptions import RedisClusterException, RedisError
 from gateway.cache.entry import CachedToken
 from gateway.config import RedisSettings, url_password
 from gateway.errors import ConfigError
-from gateway.oauth.token import Token
+from gateway.values import Token
 
 logger = logging.getLogger("gateway.cache.redis")
 

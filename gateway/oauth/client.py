@@ -47,8 +47,8 @@ from gateway.oauth.grant import (
     parse_token_response,
     server_problems,
 )
-from gateway.oauth.token import Token
 from gateway.saml.assertion import Assertion
+from gateway.values import Token
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span

@@ -13,8 +13,8 @@ from typing import Any
 from gateway.cache.entry import CachedToken
 from gateway.config import CacheSettings
 from gateway.errors import GatewayError
-from gateway.oauth.token import Token
 from gateway.saml.assertion import Assertion
+from gateway.values import Token
 
 T0 = 1_700_000_000.0
 _ids = itertools.count(1)

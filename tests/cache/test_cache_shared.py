@@ -8,7 +8,7 @@ import dataclasses
 from cache_helpers import T0, Clock, Exchange, MemoryShared, assertion, settings
 
 from gateway.cache import CachedToken, TokenCache
-from gateway.oauth.token import Token
+from gateway.values import Token
 
 
 def _entry(

@@ -23,7 +23,7 @@ from gateway.cache.redis import RedisTokenStore, lock_name
 from gateway.cache.sqlite import SqliteTokenStore, create_database, new_secret
 from gateway.config import RedisSettings
 from gateway.devkit.redis_server import RedisServer, free_port, redis_server_binary
-from gateway.oauth.token import Token
+from gateway.values import Token
 
 REDIS_KEY = "contract-test-secret-0123456789abcdef"
 

@@ -18,9 +18,9 @@ from gateway.config import load_config
 from gateway.devkit.idp import DemoIdP
 from gateway.devkit.redis_server import RedisServer, redis_server_binary
 from gateway.metrics import Metrics
-from gateway.oauth.token import Token
 from gateway.pipeline import Runtime
 from gateway.saml import assertion_digest
+from gateway.values import Token
 
 from .conftest import AUDIENCE, ISSUER, NOW, SUBJECT, TOKEN_URL, Explain, b64, write_config
 

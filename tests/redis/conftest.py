@@ -19,7 +19,7 @@ from gateway.cache.entry import CachedToken
 from gateway.cache.redis import RedisTokenStore
 from gateway.config import RedisSettings
 from gateway.devkit.redis_server import RedisServer, redis_server_binary
-from gateway.oauth.token import Token
+from gateway.values import Token
 
 KEY_1 = "first-test-secret-0123456789abcdef"
 KEY_2 = "second-test-secret-fedcba9876543210"

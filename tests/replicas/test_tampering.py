@@ -14,7 +14,7 @@ from pydantic import SecretStr
 from gateway.cache.entry import CachedToken
 from gateway.cache.redis import EntrySealer, entry_name
 from gateway.devkit.idp import new_id
-from gateway.oauth.token import Token
+from gateway.values import Token
 
 from .conftest import KEYS, Cluster, digest_of
 
