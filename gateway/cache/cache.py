@@ -3,7 +3,7 @@
 Rules this module owns:
 - The logical key is (profile, assertion ID), the profile naming whose token it is (the
   pipeline uses its route's identity provider and authorization server). Each ID is bound to
-  the fingerprint of the signed assertion it belongs to (``Assertion.fingerprint``: the
+  the fingerprint of the signed assertion it belongs to (``VerifiedAssertion.fingerprint``: the
   digest of what was signed, equal for every byte variant of it) from its first exchange
   until validation stops accepting the assertion (NotOnOrAfter + clock skew), whether or
   not a token is cached meanwhile. The bindings are bounded (``max_entries``, LRU).
@@ -49,17 +49,18 @@ from typing import TypeVar
 
 from cachetools import LRUCache
 
-from gateway.cache.entry import CachedToken, SharedStore
+from gateway.cache.entry import CachedToken, SharedStore, VerifiedAssertion
 from gateway.cache.singleflight import SingleFlight
 from gateway.config import CacheSettings
 from gateway.errors import InvalidAssertion
-from gateway.saml.assertion import Assertion
 from gateway.values import Token
 
 K = TypeVar("K")
 V = TypeVar("V")
 
-Exchange = Callable[[Assertion], Awaitable[Token]]
+A = TypeVar("A", bound=VerifiedAssertion)
+# The exchange of one assertion, bound to it by ``obtain``.
+Exchange = Callable[[], Awaitable[Token]]
 
 _POLL_FIRST = 0.02  # seconds between shared-store polls, doubling up to _POLL_MAX
 _POLL_MAX = 0.25
@@ -105,7 +106,7 @@ def _refused(reason: str, detail: str) -> InvalidAssertion:
     return InvalidAssertion(reason, detail)
 
 
-def _signed(assertion: Assertion) -> bytes:
+def _signed(assertion: VerifiedAssertion) -> bytes:
     """What identifies the signed assertion (the digest for a value built without one)."""
     return assertion.fingerprint or assertion.digest
 
@@ -176,8 +177,11 @@ class TokenCache:
 
     # --- the miss path -------------------------------------------------------------------
 
-    async def obtain(self, profile: str, assertion: Assertion, exchange: Exchange) -> CachedToken:
-        """A token for a verified ``assertion``: cached, shared, or from one exchange."""
+    async def obtain(
+        self, profile: str, assertion: A, exchange: Callable[[A], Awaitable[Token]]
+    ) -> CachedToken:
+        """A token for a verified ``assertion``: cached, shared, or from one
+        ``exchange(assertion)``."""
         now = self._clock()
         key = (profile, assertion.id)
         binding = self._binding(key, now)
@@ -201,7 +205,7 @@ class TokenCache:
         return await self._flights.run(
             key,
             _signed(assertion),
-            lambda: self._fill(profile, assertion, exchange, generation),
+            lambda: self._fill(profile, assertion, lambda: exchange(assertion), generation),
         )
 
     async def purge(self, entry: CachedToken) -> bool:
@@ -260,7 +264,9 @@ class TokenCache:
             return None
         return binding
 
-    def _served(self, binding: _Binding, assertion: Assertion, now: float) -> CachedToken | None:
+    def _served(
+        self, binding: _Binding, assertion: VerifiedAssertion, now: float
+    ) -> CachedToken | None:
         """The live token a bound ID gives ``assertion``, None when it may be exchanged, or
         the refusal."""
         if binding.fingerprint != _signed(assertion):
@@ -274,7 +280,7 @@ class TokenCache:
             raise _refused("spent", "assertion already exchanged and its token is no longer served")
         return None
 
-    def _bind(self, key: tuple[str, str], assertion: Assertion) -> _Binding:
+    def _bind(self, key: tuple[str, str], assertion: VerifiedAssertion) -> _Binding:
         replaced = self._bindings.get(key)
         if replaced is not None:
             self._drop_token(replaced)  # no hot-path key may outlive its binding
@@ -315,7 +321,7 @@ class TokenCache:
     # --- filling -------------------------------------------------------------------------
 
     async def _fill(
-        self, profile: str, assertion: Assertion, exchange: Exchange, generation: int
+        self, profile: str, assertion: VerifiedAssertion, exchange: Exchange, generation: int
     ) -> CachedToken:
         """The single-flight leader's work: shared store, lock, bind, exchange, store."""
         shared = self._shared
@@ -339,7 +345,7 @@ class TokenCache:
         return self._keep(assertion, entry, generation)
 
     async def _exchange_shared(
-        self, shared: SharedStore, profile: str, assertion: Assertion, exchange: Exchange
+        self, shared: SharedStore, profile: str, assertion: VerifiedAssertion, exchange: Exchange
     ) -> CachedToken:
         """Bind the ID across replicas, then exchange and publish, unless another replica
         exchanged this signed assertion already (its token, or ``spent``) or bound the ID
@@ -381,7 +387,7 @@ class TokenCache:
         return entry
 
     async def _publish_failure(
-        self, shared: SharedStore, profile: str, assertion: Assertion, exc: Exception
+        self, shared: SharedStore, profile: str, assertion: VerifiedAssertion, exc: Exception
     ) -> None:
         """Tell the replicas waiting on this exchange that it failed, and whether with
         ``invalid_grant`` (then they refuse too; anything else they may try themselves)."""
@@ -399,10 +405,10 @@ class TokenCache:
         )
 
     async def _exchange(
-        self, profile: str, assertion: Assertion, exchange: Exchange
+        self, profile: str, assertion: VerifiedAssertion, exchange: Exchange
     ) -> CachedToken:
         try:
-            token = await exchange(assertion)
+            token = await exchange()
         except InvalidAssertion as exc:
             if exc.reason == "invalid_grant" and self._settings.negative_ttl > 0:
                 until = self._clock() + self._settings.negative_ttl
@@ -418,7 +424,7 @@ class TokenCache:
             fingerprint=_signed(assertion),
         )
 
-    def _expires_at(self, token: Token, assertion: Assertion) -> float:
+    def _expires_at(self, token: Token, assertion: VerifiedAssertion) -> float:
         settings = self._settings
         now = self._clock()
         lifetime = max(0.0, token.expires_in)
@@ -431,7 +437,9 @@ class TokenCache:
             expires_at = min(expires_at, assertion.accepted_until.timestamp())
         return expires_at
 
-    def _keep(self, assertion: Assertion, entry: CachedToken, generation: int) -> CachedToken:
+    def _keep(
+        self, assertion: VerifiedAssertion, entry: CachedToken, generation: int
+    ) -> CachedToken:
         """Record that ``assertion`` got ``entry`` and put a live entry in memory (a dead one
         is still handed to this one caller), unless the profile's trust changed while it was
         being obtained (see ``forget_profile``)."""
@@ -447,14 +455,14 @@ class TokenCache:
             self._set_token(binding, entry, assertion.digest)
         return entry
 
-    def _rebind(self, profile: str, assertion: Assertion, bound: bytes) -> None:
+    def _rebind(self, profile: str, assertion: VerifiedAssertion, bound: bytes) -> None:
         """Another replica bound the ID first: what this one claimed for ``assertion`` when
         the exchange began belongs to ``bound`` instead."""
         binding = self._bindings.get((profile, assertion.id))
         if binding is not None and binding.fingerprint == _signed(assertion) and not binding.spent:
             binding.fingerprint = bound
 
-    def _mark_spent(self, profile: str, assertion: Assertion) -> None:
+    def _mark_spent(self, profile: str, assertion: VerifiedAssertion) -> None:
         key = (profile, assertion.id)
         binding = self._bindings.get(key)
         if binding is None or binding.fingerprint != _signed(assertion):
@@ -462,7 +470,7 @@ class TokenCache:
         binding.spent = True
 
     async def _from_shared(
-        self, shared: SharedStore, profile: str, assertion: Assertion
+        self, shared: SharedStore, profile: str, assertion: VerifiedAssertion
     ) -> CachedToken | None:
         entry = await shared.get(profile, assertion.id)
         if entry is None or entry.profile != profile:
@@ -477,7 +485,7 @@ class TokenCache:
         return entry
 
     async def _wait_for_shared(
-        self, shared: SharedStore, profile: str, assertion: Assertion
+        self, shared: SharedStore, profile: str, assertion: VerifiedAssertion
     ) -> CachedToken | None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._shared_wait

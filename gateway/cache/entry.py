@@ -2,17 +2,52 @@
 
 A token is only ever released for the signed assertion it was exchanged for: each entry
 carries the SHA-256 digest of the decoded bytes that were exchanged (the hot path's key) and
-the fingerprint of what was signed (``Assertion.fingerprint``), which every byte variant of
-that one signed assertion shares.
+the fingerprint of what was signed, which every byte variant of that one signed assertion
+shares.
+
+The cache learns about an assertion only through ``VerifiedAssertion``: plain facts the
+validator's result carries (``gateway.saml.Assertion`` has them), so cache/ imports neither
+gateway.saml nor gateway.oauth.
 """
 
 from __future__ import annotations
 
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Protocol
 
 from gateway.values import Token
+
+
+class VerifiedAssertion(Protocol):
+    """What the cache needs to know of an assertion that passed validation."""
+
+    @property
+    def id(self) -> str:
+        """The assertion ID: the replay key, with the cache key."""
+        ...
+
+    @property
+    def digest(self) -> bytes:
+        """SHA-256 of the presented (decoded) bytes: the hot path's key."""
+        ...
+
+    @property
+    def fingerprint(self) -> bytes:
+        """SHA-256 of what was signed, equal for every byte variant (b"": use the digest)."""
+        ...
+
+    @property
+    def issuer(self) -> str:
+        """For access lines on cache hits."""
+        ...
+
+    @property
+    def accepted_until(self) -> datetime:
+        """The first instant validation no longer accepts it: the ID binding's end and,
+        with ``cap_to_assertion``, the token's."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
