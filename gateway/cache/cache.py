@@ -1,13 +1,13 @@
 """The token cache: one exchange per assertion ID, whatever bytes carry the assertion.
 
 Rules this module owns:
-- The logical key is (profile, assertion ID), the profile naming whose token it is (the
+- The logical key is (cache_key, assertion ID), the cache key naming whose token it is (the
   pipeline uses its route's identity provider and authorization server). Each ID is bound to
   the fingerprint of the signed assertion it belongs to (``VerifiedAssertion.fingerprint``: the
   digest of what was signed, equal for every byte variant of it) from its first exchange
   until validation stops accepting the assertion (NotOnOrAfter + clock skew), whether or
   not a token is cached meanwhile. The bindings are bounded (``max_entries``, LRU).
-- The hot path (``lookup``) finds a token by (profile, SHA-256 of the decoded bytes) alone:
+- The hot path (``lookup``) finds a token by (cache_key, SHA-256 of the decoded bytes) alone:
   no XML, no signature check, one dictionary probe. The bytes that were exchanged, and each
   validated byte variant of the same signed assertion (a few per ID), point at the token.
 - On the miss path, after validation: a bound ID with another fingerprint is a replay
@@ -23,7 +23,7 @@ Rules this module owns:
   cached), optionally capped where validation stops accepting the assertion. An expired
   token is never served.
 - Concurrent misses share one exchange (``SingleFlight``); a failed exchange is not cached
-  and may be retried, but ``invalid_grant`` is remembered per (profile, assertion ID) for
+  and may be retried, but ``invalid_grant`` is remembered per (cache_key, assertion ID) for
   ``negative_ttl``, so neither one bad assertion nor its byte variants hammer the AS.
 - With a ``SharedStore`` (Redis), the single-flight leader asks the store first, then takes
   the cross-replica exchange lock; a replica that does not get the lock polls the store for
@@ -92,7 +92,7 @@ class _Lru(LRUCache[K, V]):
 
 @dataclass(slots=True, eq=False)
 class _Binding:
-    """What this replica knows about one (profile, assertion ID)."""
+    """What this replica knows about one (cache_key, assertion ID)."""
 
     key: tuple[str, str]
     fingerprint: bytes  # of the signed assertion the ID belongs to
@@ -126,16 +126,16 @@ class TokenCache:
         self._shared_wait = shared_wait
         self._clock = clock
         self._rng = rng
-        # (profile, assertion ID) -> binding: replay rules and the token itself.
+        # (cache_key, assertion ID) -> binding: replay rules and the token itself.
         self._bindings: _Lru[tuple[str, str], _Binding] = _Lru(settings.max_entries, self._evicted)
-        # (profile, digest of the decoded bytes) -> binding with a token: what the hot path
+        # (cache_key, digest of the decoded bytes) -> binding with a token: what the hot path
         # probes. Kept in step with the bindings, so it is bounded with them.
         self._index: dict[tuple[str, bytes], _Binding] = {}
         self._tokens = 0
-        # (profile, assertion ID) -> until when an invalid_grant answer is remembered.
+        # (cache_key, assertion ID) -> until when an invalid_grant answer is remembered.
         self._negative: LRUCache[tuple[str, str], float] = LRUCache(settings.max_entries)
         self._flights: SingleFlight[tuple[str, str], CachedToken] = SingleFlight()
-        # Bumped by forget_profile: an exchange started before is not kept after.
+        # Bumped by forget: an exchange started before is not kept after.
         self._generations: dict[str, int] = {}
         self.hits = 0
         self.misses = 0
@@ -158,9 +158,9 @@ class TokenCache:
 
     # --- the hot path --------------------------------------------------------------------
 
-    def lookup(self, profile: str, digest: bytes) -> CachedToken | None:
+    def lookup(self, cache_key: str, digest: bytes) -> CachedToken | None:
         """The live token for exactly these bytes (by digest), or None; counts hit/miss."""
-        binding = self._index.get((profile, digest))
+        binding = self._index.get((cache_key, digest))
         if binding is not None:
             entry = binding.entry
             if entry is not None and entry.expires_at > self._clock():
@@ -178,12 +178,12 @@ class TokenCache:
     # --- the miss path -------------------------------------------------------------------
 
     async def obtain(
-        self, profile: str, assertion: A, exchange: Callable[[A], Awaitable[Token]]
+        self, cache_key: str, assertion: A, exchange: Callable[[A], Awaitable[Token]]
     ) -> CachedToken:
         """A token for a verified ``assertion``: cached, shared, or from one
         ``exchange(assertion)``."""
         now = self._clock()
-        key = (profile, assertion.id)
+        key = (cache_key, assertion.id)
         binding = self._binding(key, now)
         if binding is not None:
             entry = self._served(binding, assertion, now)
@@ -201,48 +201,49 @@ class TokenCache:
             self._negative.pop(key, None)
         if binding is None:
             self._bind(key, assertion)
-        generation = self._generations.get(profile, 0)
+        generation = self._generations.get(cache_key, 0)
         return await self._flights.run(
             key,
             _signed(assertion),
-            lambda: self._fill(profile, assertion, lambda: exchange(assertion), generation),
+            lambda: self._fill(cache_key, assertion, lambda: exchange(assertion), generation),
         )
 
     async def purge(self, entry: CachedToken) -> bool:
         """The upstream refused ``entry``'s token: drop it, and let its assertion be
         exchanged once more. True when it was dropped (False: already dropped or replaced)."""
-        profile = entry.profile
-        binding = self._bindings.get((profile, entry.assertion_id))
+        cache_key = entry.cache_key
+        binding = self._bindings.get((cache_key, entry.assertion_id))
         if binding is not None and binding.entry is not None and binding.entry is not entry:
             return False  # replaced by a newer token, which the store may hold: keep both
         # Whether or not this replica still holds it (evicted, expired here, or read from
         # the store by a replica that restarted), the shared copy is that refused token.
         if self._shared is not None:
-            await self._shared.delete(profile, entry.assertion_id)
-            await self._shared.delete(profile, entry.assertion_id + _EXCHANGED)
+            await self._shared.delete(cache_key, entry.assertion_id)
+            await self._shared.delete(cache_key, entry.assertion_id + _EXCHANGED)
         if binding is None or (binding.entry is None and not binding.spent):
             return False
         binding.spent = False  # one more exchange for this assertion
         self._drop_token(binding)
         return True
 
-    def forget_profile(self, profile: str) -> int:
-        """Drop every in-memory token of ``profile`` (its trust changed); how many went.
+    def forget(self, cache_key: str) -> int:
+        """Forget every in-memory token, ID binding and remembered refusal under ``cache_key``
+        (its trust changed); returns how many tokens went.
 
         Shared-store entries may stay: they are only read after the assertion has been
         validated again, under the new trust.
         """
-        # Exchanges already under way for this profile finish, but do not store their tokens.
-        self._generations[profile] = self._generations.get(profile, 0) + 1
+        # Exchanges already under way for this cache key finish, but do not store their tokens.
+        self._generations[cache_key] = self._generations.get(cache_key, 0) + 1
         # Keys only: reading values through the LRU would reorder it.
-        stale = [key for key in self._bindings if key[0] == profile]
+        stale = [key for key in self._bindings if key[0] == cache_key]
         dropped = 0
         for key in stale:
             binding = self._bindings.pop(key)
             if binding.entry is not None:
                 dropped += 1
                 self._drop_token(binding)
-        for key in [key for key in self._negative if key[0] == profile]:
+        for key in [key for key in self._negative if key[0] == cache_key]:
             del self._negative[key]
         return dropped
 
@@ -306,9 +307,9 @@ class TokenCache:
     def _drop_token(self, binding: _Binding) -> None:
         if binding.entry is None:
             return
-        profile = binding.key[0]
+        cache_key = binding.key[0]
         for digest in binding.digests:
-            self._index.pop((profile, digest), None)
+            self._index.pop((cache_key, digest), None)
         binding.digests.clear()
         binding.entry = None
         self._tokens -= 1
@@ -321,62 +322,62 @@ class TokenCache:
     # --- filling -------------------------------------------------------------------------
 
     async def _fill(
-        self, profile: str, assertion: VerifiedAssertion, exchange: Exchange, generation: int
+        self, cache_key: str, assertion: VerifiedAssertion, exchange: Exchange, generation: int
     ) -> CachedToken:
         """The single-flight leader's work: shared store, lock, bind, exchange, store."""
         shared = self._shared
         if shared is None:
-            exchanged = await self._exchange(profile, assertion, exchange)
+            exchanged = await self._exchange(cache_key, assertion, exchange)
             return self._keep(assertion, exchanged, generation)
-        entry = await self._from_shared(shared, profile, assertion)
+        entry = await self._from_shared(shared, cache_key, assertion)
         if entry is not None:
             return self._keep(assertion, entry, generation)
-        async with shared.exchange_lock(profile, assertion.id) as owner:
+        async with shared.exchange_lock(cache_key, assertion.id) as owner:
             if owner:
                 # Another replica may have finished between our get and the lock.
-                entry = await self._from_shared(shared, profile, assertion)
+                entry = await self._from_shared(shared, cache_key, assertion)
                 if entry is None:
-                    entry = await self._exchange_shared(shared, profile, assertion, exchange)
+                    entry = await self._exchange_shared(shared, cache_key, assertion, exchange)
                 return self._keep(assertion, entry, generation)
-        entry = await self._wait_for_shared(shared, profile, assertion)
+        entry = await self._wait_for_shared(shared, cache_key, assertion)
         if entry is None:
             # The lock holder did not deliver in time (or the store is down): go ourselves.
-            entry = await self._exchange_shared(shared, profile, assertion, exchange)
+            entry = await self._exchange_shared(shared, cache_key, assertion, exchange)
         return self._keep(assertion, entry, generation)
 
     async def _exchange_shared(
-        self, shared: SharedStore, profile: str, assertion: VerifiedAssertion, exchange: Exchange
+        self, shared: SharedStore, cache_key: str, assertion: VerifiedAssertion, exchange: Exchange
     ) -> CachedToken:
         """Bind the ID across replicas, then exchange and publish, unless another replica
         exchanged this signed assertion already (its token, or ``spent``) or bound the ID
         to another one (``replay``)."""
         until = assertion.accepted_until.timestamp()
-        bound = await shared.bind_id(profile, assertion.id, _signed(assertion), until)
+        bound = await shared.bind_id(cache_key, assertion.id, _signed(assertion), until)
         if bound is not None:
             if bound != _signed(assertion):
-                self._rebind(profile, assertion, bound)
+                self._rebind(cache_key, assertion, bound)
                 self.replays += 1
                 raise _refused("replay", "assertion ID bound to another signed assertion")
-            exchanged = await shared.get(profile, assertion.id + _EXCHANGED)
+            exchanged = await shared.get(cache_key, assertion.id + _EXCHANGED)
             if exchanged is not None and exchanged.fingerprint == _signed(assertion):
-                entry = await self._from_shared(shared, profile, assertion)
+                entry = await self._from_shared(shared, cache_key, assertion)
                 if entry is not None:
                     return entry
-                self._mark_spent(profile, assertion)
+                self._mark_spent(cache_key, assertion)
                 raise _refused(
                     "spent", "assertion already exchanged and its token is no longer served"
                 )
         try:
-            entry = await self._exchange(profile, assertion, exchange)
+            entry = await self._exchange(cache_key, assertion, exchange)
         except Exception as exc:
-            await self._publish_failure(shared, profile, assertion, exc)
+            await self._publish_failure(shared, cache_key, assertion, exc)
             raise
         if entry.expires_at > self._clock():
             await shared.put(entry)
         if until > self._clock():
             await shared.put(
                 CachedToken(
-                    profile=profile,
+                    cache_key=cache_key,
                     assertion_id=assertion.id + _EXCHANGED,
                     digest=b"",
                     token=Token(access_token="", expires_in=0.0),
@@ -387,14 +388,14 @@ class TokenCache:
         return entry
 
     async def _publish_failure(
-        self, shared: SharedStore, profile: str, assertion: VerifiedAssertion, exc: Exception
+        self, shared: SharedStore, cache_key: str, assertion: VerifiedAssertion, exc: Exception
     ) -> None:
         """Tell the replicas waiting on this exchange that it failed, and whether with
         ``invalid_grant`` (then they refuse too; anything else they may try themselves)."""
         refused = isinstance(exc, InvalidAssertion) and exc.reason == "invalid_grant"
         await shared.put(
             CachedToken(
-                profile=profile,
+                cache_key=cache_key,
                 assertion_id=assertion.id + _FAILED,
                 digest=b"",
                 token=Token(access_token="", expires_in=0.0),
@@ -405,17 +406,17 @@ class TokenCache:
         )
 
     async def _exchange(
-        self, profile: str, assertion: VerifiedAssertion, exchange: Exchange
+        self, cache_key: str, assertion: VerifiedAssertion, exchange: Exchange
     ) -> CachedToken:
         try:
             token = await exchange()
         except InvalidAssertion as exc:
             if exc.reason == "invalid_grant" and self._settings.negative_ttl > 0:
                 until = self._clock() + self._settings.negative_ttl
-                self._negative[(profile, assertion.id)] = until
+                self._negative[(cache_key, assertion.id)] = until
             raise
         return CachedToken(
-            profile=profile,
+            cache_key=cache_key,
             assertion_id=assertion.id,
             digest=assertion.digest,
             token=token,
@@ -441,12 +442,12 @@ class TokenCache:
         self, assertion: VerifiedAssertion, entry: CachedToken, generation: int
     ) -> CachedToken:
         """Record that ``assertion`` got ``entry`` and put a live entry in memory (a dead one
-        is still handed to this one caller), unless the profile's trust changed while it was
-        being obtained (see ``forget_profile``)."""
-        profile = entry.profile
-        if self._generations.get(profile, 0) != generation:
+        is still handed to this one caller), unless the cache key's trust changed while it was
+        being obtained (see ``forget``)."""
+        cache_key = entry.cache_key
+        if self._generations.get(cache_key, 0) != generation:
             return entry
-        key = (profile, assertion.id)
+        key = (cache_key, assertion.id)
         binding = self._bindings.get(key)
         if binding is None or binding.fingerprint != _signed(assertion):
             binding = self._bind(key, assertion)  # evicted meanwhile: bind again
@@ -455,25 +456,25 @@ class TokenCache:
             self._set_token(binding, entry, assertion.digest)
         return entry
 
-    def _rebind(self, profile: str, assertion: VerifiedAssertion, bound: bytes) -> None:
+    def _rebind(self, cache_key: str, assertion: VerifiedAssertion, bound: bytes) -> None:
         """Another replica bound the ID first: what this one claimed for ``assertion`` when
         the exchange began belongs to ``bound`` instead."""
-        binding = self._bindings.get((profile, assertion.id))
+        binding = self._bindings.get((cache_key, assertion.id))
         if binding is not None and binding.fingerprint == _signed(assertion) and not binding.spent:
             binding.fingerprint = bound
 
-    def _mark_spent(self, profile: str, assertion: VerifiedAssertion) -> None:
-        key = (profile, assertion.id)
+    def _mark_spent(self, cache_key: str, assertion: VerifiedAssertion) -> None:
+        key = (cache_key, assertion.id)
         binding = self._bindings.get(key)
         if binding is None or binding.fingerprint != _signed(assertion):
             binding = self._bind(key, assertion)
         binding.spent = True
 
     async def _from_shared(
-        self, shared: SharedStore, profile: str, assertion: VerifiedAssertion
+        self, shared: SharedStore, cache_key: str, assertion: VerifiedAssertion
     ) -> CachedToken | None:
-        entry = await shared.get(profile, assertion.id)
-        if entry is None or entry.profile != profile:
+        entry = await shared.get(cache_key, assertion.id)
+        if entry is None or entry.cache_key != cache_key:
             return None
         if entry.fingerprint:
             if entry.fingerprint != _signed(assertion):
@@ -485,22 +486,22 @@ class TokenCache:
         return entry
 
     async def _wait_for_shared(
-        self, shared: SharedStore, profile: str, assertion: VerifiedAssertion
+        self, shared: SharedStore, cache_key: str, assertion: VerifiedAssertion
     ) -> CachedToken | None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._shared_wait
         pause = _POLL_FIRST
         while True:
-            entry = await self._from_shared(shared, profile, assertion)
+            entry = await self._from_shared(shared, cache_key, assertion)
             if entry is not None:
                 return entry
-            failed = await shared.get(profile, assertion.id + _FAILED)
+            failed = await shared.get(cache_key, assertion.id + _FAILED)
             if failed is not None and failed.fingerprint == _signed(assertion):
                 if failed.issuer == "invalid_grant":
                     # the AS refused this very assertion a moment ago: not asked again
                     if self._settings.negative_ttl > 0:
                         until = self._clock() + self._settings.negative_ttl
-                        self._negative[(profile, assertion.id)] = until
+                        self._negative[(cache_key, assertion.id)] = until
                     raise _refused("invalid_grant", "refused on another replica; not asked again")
                 return None  # the holder gave up: nothing to wait for, try ourselves
             left = deadline - loop.time()

@@ -1,4 +1,4 @@
-"""What the cache keeps per (profile, assertion ID), and the shared-store seam.
+"""What the cache keeps per (cache_key, assertion ID), and the shared-store seam.
 
 A token is only ever released for the signed assertion it was exchanged for: each entry
 carries the SHA-256 digest of the decoded bytes that were exchanged (the hot path's key) and
@@ -52,7 +52,7 @@ class VerifiedAssertion(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class CachedToken:
-    profile: str  # whose token: the pipeline's key for (identity provider, authorization server)
+    cache_key: str  # whose token: the pipeline's key for (identity provider, authorization server)
     assertion_id: str
     digest: bytes  # SHA-256 of the decoded assertion the token was issued for
     token: Token
@@ -68,7 +68,7 @@ class SharedStore(Protocol):
     fault: a dead store behaves like an empty one, so correctness never depends on it.
     """
 
-    async def get(self, profile: str, assertion_id: str) -> CachedToken | None:
+    async def get(self, cache_key: str, assertion_id: str) -> CachedToken | None:
         """The entry, or None when absent, expired, undecryptable or the store is down."""
         ...
 
@@ -76,10 +76,10 @@ class SharedStore(Protocol):
         """Store until ``entry.expires_at``; silently skipped when the store is down."""
         ...
 
-    async def delete(self, profile: str, assertion_id: str) -> None: ...
+    async def delete(self, cache_key: str, assertion_id: str) -> None: ...
 
     async def bind_id(
-        self, profile: str, assertion_id: str, fingerprint: bytes, until: float
+        self, cache_key: str, assertion_id: str, fingerprint: bytes, until: float
     ) -> bytes | None:
         """Record that ``assertion_id`` belongs to the signed assertion ``fingerprint`` until
         ``until`` (time.time() seconds), unless a live binding exists. Returns the fingerprint
@@ -87,7 +87,7 @@ class SharedStore(Protocol):
         the store is down."""
         ...
 
-    def exchange_lock(self, profile: str, assertion_id: str) -> AbstractAsyncContextManager[bool]:
+    def exchange_lock(self, cache_key: str, assertion_id: str) -> AbstractAsyncContextManager[bool]:
         """Cross-replica single-flight: yields True when this replica owns the exchange.
 
         Yields False when another replica holds the lock; the caller then waits for that

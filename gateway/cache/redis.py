@@ -21,7 +21,7 @@ Rules this module owns:
 - **Ciphertext is bound to its Redis key**: the key name and key ID are AES-GCM associated
   data, so an entry copied to another key, a changed key ID or a flipped byte all fail
   authentication and read as a miss.
-- **Key names reveal nothing**: ``prefix + "t:" + SHA-256(profile, assertion ID)``. A plain
+- **Key names reveal nothing**: ``prefix + "t:" + SHA-256(cache_key, assertion ID)``. A plain
   (domain-separated, length-prefixed) hash rather than an HMAC under an encryption key,
   so names stay stable across key rotation; assertion IDs are random by the SAML spec,
   and the name is useless without the assertion it was derived from.
@@ -29,7 +29,7 @@ Rules this module owns:
   with the token (``PX`` from ``expires_at``). A wrong digest is returned as-is: the cache
   compares it and refuses.
 - **Assertion IDs are bound** to the fingerprint of their signed assertion (``bind_id``):
-  ``prefix + "b:" + SHA-256(profile, assertion ID)``, the fingerprint sealed like an entry,
+  ``prefix + "b:" + SHA-256(cache_key, assertion ID)``, the fingerprint sealed like an entry,
   set only if absent (one Lua script: read, or write with ``PX`` until ``until``), so the
   first replica to bind an ID wins and every other one learns what it is bound to.
 - Cross-replica single-flight is a plain lock (``SET NX PX``, renewed while the exchange
@@ -142,24 +142,24 @@ return 0
 # --- key names and sealed entries (pure: no I/O) -----------------------------------------
 
 
-def entry_name(prefix: str, profile: str, assertion_id: str) -> bytes:
-    """The Redis key of one cache entry; reveals neither the profile nor the assertion ID."""
-    return prefix.encode() + b"t:" + _hash_name(profile, assertion_id)
+def entry_name(prefix: str, cache_key: str, assertion_id: str) -> bytes:
+    """The Redis key of one cache entry; reveals neither the cache key nor the assertion ID."""
+    return prefix.encode() + b"t:" + _hash_name(cache_key, assertion_id)
 
 
-def lock_name(prefix: str, profile: str, assertion_id: str) -> bytes:
+def lock_name(prefix: str, cache_key: str, assertion_id: str) -> bytes:
     """The Redis key of the cross-replica exchange lock for one assertion."""
-    return prefix.encode() + b"l:" + _hash_name(profile, assertion_id)
+    return prefix.encode() + b"l:" + _hash_name(cache_key, assertion_id)
 
 
-def binding_name(prefix: str, profile: str, assertion_id: str) -> bytes:
+def binding_name(prefix: str, cache_key: str, assertion_id: str) -> bytes:
     """The Redis key binding one assertion ID to its signed assertion's fingerprint."""
-    return prefix.encode() + b"b:" + _hash_name(profile, assertion_id)
+    return prefix.encode() + b"b:" + _hash_name(cache_key, assertion_id)
 
 
-def _hash_name(profile: str, assertion_id: str) -> bytes:
+def _hash_name(cache_key: str, assertion_id: str) -> bytes:
     digest = hashlib.sha256(_NAME_TAG)
-    for part in (profile.encode(), assertion_id.encode()):
+    for part in (cache_key.encode(), assertion_id.encode()):
         # length prefixes: ("ab", "c") and ("a", "bc") must not collide
         digest.update(len(part).to_bytes(4, "big") + part)
     return digest.hexdigest().encode()
@@ -261,7 +261,7 @@ def _rejected(reason: str) -> None:
 def _to_json(entry: CachedToken) -> dict[str, Any]:
     token = entry.token
     return {
-        "p": entry.profile,
+        "p": entry.cache_key,
         "i": entry.assertion_id,
         "d": base64.b64encode(entry.digest).decode(),
         "x": entry.expires_at,
@@ -292,7 +292,7 @@ def _from_json(data: Any) -> CachedToken:
         access_token=data["a"], expires_in=float(data["n"]), scope=data["s"], token_type=data["y"]
     )
     return CachedToken(
-        profile=data["p"],
+        cache_key=data["p"],
         assertion_id=data["i"],
         digest=base64.b64decode(data["d"], validate=True),
         token=token,
@@ -535,15 +535,15 @@ class RedisTokenStore:
 
         return await self._call("probe", probe, False)
 
-    async def get(self, profile: str, assertion_id: str) -> CachedToken | None:
-        name = entry_name(self._prefix, profile, assertion_id)
+    async def get(self, cache_key: str, assertion_id: str) -> CachedToken | None:
+        name = entry_name(self._prefix, cache_key, assertion_id)
         blob = await self._call("get", lambda: self._client.get(name), None)
         if not isinstance(blob, bytes):
             return None
         entry = self._sealer.open(name, blob)
         if entry is None:
             return None
-        if (entry.profile, entry.assertion_id) != (profile, assertion_id):
+        if (entry.cache_key, entry.assertion_id) != (cache_key, assertion_id):
             _rejected("entry belongs to another assertion")
             return None
         if entry.expires_at <= self._wall():
@@ -554,16 +554,16 @@ class RedisTokenStore:
         ttl_ms = math.ceil((entry.expires_at - self._wall()) * 1000)
         if ttl_ms <= 0:
             return
-        name = entry_name(self._prefix, entry.profile, entry.assertion_id)
+        name = entry_name(self._prefix, entry.cache_key, entry.assertion_id)
         blob = self._sealer.seal(name, entry)
         await self._call("put", lambda: self._client.set(name, blob, px=ttl_ms), None)
 
-    async def delete(self, profile: str, assertion_id: str) -> None:
-        name = entry_name(self._prefix, profile, assertion_id)
+    async def delete(self, cache_key: str, assertion_id: str) -> None:
+        name = entry_name(self._prefix, cache_key, assertion_id)
         await self._call("delete", lambda: self._client.delete(name), None)
 
     async def bind_id(
-        self, profile: str, assertion_id: str, fingerprint: bytes, until: float
+        self, cache_key: str, assertion_id: str, fingerprint: bytes, until: float
     ) -> bytes | None:
         """Record that ``assertion_id`` belongs to the signed assertion ``fingerprint`` until
         ``until`` (time.time() seconds), unless a live binding exists. Returns the fingerprint
@@ -572,7 +572,7 @@ class RedisTokenStore:
         ttl_ms = math.ceil((until - self._wall()) * 1000)
         if ttl_ms <= 0:
             return None  # nothing left to bind: the assertion is no longer accepted
-        name = binding_name(self._prefix, profile, assertion_id)
+        name = binding_name(self._prefix, cache_key, assertion_id)
         blob = self._sealer.seal_bytes(name, fingerprint)
         bound = await self._call("bind", lambda: self._bind(keys=[name], args=[blob, ttl_ms]), None)
         if not isinstance(bound, bytes):
@@ -582,10 +582,10 @@ class RedisTokenStore:
         return self._sealer.open_bytes(name, bound)
 
     @asynccontextmanager
-    async def exchange_lock(self, profile: str, assertion_id: str) -> AsyncIterator[bool]:
+    async def exchange_lock(self, cache_key: str, assertion_id: str) -> AsyncIterator[bool]:
         """Yields True when this replica owns the exchange (or Redis is down), False when
         another replica does. Renewed every ``lock_ttl / 3`` while held, released only by us."""
-        name = lock_name(self._prefix, profile, assertion_id)
+        name = lock_name(self._prefix, cache_key, assertion_id)
         owner = secrets.token_hex(16).encode()
         ttl = self._lock_ttl_ms
         acquired = await self._call(

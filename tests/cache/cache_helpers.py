@@ -96,30 +96,30 @@ class MemoryShared:
         self.gets = 0
         self.never_owner = False  # as if another replica held every lock
 
-    async def get(self, profile: str, assertion_id: str) -> CachedToken | None:
+    async def get(self, cache_key: str, assertion_id: str) -> CachedToken | None:
         self.gets += 1
-        return self.entries.get((profile, assertion_id))
+        return self.entries.get((cache_key, assertion_id))
 
     async def put(self, entry: CachedToken) -> None:
         self.puts += 1
-        self.entries[(entry.profile, entry.assertion_id)] = entry
+        self.entries[(entry.cache_key, entry.assertion_id)] = entry
 
-    async def delete(self, profile: str, assertion_id: str) -> None:
-        self.deleted.append((profile, assertion_id))
-        self.entries.pop((profile, assertion_id), None)
+    async def delete(self, cache_key: str, assertion_id: str) -> None:
+        self.deleted.append((cache_key, assertion_id))
+        self.entries.pop((cache_key, assertion_id), None)
 
     async def bind_id(
-        self, profile: str, assertion_id: str, fingerprint: bytes, until: float
+        self, cache_key: str, assertion_id: str, fingerprint: bytes, until: float
     ) -> bytes | None:
-        bound = self.bindings.get((profile, assertion_id))
+        bound = self.bindings.get((cache_key, assertion_id))
         if bound is not None and (self.clock is None or bound[1] > self.clock()):
             return bound[0]
-        self.bindings[(profile, assertion_id)] = (fingerprint, until)
+        self.bindings[(cache_key, assertion_id)] = (fingerprint, until)
         return None
 
     @asynccontextmanager
-    async def exchange_lock(self, profile: str, assertion_id: str) -> AsyncIterator[bool]:
-        lock = self.locks.setdefault((profile, assertion_id), asyncio.Lock())
+    async def exchange_lock(self, cache_key: str, assertion_id: str) -> AsyncIterator[bool]:
+        lock = self.locks.setdefault((cache_key, assertion_id), asyncio.Lock())
         if self.never_owner or lock.locked():
             yield False
             return

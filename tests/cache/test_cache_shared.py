@@ -15,7 +15,7 @@ def _entry(
     presented: object, token: str = "from-replica", expires_at: float = T0 + 600
 ) -> CachedToken:
     return CachedToken(
-        profile="as",
+        cache_key="as",
         assertion_id=presented.id,  # type: ignore[attr-defined]
         digest=presented.digest,  # type: ignore[attr-defined]
         token=Token(access_token=token, expires_in=600),

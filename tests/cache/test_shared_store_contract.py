@@ -78,11 +78,11 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
             kwargs.setdefault("lock_wait", 0.3)
             return kept(SqliteTokenStore(database, secret, lock_ttl=lock_ttl, **kwargs))
 
-        async def dead_sqlite_lock(profile: str, assertion_id: str, ttl: float) -> None:
+        async def dead_sqlite_lock(cache_key: str, assertion_id: str, ttl: float) -> None:
             with sqlite3.connect(database) as db:
                 db.execute(
                     "INSERT INTO locks VALUES (?, ?, ?)",
-                    (lock_name("", profile, assertion_id), b"dead", time.monotonic() + ttl),
+                    (lock_name("", cache_key, assertion_id), b"dead", time.monotonic() + ttl),
                 )
 
         yield Backend(
@@ -99,9 +99,9 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
             settings = _redis_settings(server.url, lock_ttl, timeout)
             return kept(RedisTokenStore(settings, **kwargs))
 
-        async def dead_redis_lock(profile: str, assertion_id: str, ttl: float) -> None:
+        async def dead_redis_lock(cache_key: str, assertion_id: str, ttl: float) -> None:
             store = RedisTokenStore(_redis_settings(server.url, 5))
-            name = lock_name("samlgw:", profile, assertion_id)
+            name = lock_name("samlgw:", cache_key, assertion_id)
             await store._client.set(name, b"dead", px=int(ttl * 1000))
             await store.close()
 
@@ -118,13 +118,13 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
 def entry(
     assertion_id: str = "_contract",
     *,
-    profile: str = "okta",
+    cache_key: str = "okta",
     body: bytes = b"<saml:Assertion ID='_contract'/>",
     lifetime: float = 300,
     access_token: str = "at-contract",
 ) -> CachedToken:
     return CachedToken(
-        profile=profile,
+        cache_key=cache_key,
         assertion_id=assertion_id,
         digest=hashlib.sha256(body).digest(),
         token=Token(access_token=access_token, expires_in=lifetime, scope="read"),
@@ -189,8 +189,8 @@ async def test_the_lock_is_exclusive_between_two_stores(backend: Backend) -> Non
             assert owned_b is False
         async with b.exchange_lock("okta", "_other") as owned_other:
             assert owned_other is True  # another assertion is another lock
-        async with b.exchange_lock("other", "_contract") as owned_profile:
-            assert owned_profile is True  # and so is another profile
+        async with b.exchange_lock("other", "_contract") as owned_key:
+            assert owned_key is True  # and so is another cache key
     async with b.exchange_lock("okta", "_contract") as owned_b:
         assert owned_b is True
 

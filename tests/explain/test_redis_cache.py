@@ -64,7 +64,7 @@ def _store(config_path: Path, assertion_id: str, digest: bytes) -> None:
     settings = config.cache.redis
     assert settings is not None
     entry = CachedToken(
-        profile=profile,
+        cache_key=profile,
         assertion_id=assertion_id,
         digest=digest,
         token=Token(access_token=TOKEN, expires_in=600),

@@ -101,13 +101,13 @@ async def make_store(
 def make_entry(
     assertion_id: str = "_a1b2c3",
     *,
-    profile: str = "okta",
+    cache_key: str = "okta",
     assertion: bytes = b"<saml:Assertion ID='_a1b2c3'/>",
     lifetime: float = 300,
     access_token: str = "at-secret-value",
 ) -> CachedToken:
     return CachedToken(
-        profile=profile,
+        cache_key=cache_key,
         assertion_id=assertion_id,
         digest=hashlib.sha256(assertion).digest(),
         token=Token(access_token=access_token, expires_in=lifetime, scope="read write"),

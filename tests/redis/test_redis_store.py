@@ -39,9 +39,9 @@ async def test_put_then_get_round_trips_every_field(
     store = make_store()
     entry = entry_factory()
     await store.put(entry)
-    assert await store.get(entry.profile, entry.assertion_id) == entry
-    assert await store.get("other-profile", entry.assertion_id) is None
-    assert await store.get(entry.profile, "_other-id") is None
+    assert await store.get(entry.cache_key, entry.assertion_id) == entry
+    assert await store.get("other-key", entry.assertion_id) is None
+    assert await store.get(entry.cache_key, "_other-id") is None
     assert store.healthy
     assert await store.ping()
 
@@ -52,8 +52,8 @@ async def test_delete_removes_the_entry(
     store = make_store()
     entry = entry_factory()
     await store.put(entry)
-    await store.delete(entry.profile, entry.assertion_id)
-    assert await store.get(entry.profile, entry.assertion_id) is None
+    await store.delete(entry.cache_key, entry.assertion_id)
+    assert await store.get(entry.cache_key, entry.assertion_id) is None
 
 
 async def test_redis_sees_neither_token_nor_assertion_id(
@@ -93,7 +93,7 @@ async def test_entry_past_expires_at_is_not_served(
     await make_store().put(entry)
     # a replica whose wall clock is past expires_at (Redis has not expired the key yet)
     late = make_store(wall_clock=lambda: entry.expires_at + 1)
-    assert await late.get(entry.profile, entry.assertion_id) is None
+    assert await late.get(entry.cache_key, entry.assertion_id) is None
 
 
 async def test_entry_for_another_assertion_is_returned_for_the_cache_to_refuse(

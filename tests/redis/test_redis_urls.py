@@ -161,8 +161,8 @@ async def test_store_through_a_real_sentinel(
             try:
                 entry = entry_factory()
                 await store.put(entry)
-                assert await store.get(entry.profile, entry.assertion_id) == entry
-                async with store.exchange_lock(entry.profile, entry.assertion_id) as owned:
+                assert await store.get(entry.cache_key, entry.assertion_id) == entry
+                async with store.exchange_lock(entry.cache_key, entry.assertion_id) as owned:
                     assert owned
             finally:
                 await store.close()
@@ -192,7 +192,7 @@ async def test_store_through_a_real_cluster(
             for entry in entries:
                 await replica_a.put(entry)
             for entry in entries:
-                assert await replica_b.get(entry.profile, entry.assertion_id) == entry
+                assert await replica_b.get(entry.cache_key, entry.assertion_id) == entry
             async with replica_a.exchange_lock("okta", "_id3") as owned_a:
                 async with replica_b.exchange_lock("okta", "_id3") as owned_b:
                     assert (owned_a, owned_b) == (True, False)
@@ -212,8 +212,8 @@ async def test_unreachable_sentinel_or_cluster_reads_as_empty(
     try:
         async with asyncio.timeout(10):
             await store.put(entry)
-            assert await store.get(entry.profile, entry.assertion_id) is None
-            async with store.exchange_lock(entry.profile, entry.assertion_id) as owned:
+            assert await store.get(entry.cache_key, entry.assertion_id) is None
+            async with store.exchange_lock(entry.cache_key, entry.assertion_id) as owned:
                 assert owned is True  # a dead store is an empty one: this replica goes
         assert not store.healthy
     finally:

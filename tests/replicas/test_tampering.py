@@ -34,7 +34,7 @@ async def test_an_entry_bound_to_another_assertion_is_never_served(
     # Sealed with the real key under this assertion's name, but for another assertion's
     # bytes (what a replayed ID with a different assertion would have produced).
     forged = CachedToken(
-        profile=profile,
+        cache_key=profile,
         assertion_id=assertion_id,
         digest=hashlib.sha256(b"<another assertion with the same ID/>").digest(),
         token=Token(access_token="forged-token", expires_in=3600),
