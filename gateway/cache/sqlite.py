@@ -53,7 +53,7 @@ from typing import TypeVar
 from pydantic import SecretStr
 
 from gateway.cache.entry import CachedToken
-from gateway.cache.redis import EntrySealer, entry_name, lock_name
+from gateway.cache.redis.sealing import EntrySealer, entry_name, lock_name
 
 logger = logging.getLogger("gateway.cache.sqlite")
 

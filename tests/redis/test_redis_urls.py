@@ -13,7 +13,8 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection
 
 from gateway.cache.entry import CachedToken
-from gateway.cache.redis import RedisTokenStore, connect_redis, parse_multi_host_url
+from gateway.cache.redis import RedisTokenStore, connect_redis
+from gateway.cache.redis.connect import parse_multi_host_url
 from gateway.config import RedisSettings
 from gateway.devkit.redis_server import (
     RedisServer,
