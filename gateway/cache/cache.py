@@ -52,7 +52,7 @@ from cachetools import LRUCache
 from gateway.cache.entry import CachedToken, SharedStore, VerifiedAssertion
 from gateway.cache.singleflight import SingleFlight
 from gateway.config import CacheSettings
-from gateway.errors import InvalidAssertion
+from gateway.errors import GatewayError, InvalidAssertion
 from gateway.values import Token
 
 K = TypeVar("K")
@@ -104,6 +104,15 @@ class _Binding:
 
 def _refused(reason: str, detail: str) -> InvalidAssertion:
     return InvalidAssertion(reason, detail)
+
+
+def _remembered(exc: BaseException) -> bool:
+    """Whether the negative cache may keep this failure: the error type says so. The
+    ``remembered`` attribute is added to the gateway errors on another branch; until it is
+    there, the rule it replaces (``invalid_grant``) stands in."""
+    if not isinstance(exc, GatewayError):
+        return False
+    return bool(getattr(exc, "remembered", exc.reason == "invalid_grant"))
 
 
 def _signed(assertion: VerifiedAssertion) -> bytes:
@@ -392,7 +401,7 @@ class TokenCache:
     ) -> None:
         """Tell the replicas waiting on this exchange that it failed, and whether with
         ``invalid_grant`` (then they refuse too; anything else they may try themselves)."""
-        refused = isinstance(exc, InvalidAssertion) and exc.reason == "invalid_grant"
+        refused = _remembered(exc)
         await shared.put(
             CachedToken(
                 cache_key=cache_key,
@@ -410,8 +419,8 @@ class TokenCache:
     ) -> CachedToken:
         try:
             token = await exchange()
-        except InvalidAssertion as exc:
-            if exc.reason == "invalid_grant" and self._settings.negative_ttl > 0:
+        except GatewayError as exc:
+            if _remembered(exc) and self._settings.negative_ttl > 0:
                 until = self._clock() + self._settings.negative_ttl
                 self._negative[(cache_key, assertion.id)] = until
             raise
