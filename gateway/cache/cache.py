@@ -34,6 +34,37 @@ Rules this module owns:
   exchange fails, the holder records that for a few seconds (another derived ID), so
   the replicas waiting on it stop at once: refusing too on ``invalid_grant``, trying
   themselves otherwise.
+- **An L2 hit skips validation** (``shared_lookup``, before the pipeline validates): the
+  replica that exchanged an assertion also stores its token under (cache_key, SHA-256 of
+  the exchanged bytes), and another replica that is sent exactly those bytes serves that
+  token after one read, as its own hot path would: no XML, no signature check. What it
+  relies on, each of which holds today and must keep holding:
+  - *The same bytes validate the same way under the same trust.* The digest is SHA-256 of
+    the decoded bytes, so a hit means byte-identical input; the cache key names the IdP,
+    the AS and a fingerprint of every trust and server setting validation and the exchange
+    use (keys, issuers, audience, recipients, skew, algorithms, key size, AS settings), so
+    a replica whose route, IdP, AS or trust differs (another route, a rolling reload)
+    looks under another key and finds nothing. Validation depends on nothing else but
+    time, and time is what the expiry covers. So the cache key must name every field of
+    the trust policy (``pipeline._cache_key`` does today): a field added to the policy
+    and left out of it would let one replica serve what another's trust refuses.
+  - *Expiry as in memory.* The entry carries ``expires_at`` (capped where validation stops
+    accepting the assertion when ``cap_to_assertion`` is on, exactly as an L1 entry); the
+    store drops it then (``PX``) and both the store and this cache refuse an expired one.
+    A NotBefore in the future was refused by the validating replica, and an entry exists
+    only after that replica accepted the assertion and obtained a token.
+  - *Only a gateway can write an entry.* Entries are AES-GCM sealed under the shared
+    encryption keys with the key name as associated data: nobody without those keys can
+    make one, and an entry moved to another digest's or ID's name does not open. Whoever
+    holds the keys could make a replica forward a token they chose with bytes they chose,
+    which gives them nothing a token in hand does not; treat the keys as secrets guarding
+    the routes.
+  - *Replay rules stay by ID.* An adopted entry binds its ID to its fingerprint here and is
+    spent, as if exchanged here; an ID bound here to another signed assertion is not
+    adopted (validation decides). Other bytes for the same ID never match the digest and
+    take the validated path, with ``bind_id`` across replicas as before.
+  - *Revocation reaches it.* ``purge`` deletes the copy under the digest with the one
+    under the ID; ``forget`` needs nothing, the cache key changes with the trust.
 - No I/O of its own and no aiohttp/redis import: the clock, the random source, the exchange
   and the shared store are handed in. The bookkeeping is synchronous, in ``CacheTable``
   (table.py); this class adds what needs awaiting: single-flight and the shared store.
@@ -94,6 +125,7 @@ class TokenCache:
         self._clock = clock
         self._table = CacheTable(settings, clock=clock, rng=rng)
         self._flights: SingleFlight[tuple[str, str], CachedToken] = SingleFlight()
+        self._finds: SingleFlight[tuple[str, bytes], CachedToken | None] = SingleFlight()
 
     def __len__(self) -> int:
         """Tokens held in memory."""
@@ -135,6 +167,27 @@ class TokenCache:
         """The live token for exactly these bytes (by digest), or None; counts hit/miss."""
         return self._table.lookup(cache_key, digest)
 
+    async def shared_lookup(self, cache_key: str, digest: bytes) -> CachedToken | None:
+        """After a ``lookup`` miss, before validation: the token another replica obtained
+        for exactly these bytes, from the shared store, then held here too; None without a
+        store or such an entry (see the module doc for why this may skip validation)."""
+        shared = self._shared
+        if shared is None:
+            return None
+        # Concurrent requests with the same new bytes share one read (a burst would otherwise
+        # open a connection per request at once).
+        return await self._finds.run(
+            (cache_key, digest), digest, lambda: self._find(shared, cache_key, digest)
+        )
+
+    async def _find(self, shared: SharedStore, cache_key: str, digest: bytes) -> CachedToken | None:
+        generation = self._table.generation(cache_key)
+        entry = await shared.find(cache_key, digest)
+        # The store checked both already; a replica relies on them, so check them here too.
+        if entry is None or entry.cache_key != cache_key or entry.digest != digest:
+            return None
+        return self._table.adopt(entry, generation)
+
     def ttl(self, entry: CachedToken) -> float:
         """Seconds ``entry`` will still be served (0 when it no longer is)."""
         return self._table.ttl(entry)
@@ -169,7 +222,7 @@ class TokenCache:
         # Whether or not this replica still holds it (evicted, expired here, or read from
         # the store by a replica that restarted), the shared copy is that refused token.
         if self._shared is not None:
-            await self._shared.delete(entry.cache_key, entry.assertion_id)
+            await self._shared.delete(entry.cache_key, entry.assertion_id, entry.digest)
             await self._shared.delete(entry.cache_key, entry.assertion_id + _EXCHANGED)
         return self._table.purge(entry)
 
@@ -177,14 +230,15 @@ class TokenCache:
         """Forget every in-memory token, ID binding and remembered refusal under
         ``cache_key`` (its trust changed); returns how many tokens went.
 
-        Shared-store entries may stay: they are only read after the assertion has been
-        validated again, under the new trust.
+        Shared-store entries may stay: the cache key names the trust they were obtained
+        under, so a changed trust looks them up under another key and never finds them.
         """
         return self._table.forget(cache_key)
 
     async def close(self) -> None:
-        """Cancel exchanges still in flight (shutdown)."""
+        """Cancel exchanges and shared reads still in flight (shutdown)."""
         await self._flights.close()
+        await self._finds.close()
 
     # --- filling -------------------------------------------------------------------------
 

@@ -59,6 +59,10 @@ class CachedToken:
     expires_at: float  # wall-clock seconds (time.time()) after which it is never served
     issuer: str = ""  # the assertion's Issuer, for access lines on cache hits
     fingerprint: bytes = b""  # of the signed content; b"" in entries written before it existed
+    # When validation stops accepting the assertion (wall clock): how long a replica that
+    # takes this entry from the shared store keeps the ID bound. 0.0: not known (markers,
+    # entries written before it existed).
+    accepted_until: float = 0.0
 
 
 class SharedStore(Protocol):
@@ -72,11 +76,19 @@ class SharedStore(Protocol):
         """The entry, or None when absent, expired, undecryptable or the store is down."""
         ...
 
-    async def put(self, entry: CachedToken) -> None:
-        """Store until ``entry.expires_at``; silently skipped when the store is down."""
+    async def find(self, cache_key: str, digest: bytes) -> CachedToken | None:
+        """The entry stored for exactly the bytes of SHA-256 ``digest``, or None (absent,
+        expired, undecryptable, another key's, or the store is down)."""
         ...
 
-    async def delete(self, cache_key: str, assertion_id: str) -> None: ...
+    async def put(self, entry: CachedToken) -> None:
+        """Store until ``entry.expires_at``, under its assertion ID and, for a token (an
+        entry with a digest), under its digest too; silently skipped when the store is down."""
+        ...
+
+    async def delete(self, cache_key: str, assertion_id: str, digest: bytes = b"") -> None:
+        """Remove the entry of ``assertion_id`` and, when given, the one under ``digest``."""
+        ...
 
     async def bind_id(
         self, cache_key: str, assertion_id: str, fingerprint: bytes, until: float

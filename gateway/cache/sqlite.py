@@ -53,7 +53,7 @@ from typing import TypeVar
 from pydantic import SecretStr
 
 from gateway.cache.entry import CachedToken
-from gateway.cache.redis.sealing import EntrySealer, entry_name, lock_name
+from gateway.cache.redis.sealing import EntrySealer, digest_name, entry_name, lock_name
 
 logger = logging.getLogger("gateway.cache.sqlite")
 
@@ -177,25 +177,47 @@ class SqliteTokenStore:
             return None
         return entry if entry.expires_at > self._wall() else None
 
+    async def find(self, cache_key: str, digest: bytes) -> CachedToken | None:
+        name = digest_name("", cache_key, digest)
+        now = self._wall()
+        row = await self._call(
+            "find",
+            lambda db: db.execute(
+                "SELECT blob FROM tokens WHERE name = ? AND expires_at > ?", (name, now)
+            ).fetchone(),
+            None,
+        )
+        if row is None:
+            return None
+        entry = self._sealer.open(name, bytes(row[0]))
+        if entry is None or (entry.cache_key, entry.digest) != (cache_key, digest):
+            return None
+        return entry if entry.expires_at > self._wall() else None
+
     async def put(self, entry: CachedToken) -> None:
         if entry.expires_at <= self._wall():
             return
-        name = entry_name("", entry.cache_key, entry.assertion_id)
-        blob = self._sealer.seal(name, entry)
+        # As in Redis: under the ID, and a token under its digest too, each sealed for its name.
+        names = [entry_name("", entry.cache_key, entry.assertion_id)]
+        if entry.digest:
+            names.append(digest_name("", entry.cache_key, entry.digest))
+        rows = [(name, self._sealer.seal(name, entry), entry.expires_at) for name in names]
 
         def work(db: sqlite3.Connection) -> None:
-            db.execute(
-                "INSERT OR REPLACE INTO tokens (name, blob, expires_at) VALUES (?, ?, ?)",
-                (name, blob, entry.expires_at),
-            )
+            with _immediate(db):
+                db.executemany(
+                    "INSERT OR REPLACE INTO tokens (name, blob, expires_at) VALUES (?, ?, ?)", rows
+                )
             self._prune(db)
 
         await self._call("put", work, None)
 
-    async def delete(self, cache_key: str, assertion_id: str) -> None:
-        name = entry_name("", cache_key, assertion_id)
+    async def delete(self, cache_key: str, assertion_id: str, digest: bytes = b"") -> None:
+        names = [(entry_name("", cache_key, assertion_id),)]
+        if digest:
+            names.append((digest_name("", cache_key, digest),))
         await self._call(
-            "delete", lambda db: db.execute("DELETE FROM tokens WHERE name = ?", (name,)), None
+            "delete", lambda db: db.executemany("DELETE FROM tokens WHERE name = ?", names), None
         )
 
     async def bind_id(

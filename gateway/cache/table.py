@@ -206,6 +206,7 @@ class CacheTable:
             expires_at=expires_at,
             issuer=assertion.issuer,
             fingerprint=signed(assertion),
+            accepted_until=accepted_until,
         )
 
     def keep(
@@ -222,6 +223,36 @@ class CacheTable:
         if entry.expires_at > self._clock():
             self._set_token(binding, entry, assertion.digest)
         return entry
+
+    def generation(self, cache_key: str) -> int:
+        return self._generations.get(cache_key, 0)
+
+    def adopt(self, entry: CachedToken, generation: int) -> CachedToken | None:
+        """Hold ``entry``, which another replica obtained for exactly the bytes of
+        ``entry.digest`` (the shared store found it by them), as if obtained here: its ID
+        bound to its fingerprint, spent, its bytes on the hot path. None when it may not be
+        served: expired, without a fingerprint, or its ID bound here to another signed
+        assertion (validation then decides, and the replay rules with it). Handed back but
+        not held when the cache key's trust changed meanwhile (see ``forget``)."""
+        now = self._clock()
+        if entry.expires_at <= now or not entry.fingerprint:
+            return None
+        if self._generations.get(entry.cache_key, 0) != generation:
+            return entry
+        key = (entry.cache_key, entry.assertion_id)
+        binding = self._live(key, now)
+        if binding is None:
+            until = max(entry.accepted_until, entry.expires_at)
+            binding = _Binding(key, entry.fingerprint, until)
+            self._bindings[key] = binding
+        elif binding.fingerprint != entry.fingerprint:
+            return None
+        binding.spent = True
+        if binding.entry is None:
+            self._set_token(binding, entry, entry.digest)
+            return entry
+        self._add_variant(binding, entry.digest)  # the same assertion's token, held already
+        return binding.entry
 
     def mark_spent(self, cache_key: str, assertion: VerifiedAssertion) -> None:
         """Another replica exchanged this assertion and its token is no longer served."""
@@ -296,8 +327,7 @@ class CacheTable:
             self._drop_token(binding)
         binding.entry = entry
         self._tokens += 1
-        # Only bytes validated here: a token from the shared store was exchanged for bytes
-        # another replica checked, and each replica validates before it serves.
+        # Bytes validated here, or (``adopt``) the very bytes another replica validated.
         self._add_variant(binding, digest)
 
     def _add_variant(self, binding: _Binding, digest: bytes) -> None:

@@ -90,6 +90,9 @@ class MemoryShared:
         self.clock = clock  # None: bindings never lapse
         self.bindings: dict[tuple[str, str], tuple[bytes, float]] = {}
         self.entries: dict[tuple[str, str], CachedToken] = {}
+        self.by_digest: dict[tuple[str, bytes], CachedToken] = {}
+        self.finds = 0
+        self.on_find: Callable[[], None] | None = None  # runs inside find, before the read
         self.locks: dict[tuple[str, str], asyncio.Lock] = {}
         self.deleted: list[tuple[str, str]] = []
         self.puts = 0
@@ -100,13 +103,25 @@ class MemoryShared:
         self.gets += 1
         return self.entries.get((cache_key, assertion_id))
 
+    async def find(self, cache_key: str, digest: bytes) -> CachedToken | None:
+        self.finds += 1
+        if self.on_find is not None:
+            self.on_find()
+        entry = self.by_digest.get((cache_key, digest))
+        if entry is None or (self.clock is not None and entry.expires_at <= self.clock()):
+            return None
+        return entry
+
     async def put(self, entry: CachedToken) -> None:
         self.puts += 1
         self.entries[(entry.cache_key, entry.assertion_id)] = entry
+        if entry.digest:
+            self.by_digest[(entry.cache_key, entry.digest)] = entry
 
-    async def delete(self, cache_key: str, assertion_id: str) -> None:
+    async def delete(self, cache_key: str, assertion_id: str, digest: bytes = b"") -> None:
         self.deleted.append((cache_key, assertion_id))
         self.entries.pop((cache_key, assertion_id), None)
+        self.by_digest.pop((cache_key, digest), None)
 
     async def bind_id(
         self, cache_key: str, assertion_id: str, fingerprint: bytes, until: float

@@ -5,6 +5,7 @@ two workers (or replicas) would."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import secrets
 import sqlite3
@@ -158,6 +159,39 @@ async def test_an_entry_is_never_served_past_its_expiry(backend: Backend) -> Non
     assert await later.get("okta", "_contract") is None
     await backend.make().put(entry("_dead", lifetime=-1))
     assert await backend.make().get("okta", "_dead") is None
+
+
+async def test_a_token_is_found_by_the_digest_of_its_bytes_by_another_store(
+    backend: Backend,
+) -> None:
+    writer, reader = backend.make(), backend.make()
+    stored = entry(body=b"<the exchanged bytes/>")
+    await writer.put(stored)
+    assert await reader.find("okta", stored.digest) == stored
+    assert await reader.find("other", stored.digest) is None  # another cache key
+    assert await reader.find("okta", hashlib.sha256(b"<other bytes/>").digest()) is None
+    later = backend.make(wall_clock=lambda: time.time() + 301)
+    assert await later.find("okta", stored.digest) is None  # expired
+
+
+async def test_delete_with_the_digest_removes_both_copies(backend: Backend) -> None:
+    a, b = backend.make(), backend.make()
+    stored = entry()
+    await a.put(stored)
+    await b.delete("okta", "_contract")
+    assert await a.find("okta", stored.digest) == stored  # by ID only: the copy stays
+    await a.put(stored)
+    await b.delete("okta", "_contract", stored.digest)
+    assert await a.get("okta", "_contract") is None
+    assert await a.find("okta", stored.digest) is None
+
+
+async def test_an_entry_without_a_digest_is_kept_by_id_only(backend: Backend) -> None:
+    store = backend.make()
+    marker = dataclasses.replace(entry(), digest=b"")
+    await store.put(marker)
+    assert await store.get("okta", "_contract") == marker
+    assert await store.find("okta", b"") is None
 
 
 async def test_an_entry_comes_back_with_its_digest_for_the_cache_to_compare(

@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 from pydantic import SecretStr
 
 from gateway.cache.entry import CachedToken, SharedStore
-from gateway.cache.redis import RedisTokenStore, entry_name
+from gateway.cache.redis import RedisTokenStore, digest_name, entry_name
 from gateway.config import RedisSettings
 from gateway.errors import ConfigError
 
@@ -251,3 +251,26 @@ def test_repr_shows_no_secret(settings_for: Callable[..., RedisSettings]) -> Non
     store = RedisTokenStore(settings)
     text = repr(store) + repr(store._sealer)
     assert KEY_1 not in text and "redis-password-value" not in text
+
+
+async def test_the_copy_found_by_digest_opens_only_under_its_own_name(
+    make_store: StoreFactory,
+    entry_factory: EntryFactory,
+    raw_redis: aioredis.Redis,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = make_store()
+    entry = entry_factory()
+    other = entry_factory("_other-id", assertion=b"<saml:Assertion ID='_other-id'/>")
+    await store.put(entry)
+    await store.put(other)
+    by_id = await raw_redis.get(entry_name("samlgw:", entry.cache_key, entry.assertion_id))
+    by_digest = digest_name("samlgw:", other.cache_key, other.digest)
+    assert await raw_redis.pttl(by_digest) > 0  # expires with the token
+    # A copy moved under another digest's name (by someone with Redis access but no key)
+    # fails authentication: a replica never serves a token for bytes it was not made for.
+    await raw_redis.set(by_digest, by_id)
+    with caplog.at_level(logging.WARNING, logger="gateway.cache.redis"):
+        assert await store.find(other.cache_key, other.digest) is None
+    assert "authentication failed" in caplog.text
+    assert await store.find(entry.cache_key, entry.digest) == entry

@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 from pydantic import SecretStr
 
 from gateway.cache.entry import CachedToken
-from gateway.cache.redis import EntrySealer, entry_name
+from gateway.cache.redis import EntrySealer, digest_name, entry_name
 from gateway.devkit.idp import new_id
 from gateway.values import Token
 
@@ -64,10 +64,14 @@ async def test_a_flipped_byte_or_a_moved_entry_is_never_served(
     flipped_id = new_id()
     flipped = cluster.assertion(assertion_id=flipped_id)
     assert await cluster.call(a, flipped) == (200, auth.issued[0])
-    name = entry_name(PREFIX, profile, flipped_id)
-    blob = bytearray(await raw_redis.get(name))
-    blob[-20] ^= 0x01
-    await raw_redis.set(name, bytes(blob), px=60_000)
+    # both copies: the one under the ID and the one under the digest of the bytes
+    for name in (
+        entry_name(PREFIX, profile, flipped_id),
+        digest_name(PREFIX, profile, digest_of(flipped)),
+    ):
+        blob = bytearray(await raw_redis.get(name))
+        blob[-20] ^= 0x01
+        await raw_redis.set(name, bytes(blob), px=60_000)
     assert await cluster.call(b, flipped) == (401, None)
     assert auth.calls == 1
 

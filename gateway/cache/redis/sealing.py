@@ -13,10 +13,12 @@ Rules this module owns:
 - **Ciphertext is bound to its Redis key**: the key name and key ID are AES-GCM associated
   data, so an entry copied to another key, a changed key ID or a flipped byte all fail
   authentication and read as a miss.
-- **Key names reveal nothing**: ``prefix + "t:" + SHA-256(cache_key, assertion ID)``. A plain
-  (domain-separated, length-prefixed) hash rather than an HMAC under an encryption key,
-  so names stay stable across key rotation; assertion IDs are random by the SAML spec,
-  and the name is useless without the assertion it was derived from.
+- **Key names reveal nothing**: ``prefix + "t:" + SHA-256(cache_key, assertion ID)``, and
+  for the copy of a token found by the exchanged bytes ``prefix + "d:" + SHA-256(cache_key,
+  hex SHA-256 of the bytes)``. A plain (domain-separated, length-prefixed) hash rather than
+  an HMAC under an encryption key, so names stay stable across key rotation; assertion IDs
+  are random by the SAML spec, and the name is useless without the assertion it was
+  derived from.
 """
 
 from __future__ import annotations
@@ -53,6 +55,11 @@ _NAME_TAG = b"samlgw-key-v1\x00"
 def entry_name(prefix: str, cache_key: str, assertion_id: str) -> bytes:
     """The Redis key of one cache entry; reveals neither the cache key nor the assertion ID."""
     return prefix.encode() + b"t:" + _hash_name(cache_key, assertion_id)
+
+
+def digest_name(prefix: str, cache_key: str, digest: bytes) -> bytes:
+    """The Redis key of one token entry found by the SHA-256 of the exchanged bytes."""
+    return prefix.encode() + b"d:" + _hash_name(cache_key, digest.hex())
 
 
 def lock_name(prefix: str, cache_key: str, assertion_id: str) -> bytes:
@@ -179,6 +186,7 @@ def _to_json(entry: CachedToken) -> dict[str, Any]:
         "y": token.token_type,
         "r": entry.issuer,
         "f": base64.b64encode(entry.fingerprint).decode(),
+        "u": entry.accepted_until,
     }
 
 
@@ -196,6 +204,9 @@ def _from_json(data: Any) -> CachedToken:
     fingerprint = data.get("f", "")  # absent in entries written before fingerprints
     if not isinstance(fingerprint, str):
         raise TypeError("expected a string")
+    accepted_until = data.get("u", 0.0)  # absent in entries written before it
+    if not isinstance(accepted_until, int | float) or isinstance(accepted_until, bool):
+        raise TypeError("expected a number")
     token = Token(
         access_token=data["a"], expires_in=float(data["n"]), scope=data["s"], token_type=data["y"]
     )
@@ -207,4 +218,5 @@ def _from_json(data: Any) -> CachedToken:
         expires_at=float(data["x"]),
         issuer=data["r"],
         fingerprint=base64.b64decode(fingerprint, validate=True),
+        accepted_until=float(accepted_until),
     )

@@ -42,6 +42,7 @@ from gateway.cache.redis.connect import RedisClient, connect_redis, public_url
 from gateway.cache.redis.sealing import (
     EntrySealer,
     binding_name,
+    digest_name,
     entry_name,
     lock_name,
     rejected,
@@ -180,17 +181,49 @@ class RedisTokenStore:
             return None
         return entry
 
+    async def find(self, cache_key: str, digest: bytes) -> CachedToken | None:
+        name = digest_name(self._prefix, cache_key, digest)
+        blob = await self._call("find", lambda: self._client.get(name), None)
+        if not isinstance(blob, bytes):
+            return None
+        entry = self._sealer.open(name, blob)
+        if entry is None:
+            return None
+        if (entry.cache_key, entry.digest) != (cache_key, digest):
+            rejected("entry belongs to other bytes")
+            return None
+        if entry.expires_at <= self._wall():
+            return None
+        return entry
+
     async def put(self, entry: CachedToken) -> None:
         ttl_ms = math.ceil((entry.expires_at - self._wall()) * 1000)
         if ttl_ms <= 0:
             return
-        name = entry_name(self._prefix, entry.cache_key, entry.assertion_id)
-        blob = self._sealer.seal(name, entry)
-        await self._call("put", lambda: self._client.set(name, blob, px=ttl_ms), None)
+        # Each copy sealed for its own name (the associated data), so neither opens as the
+        # other; markers (no digest) are found by ID only.
+        names = [entry_name(self._prefix, entry.cache_key, entry.assertion_id)]
+        if entry.digest:
+            names.append(digest_name(self._prefix, entry.cache_key, entry.digest))
+        blobs = [(name, self._sealer.seal(name, entry)) for name in names]
 
-    async def delete(self, cache_key: str, assertion_id: str) -> None:
-        name = entry_name(self._prefix, cache_key, assertion_id)
-        await self._call("delete", lambda: self._client.delete(name), None)
+        async def store() -> None:
+            # one command per key: on a cluster the two names live in different slots
+            for name, blob in blobs:
+                await self._client.set(name, blob, px=ttl_ms)
+
+        await self._call("put", store, None)
+
+    async def delete(self, cache_key: str, assertion_id: str, digest: bytes = b"") -> None:
+        names = [entry_name(self._prefix, cache_key, assertion_id)]
+        if digest:
+            names.append(digest_name(self._prefix, cache_key, digest))
+
+        async def remove() -> None:
+            for name in names:
+                await self._client.delete(name)
+
+        await self._call("delete", remove, None)
 
     async def bind_id(
         self, cache_key: str, assertion_id: str, fingerprint: bytes, until: float
