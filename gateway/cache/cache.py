@@ -125,7 +125,8 @@ class TokenCache:
         self._clock = clock
         self._table = CacheTable(settings, clock=clock, rng=rng)
         self._flights: SingleFlight[tuple[str, str], CachedToken] = SingleFlight()
-        self._finds: SingleFlight[tuple[str, bytes], CachedToken | None] = SingleFlight()
+        # (cache_key, digest) -> the shared-store read running for those bytes
+        self._reads: dict[tuple[str, bytes], asyncio.Future[CachedToken | None]] = {}
 
     def __len__(self) -> int:
         """Tokens held in memory."""
@@ -175,10 +176,24 @@ class TokenCache:
         if shared is None:
             return None
         # Concurrent requests with the same new bytes share one read (a burst would otherwise
-        # open a connection per request at once).
-        return await self._finds.run(
-            (cache_key, digest), digest, lambda: self._find(shared, cache_key, digest)
-        )
+        # open a connection per request at once). The first reads inline rather than in a
+        # task, as SingleFlight would: a task costs a trip through the event loop, which on
+        # a busy machine is most of what an L2 hit costs.
+        key = (cache_key, digest)
+        pending = self._reads.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)  # a waiter that leaves cancels nobody
+        read: asyncio.Future[CachedToken | None] = asyncio.get_running_loop().create_future()
+        self._reads[key] = read
+        try:
+            entry = await self._find(shared, cache_key, digest)
+        except BaseException:
+            read.set_result(None)  # the first caller went away: the others validate
+            raise
+        finally:
+            del self._reads[key]
+        read.set_result(entry)
+        return entry
 
     async def _find(self, shared: SharedStore, cache_key: str, digest: bytes) -> CachedToken | None:
         generation = self._table.generation(cache_key)
@@ -236,9 +251,8 @@ class TokenCache:
         return self._table.forget(cache_key)
 
     async def close(self) -> None:
-        """Cancel exchanges and shared reads still in flight (shutdown)."""
+        """Cancel exchanges still in flight (shutdown)."""
         await self._flights.close()
-        await self._finds.close()
 
     # --- filling -------------------------------------------------------------------------
 

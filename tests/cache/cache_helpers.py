@@ -107,6 +107,7 @@ class MemoryShared:
         self.finds += 1
         if self.on_find is not None:
             self.on_find()
+        await asyncio.sleep(0)  # a real store suspends here: concurrent callers overlap
         entry = self.by_digest.get((cache_key, digest))
         if entry is None or (self.clock is not None and entry.expires_at <= self.clock()):
             return None

@@ -9,7 +9,7 @@ import asyncio
 import pytest
 from cache_helpers import Clock, Exchange, MemoryShared, assertion, settings
 
-from gateway.cache import TokenCache
+from gateway.cache import CachedToken, TokenCache
 from gateway.errors import InvalidAssertion
 
 KEY = "idp\x1fas\x1f0123456789abcdef"
@@ -153,3 +153,27 @@ async def test_concurrent_requests_with_the_same_bytes_share_one_read() -> None:
     served = await asyncio.gather(*(b.shared_lookup(KEY, presented.digest) for _ in range(50)))
     assert len({id(entry) for entry in served}) == 1 and served[0] is not None
     assert shared.finds == 1
+
+
+async def test_a_first_caller_that_goes_away_leaves_the_others_to_validate() -> None:
+    clock = Clock()
+    shared, a, _, exchange = replicas(clock)
+    presented = assertion()
+    await a.obtain(KEY, presented, exchange)
+    gate = asyncio.Event()
+
+    class SlowStore(MemoryShared):
+        async def find(self, cache_key: str, digest: bytes) -> CachedToken | None:
+            await gate.wait()
+            return await shared.find(cache_key, digest)
+
+    b = TokenCache(settings(), shared=SlowStore(clock), clock=clock)
+    first = asyncio.create_task(b.shared_lookup(KEY, presented.digest))
+    await asyncio.sleep(0)
+    second = asyncio.create_task(b.shared_lookup(KEY, presented.digest))
+    await asyncio.sleep(0)
+    first.cancel()  # its client disconnected
+    assert await asyncio.wait_for(second, 5) is None  # not cancelled with it
+    assert first.cancelled()
+    gate.set()
+    assert await b.shared_lookup(KEY, presented.digest) is not None  # the next one reads
