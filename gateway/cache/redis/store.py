@@ -262,20 +262,28 @@ class RedisTokenStore:
         if not acquired:
             yield False
             return
-        renewal = asyncio.create_task(self._keep_lock(name, owner), name="redis-lock-renewal")
+        released = asyncio.Event()
+        renewal = asyncio.create_task(
+            self._keep_lock(name, owner, released), name="redis-lock-renewal"
+        )
         try:
             yield True
         finally:
+            released.set()
             renewal.cancel()
-            # asyncio.wait neither raises the task's CancelledError nor swallows ours
-            await asyncio.wait([renewal])
+            # asyncio.wait neither raises the task's CancelledError nor swallows ours; bounded,
+            # and the flag ends the loop, should a cancellation be lost inside a command
+            # (seen once on a loaded machine: the release then waited forever).
+            await asyncio.wait([renewal], timeout=self._timeout + self._lock_ttl_ms / 3000)
             await self._call("unlock", lambda: self._release(keys=[name], args=[owner]), None)
 
-    async def _keep_lock(self, name: bytes, owner: bytes) -> None:
+    async def _keep_lock(self, name: bytes, owner: bytes, released: asyncio.Event) -> None:
         interval = self._lock_ttl_ms / 3000
         ttl = self._lock_ttl_ms
-        while True:
+        while not released.is_set():
             await asyncio.sleep(interval)
+            if released.is_set():
+                return
             renewed = await self._call(
                 "lock renewal", lambda: self._renew(keys=[name], args=[owner, ttl]), None
             )
