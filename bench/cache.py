@@ -26,8 +26,8 @@ from gateway.cache import TokenCache
 from gateway.config import AuthorizationServer, CacheSettings
 from gateway.devkit.authorization_server import FakeAuthorizationServer
 from gateway.oauth.client import TokenClient
-from gateway.oauth.token import Token
 from gateway.saml.assertion import Assertion
+from gateway.values import Token
 
 HIT_TARGET_US = 10.0
 MEMORY_TARGET_MB = 300.0

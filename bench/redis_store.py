@@ -32,7 +32,7 @@ from gateway.cache.entry import CachedToken
 from gateway.cache.redis import RedisTokenStore, entry_name
 from gateway.config import RedisSettings
 from gateway.devkit.redis_server import RedisServer, redis_server_binary
-from gateway.oauth.token import Token
+from gateway.values import Token
 
 CALLS = 3000
 WARMUP = 200
@@ -80,7 +80,7 @@ async def measure(server: RedisServer) -> int:
     store = RedisTokenStore(settings)
     # a realistic JWT-sized access token (~900 bytes)
     entry = CachedToken(
-        profile="okta",
+        cache_key="okta",
         assertion_id="_" + "a1" * 20,
         digest=hashlib.sha256(b"assertion").digest(),
         token=Token(access_token="x" * 900, expires_in=3600, scope="openid profile api"),
@@ -89,12 +89,13 @@ async def measure(server: RedisServer) -> int:
     raw = aioredis.Redis.from_url(server.url)
     try:
         await store.put(entry)
-        name = entry_name(settings.key_prefix, entry.profile, entry.assertion_id)
+        name = entry_name(settings.key_prefix, entry.cache_key, entry.assertion_id)
         blob = await raw.get(name)
         print(f"redis-server on loopback, {CALLS} sequential calls each, entry {len(blob)} bytes")
         floor = report("raw redis-py GET", await timed(lambda: raw.get(name)))
         hit = report(
-            "store.get (L2 hit)", await timed(lambda: store.get(entry.profile, entry.assertion_id))
+            "store.get (L2 hit)",
+            await timed(lambda: store.get(entry.cache_key, entry.assertion_id)),
         )
         report("store.put", await timed(lambda: store.put(entry)))
 
@@ -105,10 +106,10 @@ async def measure(server: RedisServer) -> int:
         print(f"L2 hit / raw GET: {hit / floor:.2f}x")
 
         server.kill()
-        await store.get(entry.profile, entry.assertion_id)  # notices; starts the back-off
+        await store.get(entry.cache_key, entry.assertion_id)  # notices; starts the back-off
         report(
             "store.get, Redis dead (back-off)",
-            await timed(lambda: store.get(entry.profile, entry.assertion_id)),
+            await timed(lambda: store.get(entry.cache_key, entry.assertion_id)),
         )
     finally:
         await raw.aclose()

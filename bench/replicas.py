@@ -8,9 +8,12 @@ and two real ``saml-gateway run`` processes with ``cache.backend: redis``. Then:
    the cross-replica lock lets one exchange serve both gateways) and how they split.
 2. Per-request cost, sequential, median over SAMPLES assertions (client-side µs, same client
    and connections for every kind, so read the differences):
-   - miss on A: validate + Redis get + lock + exchange at the AS + Redis put;
-   - L2 hit on B: the token is in Redis but not in B's memory (validate + Redis get);
+   - miss on A: digest lookup in Redis + validate + Redis get + lock + exchange at the AS +
+     Redis puts;
+   - L2 hit on B: the token is in Redis but not in B's memory (one Redis read by the digest
+     of the bytes and an unseal; no validation);
    - L1 hit on B: the same request again (digest lookup in memory only).
+   Target: L2 hit at most 1.3x an L1 hit.
 
 Bounded: about 5 s on a shared 2-core machine (every wait has a limit; well under 60 s).
 
@@ -230,7 +233,7 @@ async def costs(
     print(f"per request through the gateway, sequential, {len(headers)} assertions (client µs):")
     rows = [
         ("miss on A (validate + exchange + put)", miss),
-        ("L2 hit on B (validate + Redis get)", l2),
+        ("L2 hit on B (Redis read by digest)", l2),
         ("L1 hit on B (memory)", l1),
     ]
     for name, samples in rows:
@@ -238,10 +241,10 @@ async def costs(
         print(f"  {name:<40} median {statistics.median(samples):8.0f} µs   p90 {p90:8.0f} µs")
     print(f"  {'validation alone, in this process':<40} median {validation_us:8.0f} µs")
     extra = statistics.median(l2) - statistics.median(l1)
+    ratio = statistics.median(l2) / statistics.median(l1)
     print(
-        f"L2 hit costs {extra:.0f} µs more than an L1 hit "
-        f"({statistics.median(l2) / statistics.median(l1):.2f}x): it validates the assertion "
-        "(an L1 hit does not) and reads Redis"
+        f"L2 hit costs {extra:.0f} µs more than an L1 hit ({ratio:.2f}x; target 1.3x or "
+        "less): one Redis read and an unseal, no validation"
     )
 
 

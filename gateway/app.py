@@ -434,7 +434,7 @@ class GatewayServer:
         for (idp, server), key in self.pipeline.cache_keys.items():
             if key in kept:
                 continue
-            dropped = self.cache.forget_profile(key)
+            dropped = self.cache.forget(key)
             if dropped:
                 fields = {"identity_provider": idp, "authorization_server": server}
                 log.info(

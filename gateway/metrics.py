@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
-
-from gateway.cache import TokenCache
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _SYNC_SECONDS = 1.0  # how often a worker copies its cache counters to the shared files
@@ -34,8 +33,31 @@ def multiprocess() -> bool:
     return values.ValueClass is not values.MutexValue
 
 
+class CacheStats(Protocol):
+    """What the metrics read of the token cache at scrape time (``TokenCache`` has it)."""
+
+    @property
+    def hits(self) -> int: ...
+    @property
+    def misses(self) -> int: ...
+    @property
+    def evictions(self) -> int: ...
+    @property
+    def replays(self) -> int: ...
+    @property
+    def negative_hits(self) -> int: ...
+    @property
+    def waiters(self) -> int:
+        """Callers waiting on an exchange another caller started."""
+        ...
+
+    def __len__(self) -> int:
+        """Tokens held in memory."""
+        ...
+
+
 class _CacheCollector(Collector):
-    def __init__(self, cache: Callable[[], TokenCache]) -> None:
+    def __init__(self, cache: Callable[[], CacheStats]) -> None:
         self._cache = cache
 
     def collect(self) -> Iterable[Metric]:
@@ -183,7 +205,7 @@ class Metrics:
             histogram = self._upstream_histograms[route] = self.upstream_seconds.labels(route)
         histogram.observe(seconds)
 
-    def watch_cache(self, cache: Callable[[], TokenCache]) -> None:
+    def watch_cache(self, cache: Callable[[], CacheStats]) -> None:
         collector = _CacheCollector(cache)
         if multiprocess():
             self._cache_files = _CacheFiles(collector)

@@ -119,6 +119,8 @@ class Pipeline:
         digest = assertion_digest(raw)
         key = self.cache_key(route)
         entry = self.cache.lookup(key, digest)
+        if entry is None:  # the token another replica got for exactly these bytes
+            entry = await self.cache.shared_lookup(key, digest)
         if entry is not None:
             record.cache, record.assertion_id = "hit", entry.assertion_id
             record.issuer = entry.issuer or None

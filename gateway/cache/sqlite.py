@@ -9,7 +9,7 @@ Rules this module owns:
 - **Sealed like Redis entries**: ``EntrySealer`` (AES-256-GCM, the row name as associated
   data) under a secret the supervisor draws per run and hands each worker through an
   inherited pipe, so it is never on disk and never in an environment. Row names are the
-  hashes Redis uses for key names: neither profile nor assertion ID is stored in clear. A
+  hashes Redis uses for key names: neither cache key nor assertion ID is stored in clear. A
   binding's fingerprint (a SHA-256 of what was signed) is kept as is: it reveals no more.
 - **WAL mode, tiny statements.** Readers never wait for the writer; every write is one
   statement or one ``BEGIN IMMEDIATE`` transaction of two, so the write lock is held for
@@ -53,7 +53,7 @@ from typing import TypeVar
 from pydantic import SecretStr
 
 from gateway.cache.entry import CachedToken
-from gateway.cache.redis import EntrySealer, entry_name, lock_name
+from gateway.cache.redis.sealing import EntrySealer, digest_name, entry_name, lock_name
 
 logger = logging.getLogger("gateway.cache.sqlite")
 
@@ -160,8 +160,8 @@ class SqliteTokenStore:
     async def ping(self) -> bool:
         return bool(await self._call("ping", lambda db: db.execute("SELECT 1").fetchone(), None))
 
-    async def get(self, profile: str, assertion_id: str) -> CachedToken | None:
-        name = entry_name("", profile, assertion_id)
+    async def get(self, cache_key: str, assertion_id: str) -> CachedToken | None:
+        name = entry_name("", cache_key, assertion_id)
         now = self._wall()
         row = await self._call(
             "get",
@@ -173,33 +173,55 @@ class SqliteTokenStore:
         if row is None:
             return None
         entry = self._sealer.open(name, bytes(row[0]))
-        if entry is None or (entry.profile, entry.assertion_id) != (profile, assertion_id):
+        if entry is None or (entry.cache_key, entry.assertion_id) != (cache_key, assertion_id):
+            return None
+        return entry if entry.expires_at > self._wall() else None
+
+    async def find(self, cache_key: str, digest: bytes) -> CachedToken | None:
+        name = digest_name("", cache_key, digest)
+        now = self._wall()
+        row = await self._call(
+            "find",
+            lambda db: db.execute(
+                "SELECT blob FROM tokens WHERE name = ? AND expires_at > ?", (name, now)
+            ).fetchone(),
+            None,
+        )
+        if row is None:
+            return None
+        entry = self._sealer.open(name, bytes(row[0]))
+        if entry is None or (entry.cache_key, entry.digest) != (cache_key, digest):
             return None
         return entry if entry.expires_at > self._wall() else None
 
     async def put(self, entry: CachedToken) -> None:
         if entry.expires_at <= self._wall():
             return
-        name = entry_name("", entry.profile, entry.assertion_id)
-        blob = self._sealer.seal(name, entry)
+        # As in Redis: under the ID, and a token under its digest too, each sealed for its name.
+        names = [entry_name("", entry.cache_key, entry.assertion_id)]
+        if entry.digest:
+            names.append(digest_name("", entry.cache_key, entry.digest))
+        rows = [(name, self._sealer.seal(name, entry), entry.expires_at) for name in names]
 
         def work(db: sqlite3.Connection) -> None:
-            db.execute(
-                "INSERT OR REPLACE INTO tokens (name, blob, expires_at) VALUES (?, ?, ?)",
-                (name, blob, entry.expires_at),
-            )
+            with _immediate(db):
+                db.executemany(
+                    "INSERT OR REPLACE INTO tokens (name, blob, expires_at) VALUES (?, ?, ?)", rows
+                )
             self._prune(db)
 
         await self._call("put", work, None)
 
-    async def delete(self, profile: str, assertion_id: str) -> None:
-        name = entry_name("", profile, assertion_id)
+    async def delete(self, cache_key: str, assertion_id: str, digest: bytes = b"") -> None:
+        names = [(entry_name("", cache_key, assertion_id),)]
+        if digest:
+            names.append((digest_name("", cache_key, digest),))
         await self._call(
-            "delete", lambda db: db.execute("DELETE FROM tokens WHERE name = ?", (name,)), None
+            "delete", lambda db: db.executemany("DELETE FROM tokens WHERE name = ?", names), None
         )
 
     async def bind_id(
-        self, profile: str, assertion_id: str, fingerprint: bytes, until: float
+        self, cache_key: str, assertion_id: str, fingerprint: bytes, until: float
     ) -> bytes | None:
         """Record that ``assertion_id`` belongs to the signed assertion ``fingerprint`` until
         ``until`` (time.time() seconds), unless a live binding exists. Returns the fingerprint
@@ -207,7 +229,7 @@ class SqliteTokenStore:
         the store is down."""
         if until <= self._wall():
             return None  # nothing left to bind: the assertion is no longer accepted
-        name = entry_name("", profile, assertion_id)
+        name = entry_name("", cache_key, assertion_id)
 
         def work(db: sqlite3.Connection) -> bytes | None:
             with _immediate(db):
@@ -226,10 +248,10 @@ class SqliteTokenStore:
         return await self._call("bind", work, None)
 
     @contextlib.asynccontextmanager
-    async def exchange_lock(self, profile: str, assertion_id: str) -> AsyncIterator[bool]:
+    async def exchange_lock(self, cache_key: str, assertion_id: str) -> AsyncIterator[bool]:
         """Yields True when this worker owns the exchange (or the store is down); False once
         another worker's hold ended or ``lock_wait`` ran out (see the module doc)."""
-        name = lock_name("", profile, assertion_id)
+        name = lock_name("", cache_key, assertion_id)
         owner = secrets.token_bytes(16)
 
         def take(db: sqlite3.Connection) -> bool:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.oauth.client_auth import SigningKey, load_signing_key
 from gateway.oauth.grant import TokenRequest, build_token_request, parse_token_response
-from gateway.oauth.token import Token
+from gateway.values import Token
 
 if TYPE_CHECKING:
     from gateway.oauth.client import TokenClient

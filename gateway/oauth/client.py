@@ -50,7 +50,7 @@ from gateway.oauth.grant import (
     parse_token_response,
     server_problems,
 )
-from gateway.oauth.token import Token
+from gateway.values import Token
 
 logger = logging.getLogger("gateway.oauth")
 

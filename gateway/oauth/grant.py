@@ -61,7 +61,7 @@ from gateway.oauth.client_auth import (
     basic_authorization,
     client_assertion,
 )
-from gateway.oauth.token import Token
+from gateway.values import Token
 
 FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
 

@@ -13,8 +13,8 @@ from typing import Any
 from gateway.cache.entry import CachedToken
 from gateway.config import CacheSettings
 from gateway.errors import GatewayError
-from gateway.oauth.token import Token
 from gateway.saml.assertion import Assertion
+from gateway.values import Token
 
 T0 = 1_700_000_000.0
 _ids = itertools.count(1)
@@ -90,36 +90,52 @@ class MemoryShared:
         self.clock = clock  # None: bindings never lapse
         self.bindings: dict[tuple[str, str], tuple[bytes, float]] = {}
         self.entries: dict[tuple[str, str], CachedToken] = {}
+        self.by_digest: dict[tuple[str, bytes], CachedToken] = {}
+        self.finds = 0
+        self.on_find: Callable[[], None] | None = None  # runs inside find, before the read
         self.locks: dict[tuple[str, str], asyncio.Lock] = {}
         self.deleted: list[tuple[str, str]] = []
         self.puts = 0
         self.gets = 0
         self.never_owner = False  # as if another replica held every lock
 
-    async def get(self, profile: str, assertion_id: str) -> CachedToken | None:
+    async def get(self, cache_key: str, assertion_id: str) -> CachedToken | None:
         self.gets += 1
-        return self.entries.get((profile, assertion_id))
+        return self.entries.get((cache_key, assertion_id))
+
+    async def find(self, cache_key: str, digest: bytes) -> CachedToken | None:
+        self.finds += 1
+        if self.on_find is not None:
+            self.on_find()
+        await asyncio.sleep(0)  # a real store suspends here: concurrent callers overlap
+        entry = self.by_digest.get((cache_key, digest))
+        if entry is None or (self.clock is not None and entry.expires_at <= self.clock()):
+            return None
+        return entry
 
     async def put(self, entry: CachedToken) -> None:
         self.puts += 1
-        self.entries[(entry.profile, entry.assertion_id)] = entry
+        self.entries[(entry.cache_key, entry.assertion_id)] = entry
+        if entry.digest:
+            self.by_digest[(entry.cache_key, entry.digest)] = entry
 
-    async def delete(self, profile: str, assertion_id: str) -> None:
-        self.deleted.append((profile, assertion_id))
-        self.entries.pop((profile, assertion_id), None)
+    async def delete(self, cache_key: str, assertion_id: str, digest: bytes = b"") -> None:
+        self.deleted.append((cache_key, assertion_id))
+        self.entries.pop((cache_key, assertion_id), None)
+        self.by_digest.pop((cache_key, digest), None)
 
     async def bind_id(
-        self, profile: str, assertion_id: str, fingerprint: bytes, until: float
+        self, cache_key: str, assertion_id: str, fingerprint: bytes, until: float
     ) -> bytes | None:
-        bound = self.bindings.get((profile, assertion_id))
+        bound = self.bindings.get((cache_key, assertion_id))
         if bound is not None and (self.clock is None or bound[1] > self.clock()):
             return bound[0]
-        self.bindings[(profile, assertion_id)] = (fingerprint, until)
+        self.bindings[(cache_key, assertion_id)] = (fingerprint, until)
         return None
 
     @asynccontextmanager
-    async def exchange_lock(self, profile: str, assertion_id: str) -> AsyncIterator[bool]:
-        lock = self.locks.setdefault((profile, assertion_id), asyncio.Lock())
+    async def exchange_lock(self, cache_key: str, assertion_id: str) -> AsyncIterator[bool]:
+        lock = self.locks.setdefault((cache_key, assertion_id), asyncio.Lock())
         if self.never_owner or lock.locked():
             yield False
             return

@@ -19,13 +19,13 @@ async def test_miss_then_hit_by_digest_only() -> None:
     assert cache.lookup("as", presented.digest) is None
     entry = await cache.obtain("as", presented, exchange)
     assert entry.token.access_token == "tok-1"
-    assert (entry.profile, entry.assertion_id, entry.digest) == (
+    assert (entry.cache_key, entry.assertion_id, entry.digest) == (
         "as",
         presented.id,
         presented.digest,
     )
     assert cache.lookup("as", presented.digest) is entry
-    assert cache.lookup("other-as", presented.digest) is None  # the profile is part of the key
+    assert cache.lookup("other-as", presented.digest) is None  # the cache key names the AS too
     assert (cache.hits, cache.misses, len(cache)) == (1, 2, 1)
     # obtain again (e.g. a racing caller) is served from memory, no second exchange
     assert await cache.obtain("as", presented, exchange) is entry
@@ -199,16 +199,16 @@ def test_cache_and_codecs_stay_free_of_network_libraries() -> None:
     assert out.stdout.strip() == "[]"
 
 
-async def test_forget_profile_drops_only_that_profiles_tokens() -> None:
+async def test_forget_drops_only_that_cache_keys_tokens() -> None:
     cache = TokenCache(settings(), clock=Clock())
     exchange = Exchange()
     first, second = assertion("_one"), assertion("_two")
     await cache.obtain("idp-a", first, exchange)
     await cache.obtain("idp-b", second, exchange)
-    assert cache.forget_profile("idp-a") == 1
+    assert cache.forget("idp-a") == 1
     assert cache.lookup("idp-a", first.digest) is None
     assert cache.lookup("idp-b", second.digest) is not None
-    # The ID is free again for that profile: the same assertion is exchanged afresh.
+    # The ID is free again under that cache key: the same assertion is exchanged afresh.
     await cache.obtain("idp-a", first, exchange)
     assert len(exchange.calls) == 3 and cache.replays == 0
 
@@ -220,7 +220,7 @@ async def test_an_exchange_under_way_when_trust_changes_is_not_kept() -> None:
     presented = assertion()
     pending = asyncio.create_task(cache.obtain("idp-a", presented, exchange))
     await exchange.started.wait()
-    cache.forget_profile("idp-a")  # a reload changed this IdP's trust meanwhile
+    cache.forget("idp-a")  # a reload changed this IdP's trust meanwhile
     exchange.gate.set()
     entry = await pending  # this caller, validated under the old trust, gets its answer
     assert entry.token.access_token == "tok-1"

@@ -6,7 +6,7 @@ import asyncio
 import dataclasses
 
 from gateway.cache import CachedToken, TokenCache
-from gateway.oauth.token import Token
+from gateway.values import Token
 
 from .helpers import T0, Clock, Exchange, MemoryShared, assertion, settings
 
@@ -15,7 +15,7 @@ def _entry(
     presented: object, token: str = "from-replica", expires_at: float = T0 + 600
 ) -> CachedToken:
     return CachedToken(
-        profile="as",
+        cache_key="as",
         assertion_id=presented.id,  # type: ignore[attr-defined]
         digest=presented.digest,  # type: ignore[attr-defined]
         token=Token(access_token=token, expires_in=600),

@@ -5,6 +5,7 @@ two workers (or replicas) would."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import secrets
 import sqlite3
@@ -22,7 +23,7 @@ from gateway.cache.redis import RedisTokenStore, lock_name
 from gateway.cache.sqlite import SqliteTokenStore, create_database, new_secret
 from gateway.config import RedisSettings
 from gateway.devkit.redis_server import RedisServer, free_port, redis_server_binary
-from gateway.oauth.token import Token
+from gateway.values import Token
 
 from .helpers import Exchange, assertion, settings
 
@@ -79,11 +80,11 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
             kwargs.setdefault("lock_wait", 0.3)
             return kept(SqliteTokenStore(database, secret, lock_ttl=lock_ttl, **kwargs))
 
-        async def dead_sqlite_lock(profile: str, assertion_id: str, ttl: float) -> None:
+        async def dead_sqlite_lock(cache_key: str, assertion_id: str, ttl: float) -> None:
             with sqlite3.connect(database) as db:
                 db.execute(
                     "INSERT INTO locks VALUES (?, ?, ?)",
-                    (lock_name("", profile, assertion_id), b"dead", time.monotonic() + ttl),
+                    (lock_name("", cache_key, assertion_id), b"dead", time.monotonic() + ttl),
                 )
 
         yield Backend(
@@ -100,9 +101,9 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
             settings = _redis_settings(server.url, lock_ttl, timeout)
             return kept(RedisTokenStore(settings, **kwargs))
 
-        async def dead_redis_lock(profile: str, assertion_id: str, ttl: float) -> None:
+        async def dead_redis_lock(cache_key: str, assertion_id: str, ttl: float) -> None:
             store = RedisTokenStore(_redis_settings(server.url, 5))
-            name = lock_name("samlgw:", profile, assertion_id)
+            name = lock_name("samlgw:", cache_key, assertion_id)
             await store._client.set(name, b"dead", px=int(ttl * 1000))
             await store.close()
 
@@ -119,13 +120,13 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
 def entry(
     assertion_id: str = "_contract",
     *,
-    profile: str = "okta",
+    cache_key: str = "okta",
     body: bytes = b"<saml:Assertion ID='_contract'/>",
     lifetime: float = 300,
     access_token: str = "at-contract",
 ) -> CachedToken:
     return CachedToken(
-        profile=profile,
+        cache_key=cache_key,
         assertion_id=assertion_id,
         digest=hashlib.sha256(body).digest(),
         token=Token(access_token=access_token, expires_in=lifetime, scope="read"),
@@ -161,6 +162,39 @@ async def test_an_entry_is_never_served_past_its_expiry(backend: Backend) -> Non
     assert await backend.make().get("okta", "_dead") is None
 
 
+async def test_a_token_is_found_by_the_digest_of_its_bytes_by_another_store(
+    backend: Backend,
+) -> None:
+    writer, reader = backend.make(), backend.make()
+    stored = entry(body=b"<the exchanged bytes/>")
+    await writer.put(stored)
+    assert await reader.find("okta", stored.digest) == stored
+    assert await reader.find("other", stored.digest) is None  # another cache key
+    assert await reader.find("okta", hashlib.sha256(b"<other bytes/>").digest()) is None
+    later = backend.make(wall_clock=lambda: time.time() + 301)
+    assert await later.find("okta", stored.digest) is None  # expired
+
+
+async def test_delete_with_the_digest_removes_both_copies(backend: Backend) -> None:
+    a, b = backend.make(), backend.make()
+    stored = entry()
+    await a.put(stored)
+    await b.delete("okta", "_contract")
+    assert await a.find("okta", stored.digest) == stored  # by ID only: the copy stays
+    await a.put(stored)
+    await b.delete("okta", "_contract", stored.digest)
+    assert await a.get("okta", "_contract") is None
+    assert await a.find("okta", stored.digest) is None
+
+
+async def test_an_entry_without_a_digest_is_kept_by_id_only(backend: Backend) -> None:
+    store = backend.make()
+    marker = dataclasses.replace(entry(), digest=b"")
+    await store.put(marker)
+    assert await store.get("okta", "_contract") == marker
+    assert await store.find("okta", b"") is None
+
+
 async def test_an_entry_comes_back_with_its_digest_for_the_cache_to_compare(
     backend: Backend,
 ) -> None:
@@ -190,8 +224,8 @@ async def test_the_lock_is_exclusive_between_two_stores(backend: Backend) -> Non
             assert owned_b is False
         async with b.exchange_lock("okta", "_other") as owned_other:
             assert owned_other is True  # another assertion is another lock
-        async with b.exchange_lock("other", "_contract") as owned_profile:
-            assert owned_profile is True  # and so is another profile
+        async with b.exchange_lock("other", "_contract") as owned_key:
+            assert owned_key is True  # and so is another cache key
     async with b.exchange_lock("okta", "_contract") as owned_b:
         assert owned_b is True
 

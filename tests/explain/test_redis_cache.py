@@ -18,9 +18,9 @@ from gateway.config import load_config
 from gateway.devkit.idp import DemoIdP
 from gateway.devkit.redis_server import RedisServer, redis_server_binary
 from gateway.metrics import Metrics
-from gateway.oauth.token import Token
 from gateway.pipeline import Pipeline
 from gateway.saml import assertion_digest
+from gateway.values import Token
 
 from .helpers import AUDIENCE, ISSUER, NOW, SUBJECT, TOKEN_URL, Explain, b64, write_config
 
@@ -64,7 +64,7 @@ def _store(config_path: Path, assertion_id: str, digest: bytes) -> None:
     settings = config.cache.redis
     assert settings is not None
     entry = CachedToken(
-        profile=profile,
+        cache_key=profile,
         assertion_id=assertion_id,
         digest=digest,
         token=Token(access_token=TOKEN, expires_in=600),

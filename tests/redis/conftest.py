@@ -19,7 +19,7 @@ from gateway.cache.entry import CachedToken
 from gateway.cache.redis import RedisTokenStore
 from gateway.config import RedisSettings
 from gateway.devkit.redis_server import RedisServer, redis_server_binary
-from gateway.oauth.token import Token
+from gateway.values import Token
 
 KEY_1 = "first-test-secret-0123456789abcdef"
 KEY_2 = "second-test-secret-fedcba9876543210"
@@ -101,13 +101,13 @@ async def make_store(
 def make_entry(
     assertion_id: str = "_a1b2c3",
     *,
-    profile: str = "okta",
+    cache_key: str = "okta",
     assertion: bytes = b"<saml:Assertion ID='_a1b2c3'/>",
     lifetime: float = 300,
     access_token: str = "at-secret-value",
 ) -> CachedToken:
     return CachedToken(
-        profile=profile,
+        cache_key=cache_key,
         assertion_id=assertion_id,
         digest=hashlib.sha256(assertion).digest(),
         token=Token(access_token=access_token, expires_in=lifetime, scope="read write"),

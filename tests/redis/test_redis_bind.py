@@ -28,7 +28,7 @@ async def test_first_binding_wins_and_every_later_call_learns_it(
     assert await replica_a.bind_id("okta", "_id1", SIGNED, until) == SIGNED
     assert await replica_b.bind_id("okta", "_id1", OTHER, until) == SIGNED  # a replay
     assert await replica_b.bind_id("okta", "_id2", OTHER, until) is None  # another ID
-    assert await replica_b.bind_id("salesforce", "_id1", OTHER, until) is None  # profile
+    assert await replica_b.bind_id("salesforce", "_id1", OTHER, until) is None  # cache key
 
 
 async def test_concurrent_binders_agree_on_one_winner(make_store: StoreFactory) -> None:

@@ -17,8 +17,8 @@ from gateway.cache.redis import RedisTokenStore, entry_name
 from gateway.config import CacheSettings
 from gateway.devkit.redis_server import RedisServer
 from gateway.errors import GatewayError, InvalidAssertion
-from gateway.oauth.token import Token
 from gateway.saml.assertion import Assertion
+from gateway.values import Token
 
 StoreFactory = Callable[..., RedisTokenStore]
 _ids = itertools.count(1)

@@ -33,10 +33,10 @@ def state_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 
 async def every_call_is_a_miss(store: RedisTokenStore, entry: CachedToken) -> None:
-    assert await store.get(entry.profile, entry.assertion_id) is None
+    assert await store.get(entry.cache_key, entry.assertion_id) is None
     await store.put(entry)
-    await store.delete(entry.profile, entry.assertion_id)
-    async with store.exchange_lock(entry.profile, entry.assertion_id) as owned:
+    await store.delete(entry.cache_key, entry.assertion_id)
+    async with store.exchange_lock(entry.cache_key, entry.assertion_id) as owned:
         assert owned is True  # nobody can deliver through a dead store: go at once
     assert await store.ping() is False
 
@@ -71,7 +71,7 @@ async def test_killed_redis_reads_as_empty_logs_once_and_recovers(
         redis_server.start()  # same port, empty (no persistence)
         fake_clock.advance(1.5)
         await store.put(entry)
-        assert await store.get(entry.profile, entry.assertion_id) == entry
+        assert await store.get(entry.cache_key, entry.assertion_id) == entry
         assert store.healthy
     assert states == [True, False, True]
     lines = state_lines(caplog)
@@ -91,19 +91,19 @@ async def test_inside_the_backoff_window_calls_do_not_touch_redis(
     entry = entry_factory()
     async with asyncio.timeout(HANG_GUARD):
         redis_server.kill()
-        assert await store.get(entry.profile, entry.assertion_id) is None
+        assert await store.get(entry.cache_key, entry.assertion_id) is None
         redis_server.start()
         async with aioredis.Redis.from_url(redis_server.url) as raw:
             before = await connections_received(raw)
             fake_clock.advance(0.04)  # the first retry is 0.05 s after the failure
             for _ in range(20):
                 await store.put(entry)
-                assert await store.get(entry.profile, entry.assertion_id) is None
+                assert await store.get(entry.cache_key, entry.assertion_id) is None
             assert await connections_received(raw) == before
             assert await raw.dbsize() == 0  # the puts were skipped, not queued
             fake_clock.advance(0.02)
             await store.put(entry)
-            assert await store.get(entry.profile, entry.assertion_id) == entry
+            assert await store.get(entry.cache_key, entry.assertion_id) == entry
             assert await connections_received(raw) > before
 
 
@@ -120,10 +120,10 @@ async def test_one_caller_probes_while_the_others_return_at_once(
         before = await gets_processed(raw) + await connections_received(raw)
         redis_server.pause()
         try:
-            assert await store.get(entry.profile, entry.assertion_id) is None  # times out
+            assert await store.get(entry.cache_key, entry.assertion_id) is None  # times out
             fake_clock.advance(1.5)
             results = await asyncio.gather(
-                *(store.get(entry.profile, entry.assertion_id) for _ in range(50))
+                *(store.get(entry.cache_key, entry.assertion_id) for _ in range(50))
             )
         finally:
             redis_server.resume()
@@ -159,7 +159,7 @@ async def test_unresponsive_redis_is_cut_off_by_the_timeout(
             redis_server.resume()
         fake_clock.advance(1.5)
         # the server kept its data; the store picks up where it left off
-        assert await store.get(entry.profile, entry.assertion_id) == entry
+        assert await store.get(entry.cache_key, entry.assertion_id) == entry
     lines = state_lines(caplog)
     assert (
         lines[0] == "redis store is down (get: timed out); serving without it, "
@@ -195,7 +195,7 @@ async def test_a_failing_observer_does_not_break_the_store(
     entry = entry_factory()
     with caplog.at_level(logging.ERROR, logger="gateway.cache.redis"):
         await store.put(entry)
-        assert await store.get(entry.profile, entry.assertion_id) == entry
+        assert await store.get(entry.cache_key, entry.assertion_id) == entry
     assert store.healthy
     assert [r.getMessage() for r in caplog.records] == ["redis store state observer failed"]
 
@@ -211,8 +211,8 @@ async def test_store_with_a_password(
         try:
             entry = entry_factory()
             await good.put(entry)
-            assert await good.get(entry.profile, entry.assertion_id) == entry
-            assert await bad.get(entry.profile, entry.assertion_id) is None
+            assert await good.get(entry.cache_key, entry.assertion_id) == entry
+            assert await bad.get(entry.cache_key, entry.assertion_id) is None
             assert not bad.healthy
         finally:
             await good.close()
@@ -240,15 +240,15 @@ async def test_retries_back_off_from_50_ms_to_the_retry_interval(
     entry = entry_factory()
     try:
         async with asyncio.timeout(HANG_GUARD):
-            assert await store.get(entry.profile, entry.assertion_id) is None
+            assert await store.get(entry.cache_key, entry.assertion_id) is None
             windows = []
             for expected in (0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0):
                 before = accepted
                 fake_clock.advance(expected - 0.01)
-                assert await store.get(entry.profile, entry.assertion_id) is None
+                assert await store.get(entry.cache_key, entry.assertion_id) is None
                 inside = accepted - before
                 fake_clock.advance(0.02)
-                assert await store.get(entry.profile, entry.assertion_id) is None
+                assert await store.get(entry.cache_key, entry.assertion_id) is None
                 await asyncio.sleep(0)  # let the server count the connection
                 windows.append((expected, inside, accepted - before > 0))
         assert windows == [(w, 0, True) for w in (0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0)]

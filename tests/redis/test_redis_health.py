@@ -205,7 +205,7 @@ async def test_sentinel_health_follows_the_current_master(
                 assert await role(second) == "master"
                 async with aioredis.Redis.from_url(second.url) as raw_second:
                     assert await raw_second.keys("samlgw:t:*")  # written to the new master
-                assert await store.get(entry.profile, entry.assertion_id) == entry
+                assert await store.get(entry.cache_key, entry.assertion_id) == entry
         finally:
             await store.close()
             sentinel.kill()

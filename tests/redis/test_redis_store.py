@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 from pydantic import SecretStr
 
 from gateway.cache.entry import CachedToken, SharedStore
-from gateway.cache.redis import RedisTokenStore, entry_name
+from gateway.cache.redis import RedisTokenStore, digest_name, entry_name
 from gateway.config import RedisSettings
 from gateway.errors import ConfigError
 
@@ -39,9 +39,9 @@ async def test_put_then_get_round_trips_every_field(
     store = make_store()
     entry = entry_factory()
     await store.put(entry)
-    assert await store.get(entry.profile, entry.assertion_id) == entry
-    assert await store.get("other-profile", entry.assertion_id) is None
-    assert await store.get(entry.profile, "_other-id") is None
+    assert await store.get(entry.cache_key, entry.assertion_id) == entry
+    assert await store.get("other-key", entry.assertion_id) is None
+    assert await store.get(entry.cache_key, "_other-id") is None
     assert store.healthy
     assert await store.ping()
 
@@ -52,8 +52,8 @@ async def test_delete_removes_the_entry(
     store = make_store()
     entry = entry_factory()
     await store.put(entry)
-    await store.delete(entry.profile, entry.assertion_id)
-    assert await store.get(entry.profile, entry.assertion_id) is None
+    await store.delete(entry.cache_key, entry.assertion_id)
+    assert await store.get(entry.cache_key, entry.assertion_id) is None
 
 
 async def test_redis_sees_neither_token_nor_assertion_id(
@@ -93,7 +93,7 @@ async def test_entry_past_expires_at_is_not_served(
     await make_store().put(entry)
     # a replica whose wall clock is past expires_at (Redis has not expired the key yet)
     late = make_store(wall_clock=lambda: entry.expires_at + 1)
-    assert await late.get(entry.profile, entry.assertion_id) is None
+    assert await late.get(entry.cache_key, entry.assertion_id) is None
 
 
 async def test_entry_for_another_assertion_is_returned_for_the_cache_to_refuse(
@@ -251,3 +251,26 @@ def test_repr_shows_no_secret(settings_for: Callable[..., RedisSettings]) -> Non
     store = RedisTokenStore(settings)
     text = repr(store) + repr(store._sealer)
     assert KEY_1 not in text and "redis-password-value" not in text
+
+
+async def test_the_copy_found_by_digest_opens_only_under_its_own_name(
+    make_store: StoreFactory,
+    entry_factory: EntryFactory,
+    raw_redis: aioredis.Redis,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = make_store()
+    entry = entry_factory()
+    other = entry_factory("_other-id", assertion=b"<saml:Assertion ID='_other-id'/>")
+    await store.put(entry)
+    await store.put(other)
+    by_id = await raw_redis.get(entry_name("samlgw:", entry.cache_key, entry.assertion_id))
+    by_digest = digest_name("samlgw:", other.cache_key, other.digest)
+    assert await raw_redis.pttl(by_digest) > 0  # expires with the token
+    # A copy moved under another digest's name (by someone with Redis access but no key)
+    # fails authentication: a replica never serves a token for bytes it was not made for.
+    await raw_redis.set(by_digest, by_id)
+    with caplog.at_level(logging.WARNING, logger="gateway.cache.redis"):
+        assert await store.find(other.cache_key, other.digest) is None
+    assert "authentication failed" in caplog.text
+    assert await store.find(entry.cache_key, entry.digest) == entry

@@ -164,7 +164,7 @@ async def _store_roundtrip(settings: RedisSettings, entry: CachedToken) -> tuple
     try:
         healthy = await store.ping()
         await store.put(entry)
-        return healthy, (await store.get(entry.profile, entry.assertion_id)) == entry
+        return healthy, (await store.get(entry.cache_key, entry.assertion_id)) == entry
     finally:
         await store.close()
 

@@ -13,7 +13,8 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection
 
 from gateway.cache.entry import CachedToken
-from gateway.cache.redis import RedisTokenStore, connect_redis, parse_multi_host_url
+from gateway.cache.redis import RedisTokenStore, connect_redis
+from gateway.cache.redis.connect import parse_multi_host_url
 from gateway.config import RedisSettings
 from gateway.devkit.redis_server import (
     RedisServer,
@@ -161,8 +162,8 @@ async def test_store_through_a_real_sentinel(
             try:
                 entry = entry_factory()
                 await store.put(entry)
-                assert await store.get(entry.profile, entry.assertion_id) == entry
-                async with store.exchange_lock(entry.profile, entry.assertion_id) as owned:
+                assert await store.get(entry.cache_key, entry.assertion_id) == entry
+                async with store.exchange_lock(entry.cache_key, entry.assertion_id) as owned:
                     assert owned
             finally:
                 await store.close()
@@ -192,7 +193,7 @@ async def test_store_through_a_real_cluster(
             for entry in entries:
                 await replica_a.put(entry)
             for entry in entries:
-                assert await replica_b.get(entry.profile, entry.assertion_id) == entry
+                assert await replica_b.get(entry.cache_key, entry.assertion_id) == entry
             async with replica_a.exchange_lock("okta", "_id3") as owned_a:
                 async with replica_b.exchange_lock("okta", "_id3") as owned_b:
                     assert (owned_a, owned_b) == (True, False)
@@ -212,8 +213,8 @@ async def test_unreachable_sentinel_or_cluster_reads_as_empty(
     try:
         async with asyncio.timeout(10):
             await store.put(entry)
-            assert await store.get(entry.profile, entry.assertion_id) is None
-            async with store.exchange_lock(entry.profile, entry.assertion_id) as owned:
+            assert await store.get(entry.cache_key, entry.assertion_id) is None
+            async with store.exchange_lock(entry.cache_key, entry.assertion_id) as owned:
                 assert owned is True  # a dead store is an empty one: this replica goes
         assert not store.healthy
     finally:

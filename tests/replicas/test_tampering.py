@@ -12,9 +12,9 @@ import redis.asyncio as aioredis
 from pydantic import SecretStr
 
 from gateway.cache.entry import CachedToken
-from gateway.cache.redis import EntrySealer, entry_name
+from gateway.cache.redis import EntrySealer, digest_name, entry_name
 from gateway.devkit.idp import new_id
-from gateway.oauth.token import Token
+from gateway.values import Token
 
 from .conftest import KEYS, Cluster, digest_of
 
@@ -34,7 +34,7 @@ async def test_an_entry_bound_to_another_assertion_is_never_served(
     # Sealed with the real key under this assertion's name, but for another assertion's
     # bytes (what a replayed ID with a different assertion would have produced).
     forged = CachedToken(
-        profile=profile,
+        cache_key=profile,
         assertion_id=assertion_id,
         digest=hashlib.sha256(b"<another assertion with the same ID/>").digest(),
         token=Token(access_token="forged-token", expires_in=3600),
@@ -64,10 +64,14 @@ async def test_a_flipped_byte_or_a_moved_entry_is_never_served(
     flipped_id = new_id()
     flipped = cluster.assertion(assertion_id=flipped_id)
     assert await cluster.call(a, flipped) == (200, auth.issued[0])
-    name = entry_name(PREFIX, profile, flipped_id)
-    blob = bytearray(await raw_redis.get(name))
-    blob[-20] ^= 0x01
-    await raw_redis.set(name, bytes(blob), px=60_000)
+    # both copies: the one under the ID and the one under the digest of the bytes
+    for name in (
+        entry_name(PREFIX, profile, flipped_id),
+        digest_name(PREFIX, profile, digest_of(flipped)),
+    ):
+        blob = bytearray(await raw_redis.get(name))
+        blob[-20] ^= 0x01
+        await raw_redis.set(name, bytes(blob), px=60_000)
     assert await cluster.call(b, flipped) == (401, None)
     assert auth.calls == 1
 
