@@ -7,10 +7,11 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from cache_helpers import Clock, Exchange, MemoryShared, assertion, settings
 
 from gateway.cache import CachedToken, TokenCache
 from gateway.errors import InvalidAssertion
+
+from .helpers import Clock, Exchange, MemoryShared, assertion, settings
 
 KEY = "idp\x1fas\x1f0123456789abcdef"
 

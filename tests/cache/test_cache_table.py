@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from cache_helpers import Clock, assertion, settings
 
 from gateway.cache.entry import CachedToken
 from gateway.cache.table import CacheTable
 from gateway.errors import InvalidAssertion
 from gateway.saml.assertion import Assertion
 from gateway.values import Token
+
+from .helpers import Clock, assertion, settings
 
 KEY = "idp\x1fas\x1f0123456789abcdef"
 
