@@ -104,6 +104,7 @@ def _one_retry() -> Retry:
 # retry_interval.
 _FIRST_RETRY = 0.05
 _PROBE_TTL_MS = 10_000  # a probe key outlives no replica that stopped probing for long
+_MASTER_CHECK = 0.5  # seconds between "who is the master?" asks of the sentinels
 
 # the lock call's fault default: tells "Redis did not answer" from "taken" (None)
 _STORE_DOWN: object = object()
@@ -364,9 +365,42 @@ def _without_password(url: str) -> str:
 
 
 class _SentinelMaster(Redis):
-    """The master client of a Sentinel setup; closing it also closes the sentinel clients."""
+    """The master client of a Sentinel setup. It asks the sentinels who the master is every
+    ``_MASTER_CHECK`` seconds and, when that changes, drops its connections to the old one,
+    since a master failed over while it is alive keeps taking writes for seconds until the
+    sentinels demote it, and replicas left on it would share nothing with those on the new
+    one. Closing it also closes the sentinel clients."""
+
+    _follower: asyncio.Task[None] | None = None
+    on_switch: Callable[[], None] | None = None  # told when the master changed
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        if self._follower is None:  # started by the first command: a loop is running then
+            self._follower = asyncio.create_task(self._follow_master(), name="redis-sentinel")
+        return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+
+    async def _follow_master(self) -> None:
+        pool: Any = self.connection_pool
+        known = None
+        while True:
+            await asyncio.sleep(_MASTER_CHECK)
+            try:
+                address = await pool.sentinel_manager.discover_master(pool.service_name)
+            except _FAULTS:
+                continue  # no master now: the store's own calls fail and back off
+            if known is not None and address != known:
+                # in use: dropped when released (a connection broken mid-command would
+                # reconnect to its old address); idle: reconnected through the sentinels
+                await pool.update_active_connections_for_reconnect()
+                await pool.disconnect(inuse_connections=False)
+                if self.on_switch is not None:
+                    self.on_switch()
+            known = address
 
     async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        if self._follower is not None:
+            self._follower.cancel()
+            await asyncio.wait([self._follower])
         manager = getattr(self.connection_pool, "sentinel_manager", None)
         await super().aclose(close_connection_pool)
         for sentinel in getattr(manager, "sentinels", ()):
@@ -510,6 +544,8 @@ class RedisTokenStore:
         self._up: bool | None = None  # unknown until the first call answers
         self._retry_at = 0.0
         self._backoff = min(_FIRST_RETRY, retry_interval)
+        if isinstance(self._client, _SentinelMaster):  # a new master: probe it at once
+            self._client.on_switch = self._retry_now
         # one probe key per store, so replicas probing at once never read each other's
         self._probe_name = self._prefix.encode() + b"h:" + secrets.token_hex(8).encode()
 
@@ -645,6 +681,10 @@ class RedisTokenStore:
             self._backoff = min(_FIRST_RETRY, self._retry_interval)
             self._set_state(True, "redis store is up")
         return result
+
+    def _retry_now(self) -> None:
+        self._retry_at = 0.0
+        self._backoff = min(_FIRST_RETRY, self._retry_interval)
 
     def _failed(self, op: str, exc: BaseException) -> None:
         # A blip (a restart, a failover) is over in well under a second: retry soon, then
