@@ -289,13 +289,13 @@ async def main() -> int:
             with tempfile.TemporaryDirectory() as directory:
                 run = await one_run(Path(directory), how)
             runs.append(run)
-            by = f"{run.back_by:.2f}" if run.back_by is not None else "never"
+            by = f"{run.back_by:.2f} s" if run.back_by is not None else "never"
             print(
                 f"{how} run {i + 1}: {run.requests} requests, {run.failed} failed; "
                 f"+switch-master {run.switch_after:.2f} s after the {how}; {run.unshared} "
                 f"rounds not shared; old master's last write {run.old_last_write:+.2f} s; "
                 f"sharing back after +switch-master: from "
-                f"{run.back_from:.2f} s, by {by} s"
+                f"{run.back_from:.2f} s, by {by}"
             )
         backs = [r.back_by for r in runs if r.back_by is not None]
         worst = f"{max(backs):.2f} s" if backs else "n/a"

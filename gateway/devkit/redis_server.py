@@ -280,7 +280,9 @@ class SentinelGroup:
     """A master, one replica and ``count`` sentinels (quorum ``count // 2 + 1``) on loopback:
     a Sentinel setup that can really fail over, by ``SENTINEL FAILOVER`` or by killing the
     master. ``down_after_ms`` is how long a silent master takes to be called down (Sentinel's
-    default of 30 s would make every kill test half a minute long)."""
+    default of 30 s would make every kill test half a minute long); ``sentinel_password``
+    makes the sentinels require one (``requirepass``, and ``sentinel sentinel-pass`` so they
+    still talk to each other)."""
 
     def __init__(
         self,
@@ -288,6 +290,7 @@ class SentinelGroup:
         *,
         service: str = "tokens",
         password: str | None = None,
+        sentinel_password: str | None = None,
         count: int = 3,
         down_after_ms: int = 1000,
     ) -> None:
@@ -295,6 +298,7 @@ class SentinelGroup:
         self.directory = directory
         self.service = service
         self.password = password
+        self.sentinel_password = sentinel_password
         self.count = count
         self.down_after_ms = down_after_ms
         self.servers = [
@@ -307,7 +311,8 @@ class SentinelGroup:
     def url(self) -> str:
         """The gateway's ``cache.redis.url`` for this setup (every sentinel listed)."""
         hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
-        return f"redis+sentinel://{hosts}/{self.service}/0"
+        auth = f":{self.sentinel_password}@" if self.sentinel_password else ""
+        return f"redis+sentinel://{auth}{hosts}/{self.service}/0"
 
     def start(self, timeout: float = 30.0) -> None:
         """Start everything; return once every sentinel knows the replica and its peers (so
@@ -328,8 +333,15 @@ class SentinelGroup:
             ]
             if self.password:
                 lines.append(f"sentinel auth-pass {self.service} {self.password}")
+            if self.sentinel_password:
+                lines.append(f"sentinel sentinel-pass {self.sentinel_password}")
             config.write_text("\n".join(lines) + "\n")
-            sentinel = RedisServer(folder, config_file=config, extra_args=("--sentinel",))
+            sentinel = RedisServer(
+                folder,
+                config_file=config,
+                password=self.sentinel_password,  # --requirepass, and the readiness check's
+                extra_args=("--sentinel",),
+            )
             self.sentinels.append(sentinel)
             sentinel.start()
         deadline = time.monotonic() + timeout
@@ -338,9 +350,12 @@ class SentinelGroup:
                 raise TimeoutError("the sentinels did not discover the replica and each other")
             time.sleep(0.1)
 
+    def _sentinel_client(self, sentinel: RedisServer) -> redis.Redis:
+        return redis.Redis(port=sentinel.port, password=self.sentinel_password, socket_timeout=1)
+
     def _knows_everyone(self, sentinel: RedisServer) -> bool:
         try:
-            with redis.Redis(port=sentinel.port, socket_timeout=1) as client:
+            with self._sentinel_client(sentinel) as client:
                 state = client.sentinel_master(self.service)
                 replicas = client.sentinel_slaves(self.service)
         except redis.RedisError:
@@ -353,7 +368,7 @@ class SentinelGroup:
         """The master's port as the first sentinel that answers names it."""
         for sentinel in self.sentinels:
             try:
-                with redis.Redis(port=sentinel.port, socket_timeout=1) as client:
+                with self._sentinel_client(sentinel) as client:
                     address = client.sentinel_get_master_addr_by_name(self.service)
             except redis.RedisError:
                 continue
@@ -387,7 +402,7 @@ class SentinelGroup:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                with redis.Redis(port=self.sentinels[0].port, socket_timeout=1) as client:
+                with self._sentinel_client(self.sentinels[0]) as client:
                     client.execute_command("SENTINEL FAILOVER", self.service)
                 return
             except redis.ResponseError:
@@ -401,7 +416,11 @@ class SentinelGroup:
         first announcement, to (``loop.time()`` it was seen, the new master's port)."""
         loop = asyncio.get_running_loop()
         seen: asyncio.Future[tuple[float, int]] = loop.create_future()
-        clients = [aioredis.Redis(port=s.port) for s in self.sentinels if s.running]
+        clients = [
+            aioredis.Redis(port=s.port, password=self.sentinel_password)
+            for s in self.sentinels
+            if s.running
+        ]
         channels = [client.pubsub() for client in clients]
         for channel in channels:
             await channel.subscribe("+switch-master")
