@@ -76,7 +76,11 @@ from pydantic import SecretStr
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import (
+    Sentinel,
+    SentinelManagedConnection,
+    SentinelManagedSSLConnection,
+)
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
 
@@ -364,6 +368,27 @@ def _without_password(url: str) -> str:
     return parts._replace(netloc=f"{user}@{host}" if user else host).geturl()
 
 
+class _AskSentinels:
+    """Mixed into redis-py's sentinel connections: every (re)connect asks the sentinels where
+    the master is. redis-py asks only when the pool hands out an unconnected connection; its
+    retry after a broken command reconnects to the old address, which after a failover may
+    still answer and take writes until the sentinels demote it."""
+
+    async def connect_check_health(self, *args: Any, **kwargs: Any) -> None:
+        pool: Any = getattr(self, "connection_pool")  # noqa: B009  (set by redis-py)
+        if not getattr(self, "is_connected"):  # noqa: B009
+            self.host, self.port = await pool.get_master_address()
+        await super().connect_check_health(*args, **kwargs)  # type: ignore[misc]
+
+
+class _MasterConnection(_AskSentinels, SentinelManagedConnection):
+    pass
+
+
+class _MasterTLSConnection(_AskSentinels, SentinelManagedSSLConnection):
+    pass
+
+
 class _SentinelMaster(Redis):
     """The master client of a Sentinel setup. It asks the sentinels who the master is every
     ``_MASTER_CHECK`` seconds and, when that changes, drops its connections to the old one,
@@ -474,9 +499,9 @@ def connect_redis(settings: RedisSettings) -> RedisClient:
         sentinel = Sentinel(  # type: ignore[no-untyped-call]
             list(target.hosts), sentinel_kwargs=sentinel_kwargs, retry=_one_retry()
         )
-        master_kwargs = dict(common, db=db, password=password)
+        master_kwargs = dict(common, db=db, password=password, connection_class=_MasterConnection)
         if uses_tls(settings):
-            master_kwargs.update(tls)
+            master_kwargs.update(tls, connection_class=_MasterTLSConnection)
         client: Redis = sentinel.master_for(
             target.path[0], redis_class=_SentinelMaster, **master_kwargs
         )
