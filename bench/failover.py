@@ -18,7 +18,7 @@ final unbroken run of shared rounds after both). Target (issue 15): ≤ 1.5 s.
 
 Bounded: RUNS per kind, each at most ~40 s (every wait has a limit).
 
-    .venv/bin/python bench/failover.py
+    .venv/bin/python bench/failover.py [failover] [kill]
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -75,6 +76,7 @@ class Gateway:
 class Run:
     requests: int
     failed: int
+    failures: str  # the statuses that were not 200, counted
     switch_after: float  # +switch-master, seconds after the trigger
     unshared: int  # rounds that did not share, all told
     old_last_write: float  # seconds after +switch-master (negative: before it)
@@ -269,6 +271,7 @@ async def load(
     return Run(
         requests=len(statuses),
         failed=sum(s != 200 for s in statuses),
+        failures=str(dict(Counter(s for s in statuses if s != 200))),
         switch_after=switch_at - broken,
         unshared=sum(not shared for _, shared in rounds),
         old_last_write=old_last_write,
@@ -283,7 +286,8 @@ async def main() -> int:
         return 1
     one, five, _ = os.getloadavg()
     print(f"load average {one:.2f} {five:.2f} on {os.cpu_count()} CPUs")
-    for how in ("SENTINEL FAILOVER", "SIGKILL"):
+    kinds = {"failover": "SENTINEL FAILOVER", "kill": "SIGKILL"}
+    for how in [kinds[k] for k in sys.argv[1:]] or kinds.values():
         runs = []
         for i in range(RUNS):
             with tempfile.TemporaryDirectory() as directory:
@@ -291,20 +295,26 @@ async def main() -> int:
             runs.append(run)
             by = f"{run.back_by:.2f} s" if run.back_by is not None else "never"
             print(
-                f"{how} run {i + 1}: {run.requests} requests, {run.failed} failed; "
+                f"{how} run {i + 1}: {run.requests} requests, {run.failed} failed "
+                f"{run.failures if run.failed else ''}; "
                 f"+switch-master {run.switch_after:.2f} s after the {how}; {run.unshared} "
                 f"rounds not shared; old master's last write {run.old_last_write:+.2f} s; "
                 f"sharing back after +switch-master: from "
                 f"{run.back_from:.2f} s, by {by}"
             )
         backs = [r.back_by for r in runs if r.back_by is not None]
-        worst = f"{max(backs):.2f} s" if backs else "n/a"
+        never = len(runs) - len(backs)
+        figures = (
+            f"median {statistics.median(backs):.2f} s, worst {max(backs):.2f} s" if backs else ""
+        )
         print(
             f"{how}: {sum(r.failed for r in runs)} failed of {sum(r.requests for r in runs)}; "
-            f"sharing back by (median) {statistics.median(backs):.2f} s, worst {worst} "
-            "after +switch-master (target ≤ 1.5 s)"
-            if backs
-            else f"{how}: sharing never came back"
+            f"sharing back by {figures} after +switch-master (target ≤ 1.5 s)"
+            + (
+                f"; not back within {AFTER_SWITCH:g} s in {never} of {len(runs)} runs"
+                if never
+                else ""
+            )
         )
     return 0
 

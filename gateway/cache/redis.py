@@ -414,8 +414,8 @@ class _SentinelMaster(Redis):
             except _FAULTS:
                 continue  # no master now: the store's own calls fail and back off
             if known is not None and address != known:
-                # in use: dropped when released (a connection broken mid-command would
-                # reconnect to its old address); idle: reconnected through the sentinels
+                # in use: dropped when released (the command in flight ends first);
+                # idle: dropped now; either reconnects through the sentinels
                 await pool.update_active_connections_for_reconnect()
                 await pool.disconnect(inuse_connections=False)
                 if self.on_switch is not None:
