@@ -314,7 +314,7 @@ class SentinelGroup:
         auth = f":{self.sentinel_password}@" if self.sentinel_password else ""
         return f"redis+sentinel://{auth}{hosts}/{self.service}/0"
 
-    def start(self, timeout: float = 30.0) -> None:
+    def start(self, timeout: float = 60.0) -> None:
         """Start everything; return once every sentinel knows the replica and its peers (so
         a failover can be ordered at once)."""
         first, second = self.servers
@@ -347,7 +347,10 @@ class SentinelGroup:
         deadline = time.monotonic() + timeout
         while not all(self._knows_everyone(s) for s in self.sentinels):
             if time.monotonic() > deadline:
-                raise TimeoutError("the sentinels did not discover the replica and each other")
+                raise TimeoutError(
+                    "the sentinels did not discover the replica and each other (logs in "
+                    f"{self.directory}): {[self._view(s) for s in self.sentinels]}"
+                )
             time.sleep(0.1)
 
     def _sentinel_client(self, sentinel: RedisServer) -> redis.Redis:
@@ -363,6 +366,16 @@ class SentinelGroup:
         return state["num-other-sentinels"] == self.count - 1 and any(
             r["master-link-status"] == "ok" and not r["is_sdown"] for r in replicas
         )
+
+    def _view(self, sentinel: RedisServer) -> str:
+        try:
+            with self._sentinel_client(sentinel) as client:
+                state = client.sentinel_master(self.service)
+                replicas = client.sentinel_slaves(self.service)
+        except redis.RedisError as exc:
+            return f"{sentinel.port}: {exc}"
+        links = [(r.get("port"), r.get("master-link-status"), r.get("flags")) for r in replicas]
+        return f"{sentinel.port}: {state.get('num-other-sentinels')} others, replicas {links}"
 
     def master_port(self) -> int | None:
         """The master's port as the first sentinel that answers names it."""
