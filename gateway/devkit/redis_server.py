@@ -7,14 +7,21 @@ multi-replica gateway tests can drive a real server. Every wait is bounded.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
+
+import redis
+import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
 
 DEFAULT_BINARY = "redis-server"
 
@@ -267,3 +274,207 @@ def _cluster_ok(port: int) -> bool:
             return b"cluster_state:ok" in sock.recv(4096)
     except OSError:
         return False
+
+
+class SentinelGroup:
+    """A master, one replica and ``count`` sentinels (quorum ``count // 2 + 1``) on loopback:
+    a Sentinel setup that can really fail over, by ``SENTINEL FAILOVER`` or by killing the
+    master. ``down_after_ms`` is how long a silent master takes to be called down (Sentinel's
+    default of 30 s would make every kill test half a minute long); ``sentinel_password``
+    makes the sentinels require one (``requirepass``, and ``sentinel sentinel-pass`` so they
+    still talk to each other)."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        service: str = "tokens",
+        password: str | None = None,
+        sentinel_password: str | None = None,
+        count: int = 3,
+        down_after_ms: int = 1000,
+    ) -> None:
+        auth = ("--masterauth", password) if password else ()  # either may become a replica
+        self.directory = directory
+        self.service = service
+        self.password = password
+        self.sentinel_password = sentinel_password
+        self.count = count
+        self.down_after_ms = down_after_ms
+        self.servers = [
+            RedisServer(directory / "redis-a", password=password, extra_args=auth),
+            RedisServer(directory / "redis-b", password=password, extra_args=auth),
+        ]
+        self.sentinels: list[RedisServer] = []
+
+    @property
+    def url(self) -> str:
+        """The gateway's ``cache.redis.url`` for this setup (every sentinel listed)."""
+        hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+        auth = f":{self.sentinel_password}@" if self.sentinel_password else ""
+        return f"redis+sentinel://{auth}{hosts}/{self.service}/0"
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Start everything; return once every sentinel knows the replica and its peers (so
+        a failover can be ordered at once)."""
+        first, second = self.servers
+        first.start()
+        second.extra_args = (*second.extra_args, "--replicaof", "127.0.0.1", str(first.port))
+        second.start()
+        quorum = self.count // 2 + 1
+        for i in range(self.count):
+            folder = self.directory / f"sentinel{i}"
+            folder.mkdir(parents=True, exist_ok=True)
+            config = folder / "sentinel.conf"  # rewritten by Sentinel: one per run
+            lines = [
+                f"sentinel monitor {self.service} 127.0.0.1 {first.port} {quorum}",
+                f"sentinel down-after-milliseconds {self.service} {self.down_after_ms}",
+                f"sentinel failover-timeout {self.service} 10000",
+            ]
+            if self.password:
+                lines.append(f"sentinel auth-pass {self.service} {self.password}")
+            if self.sentinel_password:
+                lines.append(f"sentinel sentinel-pass {self.sentinel_password}")
+            config.write_text("\n".join(lines) + "\n")
+            sentinel = RedisServer(
+                folder,
+                config_file=config,
+                password=self.sentinel_password,  # --requirepass, and the readiness check's
+                extra_args=("--sentinel",),
+            )
+            self.sentinels.append(sentinel)
+            sentinel.start()
+        deadline = time.monotonic() + timeout
+        while not all(self._knows_everyone(s) for s in self.sentinels):
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    "the sentinels did not discover the replica and each other (logs in "
+                    f"{self.directory}): {[self._view(s) for s in self.sentinels]}"
+                )
+            time.sleep(0.1)
+
+    def _sentinel_client(self, sentinel: RedisServer) -> redis.Redis:
+        return redis.Redis(port=sentinel.port, password=self.sentinel_password, socket_timeout=1)
+
+    def _knows_everyone(self, sentinel: RedisServer) -> bool:
+        try:
+            with self._sentinel_client(sentinel) as client:
+                state = client.sentinel_master(self.service)
+                replicas = client.sentinel_slaves(self.service)
+        except redis.RedisError:
+            return False
+        return state["num-other-sentinels"] == self.count - 1 and any(
+            r["master-link-status"] == "ok" and not r["is_sdown"] for r in replicas
+        )
+
+    def _view(self, sentinel: RedisServer) -> str:
+        try:
+            with self._sentinel_client(sentinel) as client:
+                state = client.sentinel_master(self.service)
+                replicas = client.sentinel_slaves(self.service)
+        except redis.RedisError as exc:
+            return f"{sentinel.port}: {exc}"
+        links = [(r.get("port"), r.get("master-link-status"), r.get("flags")) for r in replicas]
+        return f"{sentinel.port}: {state.get('num-other-sentinels')} others, replicas {links}"
+
+    def master_port(self) -> int | None:
+        """The master's port as the first sentinel that answers names it."""
+        for sentinel in self.sentinels:
+            try:
+                with self._sentinel_client(sentinel) as client:
+                    address = client.sentinel_get_master_addr_by_name(self.service)
+            except redis.RedisError:
+                continue
+            if address:
+                return int(address[1])
+        return None
+
+    def master(self) -> RedisServer:
+        port = self.master_port()
+        return next(s for s in self.servers if s.port == port)
+
+    def master_writes(self, server: RedisServer) -> int | None:
+        """How many key-writing commands ``server`` has run (SET, the Lua scripts, DEL; not
+        the sentinels' own traffic), or None once it is no master (a replica counts what it
+        replicates) or does not answer: tells whether clients still write to it."""
+        try:
+            with redis.Redis(port=server.port, password=self.password, socket_timeout=1) as raw:
+                if raw.info("replication")["role"] != "master":
+                    return None
+                stats = raw.info("commandstats")
+        except redis.RedisError:
+            return None
+        return sum(
+            int(stats.get(f"cmdstat_{name}", {}).get("calls", 0))
+            for name in ("set", "evalsha", "eval", "del")
+        )
+
+    def failover(self, timeout: float = 20.0) -> None:
+        """``SENTINEL FAILOVER`` on the first sentinel, retried while it has no replica ready
+        (``NOGOODSLAVE``) or a failover is in progress."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with self._sentinel_client(self.sentinels[0]) as client:
+                    client.execute_command("SENTINEL FAILOVER", self.service)
+                return
+            except redis.ResponseError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    @asynccontextmanager
+    async def switch_master(self) -> AsyncIterator[asyncio.Future[tuple[float, int]]]:
+        """Subscribed to ``+switch-master`` on every sentinel; the future resolves, at the
+        first announcement, to (``loop.time()`` it was seen, the new master's port)."""
+        loop = asyncio.get_running_loop()
+        seen: asyncio.Future[tuple[float, int]] = loop.create_future()
+        clients = [
+            aioredis.Redis(port=s.port, password=self.sentinel_password)
+            for s in self.sentinels
+            if s.running
+        ]
+        channels = [client.pubsub() for client in clients]
+        for channel in channels:
+            await channel.subscribe("+switch-master")
+
+        async def listen(channel: PubSub) -> None:
+            while not seen.done():
+                message = await channel.get_message(ignore_subscribe_messages=True, timeout=1)
+                if message is not None and not seen.done():
+                    # "<service> <old ip> <old port> <new ip> <new port>"
+                    fields = message["data"].split()
+                    if fields[0].decode() == self.service:
+                        seen.set_result((loop.time(), int(fields[4])))
+
+        readers = [asyncio.create_task(listen(c)) for c in channels]
+        try:
+            yield seen
+        finally:
+            for reader in readers:
+                reader.cancel()
+            await asyncio.wait(readers)
+            for channel in channels:
+                await channel.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+            for client in clients:
+                await client.aclose()
+
+    def stop(self) -> None:
+        for server in (*self.sentinels, *self.servers):
+            server.kill()
+
+    def __enter__(self) -> SentinelGroup:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

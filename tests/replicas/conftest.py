@@ -142,12 +142,15 @@ class Cluster:
         *,
         keys: Mapping[str, str] | None = None,
         active: str = "k1",
+        url: str | None = None,
         **settings: Any,
     ) -> Process:
-        """Start one gateway process (its own folder and config) sharing this Redis."""
+        """Start one gateway process (its own folder and config) sharing this Redis (or the
+        store at ``url``: a Sentinel setup)."""
         folder = self.root / name
         folder.mkdir(exist_ok=True)
-        cache = redis_cache(folder, self.redis.url, keys or {"k1": KEYS["k1"]}, active, **settings)
+        keys = keys or {"k1": KEYS["k1"]}
+        cache = redis_cache(folder, url or self.redis.url, keys, active, **settings)
         path = gateway_yaml(
             folder,
             self.parts.auth.token_url,

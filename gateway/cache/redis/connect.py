@@ -17,6 +17,8 @@ URL kinds (``cache.redis.url``), all through redis-py's asyncio client:
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -24,8 +26,13 @@ from urllib.parse import unquote, urlsplit
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import (
+    Sentinel,
+    SentinelManagedConnection,
+    SentinelManagedSSLConnection,
+)
 from redis.backoff import NoBackoff
+from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.config import RedisSettings
 from gateway.errors import ConfigError
@@ -97,10 +104,69 @@ def _without_password(url: str) -> str:
     return parts._replace(netloc=f"{user}@{host}" if user else host).geturl()
 
 
-class _SentinelMaster(Redis):
-    """The master client of a Sentinel setup; closing it also closes the sentinel clients."""
+# What a store fault looks like from redis-py (RedisClusterException is not a RedisError).
+FAULTS = (RedisError, RedisClusterException, OSError, TimeoutError)
+_MASTER_CHECK = 0.5  # seconds between "who is the master?" asks of the sentinels
+
+
+class _AskSentinels:
+    """Mixed into redis-py's sentinel connections: every (re)connect asks the sentinels where
+    the master is. redis-py asks only when the pool hands out an unconnected connection; its
+    retry after a broken command reconnects to the old address, which after a failover may
+    still answer and take writes until the sentinels demote it."""
+
+    async def connect_check_health(self, *args: Any, **kwargs: Any) -> None:
+        pool: Any = getattr(self, "connection_pool")  # noqa: B009  (set by redis-py)
+        if not getattr(self, "is_connected"):  # noqa: B009
+            self.host, self.port = await pool.get_master_address()
+        await super().connect_check_health(*args, **kwargs)  # type: ignore[misc]
+
+
+class _MasterConnection(_AskSentinels, SentinelManagedConnection):
+    pass
+
+
+class _MasterTLSConnection(_AskSentinels, SentinelManagedSSLConnection):
+    pass
+
+
+class SentinelMaster(Redis):
+    """The master client of a Sentinel setup. It asks the sentinels who the master is every
+    ``_MASTER_CHECK`` seconds and, when that changes, drops its connections to the old one,
+    since a master failed over while it is alive keeps taking writes for seconds until the
+    sentinels demote it, and replicas left on it would share nothing with those on the new
+    one. Closing it also closes the sentinel clients."""
+
+    _follower: asyncio.Task[None] | None = None
+    on_switch: Callable[[], None] | None = None  # told when the master changed
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        if self._follower is None:  # started by the first command: a loop is running then
+            self._follower = asyncio.create_task(self._follow_master(), name="redis-sentinel")
+        return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+
+    async def _follow_master(self) -> None:
+        pool: Any = self.connection_pool
+        known = None
+        while True:
+            await asyncio.sleep(_MASTER_CHECK)
+            try:
+                address = await pool.sentinel_manager.discover_master(pool.service_name)
+            except FAULTS:
+                continue  # no master now: the store's own calls fail and back off
+            if known is not None and address != known:
+                # in use: dropped when released (the command in flight ends first);
+                # idle: dropped now; either reconnects through the sentinels
+                await pool.update_active_connections_for_reconnect()
+                await pool.disconnect(inuse_connections=False)
+                if self.on_switch is not None:
+                    self.on_switch()
+            known = address
 
     async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        if self._follower is not None:
+            self._follower.cancel()
+            await asyncio.wait([self._follower])
         manager = getattr(self.connection_pool, "sentinel_manager", None)
         await super().aclose(close_connection_pool)
         for sentinel in getattr(manager, "sentinels", ()):
@@ -174,11 +240,11 @@ def connect_redis(settings: RedisSettings) -> RedisClient:
         sentinel = Sentinel(  # type: ignore[no-untyped-call]
             list(target.hosts), sentinel_kwargs=sentinel_kwargs, retry=_one_retry()
         )
-        master_kwargs = dict(common, db=db, password=password)
+        master_kwargs = dict(common, db=db, password=password, connection_class=_MasterConnection)
         if uses_tls(settings):
-            master_kwargs.update(tls)
+            master_kwargs.update(tls, connection_class=_MasterTLSConnection)
         client: Redis = sentinel.master_for(
-            target.path[0], redis_class=_SentinelMaster, **master_kwargs
+            target.path[0], redis_class=SentinelMaster, **master_kwargs
         )
         return client
     if scheme == "redis+cluster":

@@ -35,10 +35,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from typing import TypeVar
 
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import RedisError
 
 from gateway.cache.entry import CachedToken
-from gateway.cache.redis.connect import RedisClient, connect_redis, public_url
+from gateway.cache.redis.connect import (
+    FAULTS,
+    RedisClient,
+    SentinelMaster,
+    connect_redis,
+    public_url,
+)
 from gateway.cache.redis.sealing import (
     EntrySealer,
     binding_name,
@@ -52,10 +58,6 @@ from gateway.config import RedisSettings, url_password
 logger = logging.getLogger("gateway.cache.redis")
 
 _T = TypeVar("_T")
-
-# What a store fault looks like from redis-py (RedisClusterException is not a RedisError).
-_FAULTS = (RedisError, RedisClusterException, OSError, TimeoutError)
-
 
 # While down, the first retry comes this soon (seconds), then each wait doubles up to
 # retry_interval.
@@ -141,6 +143,8 @@ class RedisTokenStore:
         self._up: bool | None = None  # unknown until the first call answers
         self._retry_at = 0.0
         self._backoff = min(_FIRST_RETRY, retry_interval)
+        if isinstance(self._client, SentinelMaster):  # a new master: probe it at once
+            self._client.on_switch = self._retry_now
         # one probe key per store, so replicas probing at once never read each other's
         self._probe_name = self._prefix.encode() + b"h:" + secrets.token_hex(8).encode()
 
@@ -293,7 +297,7 @@ class RedisTokenStore:
                 return
 
     async def close(self) -> None:
-        with suppress(*_FAULTS):
+        with suppress(*FAULTS):
             async with asyncio.timeout(self._timeout):
                 await self._client.aclose()
 
@@ -309,13 +313,17 @@ class RedisTokenStore:
         try:
             async with asyncio.timeout(self._timeout):
                 result = await command()
-        except _FAULTS as exc:
+        except FAULTS as exc:
             self._failed(op, exc)
             return default
         if self._up is not True:
             self._backoff = min(_FIRST_RETRY, self._retry_interval)
             self._set_state(True, "redis store is up")
         return result
+
+    def _retry_now(self) -> None:
+        self._retry_at = 0.0
+        self._backoff = min(_FIRST_RETRY, self._retry_interval)
 
     def _failed(self, op: str, exc: BaseException) -> None:
         # A blip (a restart, a failover) is over in well under a second: retry soon, then
