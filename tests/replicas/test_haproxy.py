@@ -25,7 +25,7 @@ import pytest
 
 from gateway.devkit.redis_server import free_port
 
-from .conftest import Cluster
+from .helpers import Cluster
 
 
 class Replica(Protocol):

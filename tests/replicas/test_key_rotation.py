@@ -17,7 +17,7 @@ from integration.helpers import Process
 from gateway.cache.redis import entry_name
 from gateway.devkit.idp import new_id
 
-from .conftest import KEYS, Cluster, eventually, redis_cache
+from .helpers import KEYS, Cluster, eventually, redis_cache
 
 
 async def sealed_with(raw: aioredis.Redis, profile: str, assertion_id: str) -> str:

@@ -8,7 +8,7 @@ import itertools
 
 from integration.helpers import Process
 
-from .conftest import Cluster, eventually
+from .helpers import Cluster, eventually
 
 ROUNDS = 24
 KILL_AT = 8  # Redis is killed while this round's requests are in flight

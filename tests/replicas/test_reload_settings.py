@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 from integration.helpers import echoed_headers, start_stack
 
-from .conftest import KEYS, Cluster, redis_cache
+from .helpers import KEYS, Cluster, redis_cache
 
 
 async def test_a_narrowed_scope_is_not_answered_from_redis(

@@ -9,7 +9,7 @@ import base64
 
 from gateway.devkit.idp import new_id
 
-from .conftest import Cluster
+from .helpers import Cluster
 
 
 def variant(header: str, suffix: bytes = b"\n  ") -> str:

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from integration.conftest import Parts, Process
+from integration.helpers import Parts, Process
 
 from gateway.devkit.idp import DemoIdP
 from gateway.devkit.redis_server import RedisServer, SentinelGroup, redis_server_binary
 
-from .conftest import REDIS_PASSWORD, Cluster, eventually
+from .helpers import REDIS_PASSWORD, Cluster, eventually
 
 ROUND_WORKERS, REPEAT_WORKERS = 4, 2
 MAX_REQUESTS = 6000  # bounds the load whatever happens

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from gateway.devkit.idp import new_id
 
-from .conftest import Cluster
+from .helpers import Cluster
 
 
 async def test_the_same_bytes_on_another_gateway_are_a_hit_at_once(cluster: Cluster) -> None:

@@ -7,7 +7,7 @@ import asyncio
 
 from gateway.devkit.idp import new_id
 
-from .conftest import Cluster
+from .helpers import Cluster
 
 
 async def test_a_burst_split_over_two_gateways_costs_one_exchange(cluster: Cluster) -> None:

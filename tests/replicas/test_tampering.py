@@ -16,7 +16,7 @@ from gateway.cache.redis import EntrySealer, digest_name, entry_name
 from gateway.devkit.idp import new_id
 from gateway.values import Token
 
-from .conftest import KEYS, Cluster, digest_of
+from .helpers import KEYS, Cluster, digest_of
 
 PREFIX = "samlgw:"
 SEALER = EntrySealer({"k1": SecretStr(KEYS["k1"])}, "k1")  # the gateways' own key
