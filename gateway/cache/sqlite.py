@@ -161,27 +161,22 @@ class SqliteTokenStore:
         return bool(await self._call("ping", lambda db: db.execute("SELECT 1").fetchone(), None))
 
     async def get(self, cache_key: str, assertion_id: str) -> CachedToken | None:
-        name = entry_name("", cache_key, assertion_id)
-        now = self._wall()
-        row = await self._call(
-            "get",
-            lambda db: db.execute(
-                "SELECT blob FROM tokens WHERE name = ? AND expires_at > ?", (name, now)
-            ).fetchone(),
-            None,
-        )
-        if row is None:
-            return None
-        entry = self._sealer.open(name, bytes(row[0]))
+        entry = await self._read("get", entry_name("", cache_key, assertion_id))
         if entry is None or (entry.cache_key, entry.assertion_id) != (cache_key, assertion_id):
             return None
-        return entry if entry.expires_at > self._wall() else None
+        return entry
 
     async def find(self, cache_key: str, digest: bytes) -> CachedToken | None:
-        name = digest_name("", cache_key, digest)
+        entry = await self._read("find", digest_name("", cache_key, digest))
+        if entry is None or (entry.cache_key, entry.digest) != (cache_key, digest):
+            return None
+        return entry
+
+    async def _read(self, op: str, name: bytes) -> CachedToken | None:
+        """The live entry sealed under ``name``, or None (absent, expired, not opening)."""
         now = self._wall()
         row = await self._call(
-            "find",
+            op,
             lambda db: db.execute(
                 "SELECT blob FROM tokens WHERE name = ? AND expires_at > ?", (name, now)
             ).fetchone(),
@@ -190,9 +185,7 @@ class SqliteTokenStore:
         if row is None:
             return None
         entry = self._sealer.open(name, bytes(row[0]))
-        if entry is None or (entry.cache_key, entry.digest) != (cache_key, digest):
-            return None
-        return entry if entry.expires_at > self._wall() else None
+        return entry if entry is not None and entry.expires_at > self._wall() else None
 
     async def put(self, entry: CachedToken) -> None:
         if entry.expires_at <= self._wall():
@@ -223,10 +216,7 @@ class SqliteTokenStore:
     async def bind_id(
         self, cache_key: str, assertion_id: str, fingerprint: bytes, until: float
     ) -> bytes | None:
-        """Record that ``assertion_id`` belongs to the signed assertion ``fingerprint`` until
-        ``until`` (time.time() seconds), unless a live binding exists. Returns the fingerprint
-        already bound (equal to ``fingerprint`` or not), or None when this call recorded it or
-        the store is down."""
+        """See ``SharedStore.bind_id``."""
         if until <= self._wall():
             return None  # nothing left to bind: the assertion is no longer accepted
         name = entry_name("", cache_key, assertion_id)

@@ -438,14 +438,20 @@ def _verify_response(
     signature: etree._Element,
     policy: TrustPolicy,
     now: datetime,
-) -> PinnedKey:
+    ev: Evidence | None,
+) -> None:
     """The Response's signature must hold too, though we read nothing it alone covers."""
     signed, key = _verify(raw, signature, policy, now, "Response signature")
     if signed.tag != _RESPONSE or signed.get("ID") != root.get("ID"):
         raise _refusal(
             "wrapping", "Response signature", "it covers another element", "the Response itself"
         )
-    return key
+    if ev is not None:
+        ev.passed(
+            "Response signature",
+            "a signature by a pinned certificate",
+            f"verified by {key_text(key)}",
+        )
 
 
 # --- claims, read from the signed subtree only ----------------------------------------
@@ -797,13 +803,7 @@ def _validate_encrypted(
         )
     if response_signature is not None:
         # Checked before anything is decrypted: a forged envelope costs no private-key work.
-        response_key = _verify_response(raw, root, response_signature[0], policy, now)
-        if ev is not None:
-            ev.passed(
-                "Response signature",
-                "a signature by a pinned certificate",
-                f"verified by {key_text(response_key)}",
-            )
+        _verify_response(raw, root, response_signature[0], policy, now, ev)
     plain, words = decrypt_assertion(encrypted, policy.decryption_keys, policy.allow_cbc_encryption)
     if ev is not None:
         ev.passed(
@@ -907,13 +907,7 @@ def _validate(
             "signature", "a signature by a pinned certificate", f"verified by {key_text(key)}"
         )
     if response_signature is not None:
-        response_key = _verify_response(raw, root, response_signature[0], policy, now)
-        if ev is not None:
-            ev.passed(
-                "Response signature",
-                "a signature by a pinned certificate",
-                f"verified by {key_text(response_key)}",
-            )
+        _verify_response(raw, root, response_signature[0], policy, now, ev)
     read_claims = _claims_saml11 if version is _SAML1_1 else _claims
     issuer, subject, audiences, recipient, limit = read_claims(signed, policy, now, ev)
     return Assertion(

@@ -67,13 +67,6 @@ _PROBE_TTL_MS = 10_000  # a probe key outlives no replica that stopped probing f
 # the lock call's fault default: tells "Redis did not answer" from "taken" (None)
 _STORE_DOWN: object = object()
 
-_MIN_SECRET_CHARS = 16
-_HKDF_INFO = b"saml-oauth-gateway/redis-token-store/v1"
-_ENVELOPE_VERSION = 1
-_NONCE_BYTES = 12
-_AAD_TAG = b"samlgw-token-v1\x00"
-_NAME_TAG = b"samlgw-key-v1\x00"
-
 # Both scripts touch only KEYS[1], so they run unchanged on a cluster.
 _RENEW_LUA = """
 if redis.call('get', KEYS[1]) == ARGV[1] then
@@ -172,31 +165,27 @@ class RedisTokenStore:
 
     async def get(self, cache_key: str, assertion_id: str) -> CachedToken | None:
         name = entry_name(self._prefix, cache_key, assertion_id)
-        blob = await self._call("get", lambda: self._client.get(name), None)
-        if not isinstance(blob, bytes):
-            return None
-        entry = self._sealer.open(name, blob)
-        if entry is None:
-            return None
-        if (entry.cache_key, entry.assertion_id) != (cache_key, assertion_id):
+        entry = await self._read("get", name)
+        if entry is not None and (entry.cache_key, entry.assertion_id) != (cache_key, assertion_id):
             rejected("entry belongs to another assertion")
-            return None
-        if entry.expires_at <= self._wall():
             return None
         return entry
 
     async def find(self, cache_key: str, digest: bytes) -> CachedToken | None:
         name = digest_name(self._prefix, cache_key, digest)
-        blob = await self._call("find", lambda: self._client.get(name), None)
+        entry = await self._read("find", name)
+        if entry is not None and (entry.cache_key, entry.digest) != (cache_key, digest):
+            rejected("entry belongs to other bytes")
+            return None
+        return entry
+
+    async def _read(self, op: str, name: bytes) -> CachedToken | None:
+        """The live entry sealed under ``name``, or None (absent, expired, not opening)."""
+        blob = await self._call(op, lambda: self._client.get(name), None)
         if not isinstance(blob, bytes):
             return None
         entry = self._sealer.open(name, blob)
-        if entry is None:
-            return None
-        if (entry.cache_key, entry.digest) != (cache_key, digest):
-            rejected("entry belongs to other bytes")
-            return None
-        if entry.expires_at <= self._wall():
+        if entry is None or entry.expires_at <= self._wall():
             return None
         return entry
 
@@ -232,10 +221,7 @@ class RedisTokenStore:
     async def bind_id(
         self, cache_key: str, assertion_id: str, fingerprint: bytes, until: float
     ) -> bytes | None:
-        """Record that ``assertion_id`` belongs to the signed assertion ``fingerprint`` until
-        ``until`` (time.time() seconds), unless a live binding exists. Returns the fingerprint
-        already bound (equal to ``fingerprint`` or not), or None when this call recorded it or
-        the store is down."""
+        """See ``SharedStore.bind_id``."""
         ttl_ms = math.ceil((until - self._wall()) * 1000)
         if ttl_ms <= 0:
             return None  # nothing left to bind: the assertion is no longer accepted
