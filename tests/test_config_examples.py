@@ -8,7 +8,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from gateway.config import IdentityProvider, load_config
+from gateway.config import load_config
 from gateway.oauth.client import TokenClient
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "config" / "examples"
@@ -23,14 +23,6 @@ NAMES = [
     "google-sts",
     "entra-id-adfs",
 ]
-# Until the IdP model has saml_versions (the SAML 1.1 branch), the Entra ID example cannot
-# load: a strict xfail, which turns into an ordinary test once the key is there.
-SAML1_PENDING = pytest.mark.xfail(
-    "saml_versions" not in IdentityProvider.model_fields,
-    reason="identity_providers.NAME.saml_versions comes with the SAML 1.1 branch",
-    strict=True,
-)
-LOADED = [pytest.param(n, marks=SAML1_PENDING) if n == "entra-id-adfs" else n for n in NAMES]
 
 
 @pytest.fixture
@@ -64,7 +56,7 @@ def test_every_example_is_listed() -> None:
 
 
 @pytest.mark.usefixtures("environment")
-@pytest.mark.parametrize("name", LOADED)
+@pytest.mark.parametrize("name", NAMES)
 async def test_example_loads_and_builds_a_token_request(name: str) -> None:
     config = load_config(EXAMPLES / f"{name}.yaml")
     assert len(config.authorization_servers) == 1

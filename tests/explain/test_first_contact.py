@@ -12,20 +12,12 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from gateway.config import IdentityProvider
 from gateway.devkit.idp import DemoIdP
 from gateway.starter import CERTIFICATE_VARIABLE, PROFILES, variables
 
 from .helpers import ROOT, cli
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "config" / "examples"
-# The Entra ID profile's IdP opts in to SAML 1.1 with saml_versions, a key of the SAML 1.1
-# branch: until it is there, a strict xfail (an ordinary test once it is).
-SAML1_PENDING = pytest.mark.xfail(
-    "saml_versions" not in IdentityProvider.model_fields,
-    reason="identity_providers.NAME.saml_versions comes with the SAML 1.1 branch",
-    strict=True,
-)
 
 
 @pytest.mark.parametrize("flag", ["--version", "-V"])
@@ -53,7 +45,7 @@ def _values(tmp_path: Path, idp: DemoIdP) -> dict[str, str]:
 
 @pytest.mark.parametrize(
     "profile",
-    [pytest.param(p, marks=SAML1_PENDING) if p == "entra-id-adfs" else p for p in PROFILES],
+    PROFILES,
 )
 def test_init_writes_a_starter_that_passes_check_config(
     profile: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -18,7 +18,7 @@ from urllib.parse import parse_qsl
 
 import pytest
 
-from gateway.config import IdentityProvider, parse_config
+from gateway.config import parse_config
 from gateway.errors import ConfigError, InvalidAssertion, UpstreamError
 
 from .helpers import MakeClient, StartAs, assertion, profile
@@ -376,14 +376,6 @@ def test_grant_settings_that_cannot_work_name_their_key(
     assert any(problem.startswith(expected) for problem in problems), problems
 
 
-SAML_VERSIONS_MISSING = "saml_versions" not in IdentityProvider.model_fields
-
-
-@pytest.mark.xfail(
-    SAML_VERSIONS_MISSING,
-    reason="identity_providers.NAME.saml_versions comes with the SAML 1.1 validator's branch",
-    strict=True,
-)
 @pytest.mark.parametrize(
     ("versions", "grant", "refused"),
     [

@@ -160,13 +160,6 @@ DOCUMENTED = {
         saml11=True,
     ),
 }
-# The whole way for SAML 1.1 needs the SAML 1.1 validator and the demo IdP's SAML 1.1
-# issuer (their branch): a strict xfail until they are there, an ordinary test after.
-SAML11_PENDING = pytest.mark.xfail(
-    not hasattr(DemoIdP, "issue_saml11"),
-    reason="SAML 1.1 validation and issue_saml11 come with the SAML 1.1 branch",
-    strict=True,
-)
 
 
 class Upstream:
@@ -228,13 +221,7 @@ def b64url_decode(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(name, marks=SAML11_PENDING) if DOCUMENTED[name].saml11 else name
-        for name in sorted(DOCUMENTED)
-    ],
-)
+@pytest.mark.parametrize("name", sorted(DOCUMENTED))
 async def test_example_sends_the_documented_request(
     name: str,
     tmp_path: Path,
