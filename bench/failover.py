@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -51,6 +50,7 @@ from gateway.devkit.redis_server import (
     free_port,
     redis_server_binary,
 )
+from gateway.devkit.servers import stop_process
 from gateway.devkit.upstream import UpstreamApp
 
 RUNS = 3
@@ -137,13 +137,7 @@ def gateway(
                 time.sleep(0.05)
         yield Gateway(proc, port, admin_port)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        stop_process(proc, 10)
 
 
 async def token_via(session: aiohttp.ClientSession, gw: Gateway, header: str) -> tuple[int, str]:

@@ -29,7 +29,6 @@ import asyncio
 import base64
 import os
 import random
-import signal
 import socket
 import statistics
 import subprocess
@@ -49,6 +48,7 @@ from gateway.devkit.authorization_server import FakeAuthorizationServer
 from gateway.devkit.idp import DemoIdP
 from gateway.devkit.loopback import write_loopback_config
 from gateway.devkit.redis_server import RedisServer, free_port, redis_server_binary
+from gateway.devkit.servers import stop_process
 from gateway.devkit.upstream import UpstreamApp
 from gateway.saml import PinnedKey, TrustPolicy, validate_assertion
 
@@ -129,13 +129,7 @@ def gateway(name: str, config: Path) -> Iterator[Gateway]:
                 time.sleep(0.05)
         yield Gateway(name, proc, port, admin_port)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        stop_process(proc, 10)
 
 
 async def exchanges_by(session: aiohttp.ClientSession, gw: Gateway) -> float:
