@@ -827,15 +827,8 @@ def _validate_encrypted(
     return _validate(plain, inner_root, inner, policy, now, digest or assertion_digest(raw), ev)
 
 
-def _validate(
-    raw: bytes,
-    root: etree._Element,
-    assertion: etree._Element,
-    policy: TrustPolicy,
-    now: datetime,
-    digest: bytes | None,
-    ev: Evidence | None,
-) -> Assertion:
+def _version_and_id(assertion: etree._Element, policy: TrustPolicy) -> tuple[_Version, str]:
+    """Which SAML the assertion speaks, held to the IdP's ``saml_versions``, and its ID."""
     version = _SAML1_1 if assertion.tag == _ASSERTION1 else _SAML2
     assertion_id = assertion.get(version.id_attribute)
     if not assertion_id:
@@ -849,12 +842,9 @@ def _validate(
         raise _refusal(
             "malformed", "structure", f"Version {shown(assertion.get('Version'))}", "SAML 2.0"
         )
-    if version is _SAML1_1 and (assertion.get("MajorVersion"), assertion.get("MinorVersion")) != (
-        "1",
-        "1",
-    ):
-        found = f"MajorVersion {shown(assertion.get('MajorVersion'))}, MinorVersion "
-        found += shown(assertion.get("MinorVersion"))
+    major, minor = assertion.get("MajorVersion"), assertion.get("MinorVersion")
+    if version is _SAML1_1 and (major, minor) != ("1", "1"):
+        found = f"MajorVersion {shown(major)}, MinorVersion {shown(minor)}"
         raise _refusal("malformed", "structure", found, "SAML 1.1")
     if version.name not in policy.saml_versions:
         # An IdP that never sends 1.1 should not have its keys accepted on 1.1 documents.
@@ -864,6 +854,19 @@ def _validate(
             f"a SAML {version.name} assertion",
             "SAML " + " or ".join(sorted(policy.saml_versions)) + " (saml_versions)",
         )
+    return version, assertion_id
+
+
+def _validate(
+    raw: bytes,
+    root: etree._Element,
+    assertion: etree._Element,
+    policy: TrustPolicy,
+    now: datetime,
+    digest: bytes | None,
+    ev: Evidence | None,
+) -> Assertion:
+    version, assertion_id = _version_and_id(assertion, policy)
     _check_structure(root, assertion)
     signature = _only_signature(assertion, "assertion")
     algorithms = _check_signature(signature, assertion_id, policy.allow_sha1, "assertion")
