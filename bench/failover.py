@@ -26,12 +26,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -40,6 +37,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
+from replicas import Gateway
+from replicas import gateway as start_gateway
 
 from gateway.devkit.authorization_server import FakeAuthorizationServer
 from gateway.devkit.idp import DemoIdP
@@ -50,7 +49,6 @@ from gateway.devkit.redis_server import (
     free_port,
     redis_server_binary,
 )
-from gateway.devkit.servers import stop_process
 from gateway.devkit.upstream import UpstreamApp
 
 RUNS = 3
@@ -62,14 +60,6 @@ CLIENT_SECRET = "bench-client-secret-0123456789"
 REDIS_PASSWORD = "bench-redis-password-0123456789"
 ISSUER = "https://idp.bench.test/saml"
 AUDIENCE = "https://as.bench.test/oauth2"
-ROOT = Path(__file__).resolve().parent.parent
-
-
-@dataclass
-class Gateway:
-    proc: subprocess.Popen[bytes]
-    port: int
-    admin_port: int
 
 
 @dataclass
@@ -116,28 +106,8 @@ def gateway(
             },
         },
     )
-    with (folder / "gateway.log").open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "run", "-c", str(config)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-        )
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"gateway exited: see {folder / 'gateway.log'}")
-            try:
-                with socket.create_connection(("127.0.0.1", admin_port), timeout=0.2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("gateway did not start") from None
-                time.sleep(0.05)
-        yield Gateway(proc, port, admin_port)
-    finally:
-        stop_process(proc, 10)
+    with start_gateway("failover", config) as gw:
+        yield gw
 
 
 async def token_via(session: aiohttp.ClientSession, gw: Gateway, header: str) -> tuple[int, str]:
